@@ -1,0 +1,1 @@
+"""polymod.aggregation (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""polymod.interop (see DESIGN.md)."""

@@ -1,0 +1,351 @@
+"""Modular: a frozen host, a library of named modules and the active composition.
+
+``Modular(host)`` never edits the host's classes or copies its ``forward``. It
+registers one forward hook per touched site (``nn.Module.register_forward_hook``,
+PyTorch's official extension point); the hook hands the site's input ``x`` and
+output ``y = f_θ(x)`` to the plan compiled from the active composition, which
+returns ``f'(x) = f_θ(x) + f_φ(x)``. Users keep calling the host's own
+``forward`` and ``generate``.
+
+Every attach returns an :class:`AttachReport`; :meth:`Modular.detach` removes
+every hook, restores merged weights from their saved originals and the host's
+``requires_grad`` flags, leaving the same layer objects with bit-identical
+tensors.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from polymod import compose
+from polymod import sites as sites_mod
+from polymod.errors import ConfigError, IncompatibleHostError, StateError, UnknownModuleError
+from polymod.modules.contract import Module, ModuleSpec
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,127}$")
+
+
+@dataclass
+class AttachReport:
+    """What :meth:`Modular.add` did: every site touched and the parameter budget."""
+
+    name: str
+    kind: str
+    sites: list[str]
+    trainable_parameters: int
+    host_parameters: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def share(self) -> float:
+        """Module parameters as a fraction of the host's."""
+        return self.trainable_parameters / max(self.host_parameters, 1)
+
+    def __str__(self) -> str:
+        lines = [
+            f"attached {self.kind} module {self.name!r} at {len(self.sites)} sites: "
+            f"{self.trainable_parameters:,} parameters ({100 * self.share:.3f}% of the host's {self.host_parameters:,})"
+        ]
+        lines += [f"  {s}" for s in self.sites[:8]]
+        if len(self.sites) > 8:
+            lines.append(f"  ... and {len(self.sites) - 8} more")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+class Modular(nn.Module):
+    """A host network with attachable, composable modules.
+
+    Args:
+        host: any ``torch.nn.Module``; Hugging Face ``transformers`` models first-class.
+        freeze: set ``requires_grad=False`` on every host parameter (restored by ``detach``).
+
+    Example:
+        >>> model = Modular(host)
+        >>> model.add("sentiment", LoRA(rank=8, sites="attn.q|attn.v"))
+        >>> model.use("sentiment")
+        >>> logits = host(**batch).logits
+    """
+
+    def __init__(self, host: nn.Module, freeze: bool = True):
+        super().__init__()
+        if not isinstance(host, nn.Module):
+            raise ConfigError(f"Modular wraps a torch.nn.Module, got {type(host).__name__}")
+        self.host = host
+        self.library = nn.ModuleDict()
+        self._grad_flags = {n: p.requires_grad for n, p in host.named_parameters()}
+        if freeze:
+            host.requires_grad_(False)
+        self._hooks: dict[str, Any] = {}
+        self._layers = sites_mod.named_layers(host)
+        self._active: compose.Composition | None = None
+        self._plan: dict[str, compose.SiteOp] = {}
+        self._merged: dict[str, dict[str, torch.Tensor]] = {}  # name -> site -> original weight
+
+    # -- library ---------------------------------------------------------------------------
+
+    def add(self, name: str, spec: ModuleSpec | Module) -> AttachReport:
+        """Attach a new module built from ``spec`` (or an existing :class:`Module`) as ``name``.
+
+        The module does not act until a composition naming it is active (:meth:`use`).
+
+        Args:
+            name: a library name (letters, digits, ``_`` and ``-``).
+            spec: a module spec such as ``LoRA(rank=8)``, or a built/loaded module.
+
+        Returns:
+            The attach report.
+
+        Raises:
+            ConfigError: bad name, or a name already in use.
+            SiteNotFoundError: the spec's sites match nothing.
+            IncompatibleHostError: a site cannot take this kind, or a loaded module's
+                shapes do not fit the host.
+        """
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ConfigError(f"module name {name!r} is invalid; use letters, digits, '_' and '-' (at most 128)")
+        if name in self.library:
+            raise ConfigError(f"a module named {name!r} is already attached; remove it first or pick another name")
+        notes: list[str] = []
+        if isinstance(spec, Module):
+            module = spec
+            self._check_fits(name, module)
+            weight = getattr(self._layers[next(iter(module.sites))], "weight", None) if module.sites else None
+            if isinstance(weight, torch.Tensor):
+                module.to(device=weight.device, dtype=weight.dtype)
+        else:
+            if not hasattr(spec, "build_part"):
+                raise ConfigError(f"add() takes a module spec (e.g. pm.LoRA()) or a Module, got {type(spec).__name__}")
+            chosen = sites_mod.select(self.host, spec.sites)
+            refusals = [(s.name, spec.check_site(s)) for s in chosen]
+            refusals = [(n, why) for n, why in refusals if why]
+            if refusals:
+                listed = "; ".join(f"{n}: {why}" for n, why in refusals[:5])
+                raise IncompatibleHostError(f"{spec.kind} cannot act at {len(refusals)} selected sites ({listed})")
+            parts = [spec.build_part(s, self._layers[s.name]) for s in chosen]
+            module = Module(spec, chosen, parts)
+            from polymod.hub.format import fingerprint
+
+            module.card.host = fingerprint(self.host, module.sites)
+        if sites_mod.family_of(self.host) == "gpt2" and any(n.endswith("attn.c_attn") for n in module.sites):
+            notes.append(sites_mod.FUSED_QKV_NOTE)
+        self.library[name] = module
+        for site in module.sites:
+            self._hook(site)
+        self._recompile()
+        return AttachReport(
+            name=name,
+            kind=module.kind,
+            sites=list(module.sites),
+            trainable_parameters=module.num_parameters(),
+            host_parameters=sum(p.numel() for p in self.host.parameters()),
+            notes=notes,
+        )
+
+    def _check_fits(self, name: str, module: Module) -> None:
+        from polymod.hub.format import check_host  # local: format imports this module's types
+
+        for site in module.sites.values():
+            layer = self._layers.get(site.name)
+            if layer is None:
+                raise IncompatibleHostError(
+                    f"module {name!r} acts at {site.name!r}, which this {type(self.host).__name__} does not have"
+                )
+            have = sites_mod.site_of(site.name, layer)
+            if (have.kind, have.in_features, have.out_features) != (site.kind, site.in_features, site.out_features):
+                raise IncompatibleHostError(
+                    f"module {name!r} expects site {site.name!r} to be a {site.kind} "
+                    f"{site.in_features}->{site.out_features}, but the host has a {have.kind} "
+                    f"{have.in_features}->{have.out_features}"
+                )
+        check_host(module, self.host)
+
+    def remove(self, name: str) -> Module:
+        """Detach module ``name`` (unmerging it first if merged) and return it.
+
+        Raises:
+            UnknownModuleError: no such module.
+            StateError: the active composition still names it.
+        """
+        module = self[name]
+        if self._active is not None and name in compose.leaves(self._active):
+            raise StateError(f"module {name!r} is used by the active composition {compose.describe(self._active)}; "
+                             "call model.use(...) without it first")
+        if name in self._merged:
+            self.unmerge(name)
+        del self.library[name]
+        still_used = {s for m in self.library.values() for s in m.sites}
+        for site in module.sites:
+            if site not in still_used:
+                self._hooks.pop(site).remove()
+        self._recompile()
+        return module
+
+    def __getitem__(self, name: str) -> Module:
+        if name not in self.library:
+            raise UnknownModuleError(f"no module named {name!r}; attached: {', '.join(self.library) or 'none'}")
+        return self.library[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.library
+
+    def names(self) -> list[str]:
+        """Names of the attached modules, in attach order."""
+        return list(self.library)
+
+    # -- composition -----------------------------------------------------------------------
+
+    def use(self, expr: compose.Composition | None) -> None:
+        """Set the active composition: a module name, a composition, or None for the bare host.
+
+        Raises:
+            UnknownModuleError: the composition names a module that is not attached.
+            CompositionError: the composition is malformed.
+        """
+        if expr is not None:
+            compose.validate(expr, self.library)
+        self._active = expr
+        self._recompile()
+
+    @property
+    def active(self) -> compose.Composition | None:
+        """The active composition (None when only the host acts)."""
+        return self._active
+
+    def _recompile(self) -> None:
+        self._plan = compose.compile_plan(self._active, self.library, skip=set(self._merged))
+
+    def _hook(self, site: str) -> None:
+        if site in self._hooks:
+            return
+        plan = self  # the hook reads the current plan at call time
+
+        def hook(layer: nn.Module, args: tuple, output: Any) -> Any:
+            op = plan._plan.get(site)
+            if op is None:
+                return None
+            x = args[0] if args else None
+            if isinstance(output, torch.Tensor):
+                return op(x, output)
+            if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+                return (op(x, output[0]), *output[1:])
+            raise StateError(f"site {site!r} returned {type(output).__name__}; expected a tensor or a tuple")
+
+        self._hooks[site] = self._layers[site].register_forward_hook(hook)
+
+    # -- merging ---------------------------------------------------------------------------
+
+    def merge_into_host(self, name: str) -> None:
+        """Add module ``name``'s weight delta into the host weights (inference speed of the bare host).
+
+        The original weights are kept so that :meth:`unmerge` and :meth:`detach`
+        restore them bit for bit.
+
+        Raises:
+            StateError: already merged, not a parameter-composition module, or a site's
+                weight is tied to another layer (merging would change both).
+        """
+        module = self[name]
+        if name in self._merged:
+            raise StateError(f"module {name!r} is already merged into the host; unmerge it first")
+        if not module.mergeable:
+            raise StateError(f"module {name!r} is a {module.kind} module, which has no weight delta to merge")
+        tied = _tied_weights(self.host)
+        for site in module.sites:
+            names = tied.get(id(self._layers[site].weight), [])
+            if len(names) > 1:
+                raise StateError(
+                    f"cannot merge {name!r}: the weight at {site!r} is shared by {', '.join(names)}; "
+                    "merging would change every layer that shares it"
+                )
+        deltas = module.delta(self._layers)
+        originals: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for site, delta in deltas.items():
+                weight = self._layers[site].weight
+                originals[site] = weight.detach().clone()
+                weight.add_(delta.to(weight.dtype))
+        self._merged[name] = originals
+        self._recompile()
+
+    def unmerge(self, name: str) -> None:
+        """Undo :meth:`merge_into_host`, restoring the saved original weights exactly.
+
+        Raises:
+            StateError: the module is not merged.
+        """
+        self[name]
+        if name not in self._merged:
+            raise StateError(f"module {name!r} is not merged into the host")
+        with torch.no_grad():
+            for site, original in self._merged.pop(name).items():
+                self._layers[site].weight.copy_(original)
+        self._recompile()
+
+    @property
+    def merged(self) -> list[str]:
+        """Names of the modules currently merged into the host weights."""
+        return list(self._merged)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def detach(self) -> nn.Module:
+        """Remove every module and restore the host exactly; returns the host.
+
+        Afterwards the host has the same layer objects, bit-identical tensors and
+        its original ``requires_grad`` flags.
+        """
+        for name in list(self._merged):
+            self.unmerge(name)
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
+        self._active = None
+        self._plan = {}
+        for name in list(self.library):
+            del self.library[name]
+        for n, p in self.host.named_parameters():
+            p.requires_grad_(self._grad_flags.get(n, p.requires_grad))
+        return self.host
+
+    def trainable_parameters(self, names: list[str] | None = None) -> Iterator[nn.Parameter]:
+        """Parameters requiring grad of the named modules (default: every attached module)."""
+        for name in names if names is not None else list(self.library):
+            yield from (p for p in self[name].parameters() if p.requires_grad)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the host's own forward (hooks apply the active composition)."""
+        return self.host(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the host's own ``generate``."""
+        return self.host.generate(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        lines = [f"Modular({type(self.host).__name__}, family={sites_mod.family_of(self.host)})"]
+        for name, module in self.library.items():
+            state = " [merged]" if name in self._merged else ""
+            lines.append(f"  {name}: {module.kind}, {len(module.sites)} sites, {module.num_parameters():,} params{state}")
+        lines.append(f"  active: {compose.describe(self._active)}")
+        return "\n".join(lines)
+
+
+def _tied_weights(host: nn.Module) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for n, p in host.named_parameters(remove_duplicate=False):
+        out.setdefault(id(p), []).append(n)
+    return out
+
+
+def warn_host_mismatch(message: str) -> None:
+    """Emit a :class:`~polymod.errors.HostMismatchWarning`."""
+    from polymod.errors import HostMismatchWarning
+
+    warnings.warn(message, HostMismatchWarning, stacklevel=3)

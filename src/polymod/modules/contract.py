@@ -1,0 +1,174 @@
+"""The module contract: what every computation function provides.
+
+The survey writes every modular method as a function added to the host's own,
+``f'(x) = f_θ(x) + f_φ(x)``. polymod implements that split literally:
+
+* a **spec** (``pm.LoRA(rank=8, sites=...)``) is a small frozen dataclass that
+  names a kind, holds its hyper-parameters and knows how to build one *part*
+  for a :class:`~polymod.sites.Site`;
+* a **part** is an ``nn.Module`` holding φ for one site. Called as
+  ``part(x, y)`` with the site's input ``x`` and the host's output
+  ``y = f_θ(x)``, it returns the contribution ``Δy = f_φ(x, y)``; the engine
+  adds it (``y + Δy``) or weighs it against other parts (routing, aggregation);
+* a :class:`Module` bundles the parts of one named module with its spec and
+  card. It is a plain container: kinds differ by their spec and part classes,
+  never by subclassing ``Module``.
+
+Optional part capabilities, discovered with ``hasattr`` (plain duck typing):
+
+* ``add_into(x, y, weight) -> y'``: a fused ``y + weight·Δy`` (LoRA's ``addmm``);
+* ``delta_weight(layer) -> ΔW``: the change of the host weight in the host's own
+  layout, which makes the module *mergeable* and lets parameter aggregation
+  treat it like any other delta-bearing module.
+
+Adding a kind means one file under ``modules/`` that defines a spec and a part
+and calls :func:`register` — nothing central to edit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from polymod.card import Card
+from polymod.errors import ConfigError, StateError
+from polymod.sites import Site
+
+
+@runtime_checkable
+class ModuleSpec(Protocol):
+    """A module kind's configuration: a frozen dataclass validated in ``__post_init__``."""
+
+    kind: ClassVar[str]
+    sites: Any
+
+    def check_site(self, site: Site) -> str | None:
+        """Return why this kind cannot act at ``site``, or None when it can."""
+
+    def build_part(self, site: Site, layer: nn.Module | None) -> nn.Module:
+        """Create the part (parameters φ) for one site; ``layer`` is None when loading from disk."""
+
+
+_KINDS: dict[str, type] = {}
+
+
+def register(spec_cls: type) -> type:
+    """Class decorator registering a spec class under its ``kind`` name."""
+    kind = getattr(spec_cls, "kind", None)
+    if not isinstance(kind, str) or not kind:
+        raise TypeError(f"{spec_cls.__name__} needs a class attribute 'kind' to be registered")
+    if kind in _KINDS and _KINDS[kind] is not spec_cls:
+        raise TypeError(f"module kind {kind!r} is already registered by {_KINDS[kind].__name__}")
+    _KINDS[kind] = spec_cls
+    return spec_cls
+
+
+def spec_class(kind: str) -> type:
+    """The spec class registered for ``kind``.
+
+    Raises:
+        ConfigError: no such kind is registered.
+    """
+    if kind not in _KINDS:
+        raise ConfigError(f"unknown module kind {kind!r}; registered kinds: {', '.join(sorted(_KINDS))}")
+    return _KINDS[kind]
+
+
+def registered_kinds() -> list[str]:
+    """Names of every registered module kind."""
+    return sorted(_KINDS)
+
+
+def spec_to_dict(spec: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a spec's fields (site selectors as strings)."""
+    out = {}
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        out[f.name] = value if isinstance(value, (int, float, str, bool, type(None), list, dict)) else str(value)
+        if isinstance(value, tuple):
+            out[f.name] = list(value)
+    return out
+
+
+def spec_from_dict(kind: str, config: dict[str, Any]) -> Any:
+    """Rebuild a spec of ``kind`` from :func:`spec_to_dict` output.
+
+    Raises:
+        ConfigError: unknown kind or fields the spec does not have.
+    """
+    cls = spec_class(kind)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(config) - names
+    if unknown:
+        raise ConfigError(f"{kind} config has unknown fields {sorted(unknown)}; expected a subset of {sorted(names)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    return cls(**values)
+
+
+def escape(site: str) -> str:
+    """A site name usable as an ``nn.ModuleDict`` key (which may not contain dots)."""
+    return site.replace(".", "/")
+
+
+class Module(nn.Module):
+    """One named module: its spec, its card and one part per site.
+
+    ``Module`` is a container; what it computes lives in its parts. Use
+    :meth:`part` to reach a site's parameters and :meth:`delta` for the weight
+    change of a mergeable (parameter-composition) module.
+    """
+
+    def __init__(self, spec: Any, sites: list[Site], parts: list[nn.Module], card: Card | None = None):
+        super().__init__()
+        if len(sites) != len(parts):
+            raise ValueError("one part per site is required")
+        self.spec = spec
+        self.sites: dict[str, Site] = {s.name: s for s in sites}
+        self.parts = nn.ModuleDict({escape(s.name): p for s, p in zip(sites, parts, strict=True)})
+        self.card = card if card is not None else Card(kind=spec.kind, config=spec_to_dict(spec))
+        self.card.sites = list(self.sites)
+
+    @property
+    def kind(self) -> str:
+        """The registered kind name (``lora``, ``ia3``, ...)."""
+        return self.spec.kind
+
+    def part(self, site: str) -> nn.Module:
+        """The part acting at ``site`` (a qualified host module name)."""
+        return self.parts[escape(site)]
+
+    def items(self) -> Iterator[tuple[str, nn.Module]]:
+        """(site name, part) pairs in host order."""
+        for name in self.sites:
+            yield name, self.parts[escape(name)]
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether every part exposes a weight delta (parameter composition)."""
+        return all(hasattr(p, "delta_weight") for p in self.parts.values())
+
+    def delta(self, layers: dict[str, nn.Module] | None = None) -> dict[str, torch.Tensor]:
+        """ΔW per site, in the host weight's layout.
+
+        Args:
+            layers: the host layers by site name; needed by kinds whose delta
+                depends on the host weight (IA³ scales it). LoRA ignores it.
+
+        Raises:
+            StateError: the module is not a parameter-composition module.
+        """
+        if not self.mergeable:
+            raise StateError(f"a {self.kind} module has no weight delta; only parameter-composition modules do")
+        layers = layers or {}
+        return {name: part.delta_weight(layers.get(name)) for name, part in self.items()}
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Number of parameters φ (optionally only those requiring grad)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, sites={len(self.sites)}, params={self.num_parameters():,}"

@@ -1,0 +1,1 @@
+"""polymod.routing (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""polymod.serving (see DESIGN.md)."""

@@ -1,0 +1,257 @@
+"""Finding sites: the places in a host where a module acts.
+
+A *site* is a named sub-module of the host: a leaf layer (``nn.Linear``,
+transformers' ``Conv1D``, ``nn.Embedding``) or a larger block whose output a
+module transforms. Sites are selected with a small selector language::
+
+    "attn.q|attn.v"                 roles, resolved per architecture family
+    "*.q_proj"                      a glob on qualified module names
+    "re:layers\\.[0-3]\\.mlp\\..*"   a regular expression (``re.search``)
+    ["attn.q", "*.dense"]           a list: the union of its items
+    SiteSelector(types=nn.Linear)   by layer type
+
+Roles (``attn.q``, ``attn.k``, ``attn.v``, ``attn.o``, ``ffn.in``, ``ffn.out``,
+``embed``, ``block.out``, and ``linear`` for every linear layer but the output
+head) are resolved per architecture family (BERT/RoBERTa, GPT-2, Llama-style,
+T5) with a generic fallback by name.
+
+GPT-2 fuses the query, key and value projections into one ``c_attn`` layer of
+width 3·D. There ``attn.q``, ``attn.k`` and ``attn.v`` all resolve to that
+fused layer: a module on it acts on queries, keys *and* values together. This
+is stated in the attach report's ``notes`` rather than hidden.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import nn
+
+from polymod.errors import ConfigError, SiteNotFoundError
+
+SiteKind = Literal["linear", "conv1d", "embedding", "block"]
+
+ROLES = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.in", "ffn.out", "embed", "block.out", "linear")
+
+# Per family: role -> regular expression on qualified module names.
+_FAMILY_ROLES: dict[str, dict[str, str]] = {
+    "bert": {
+        "attn.q": r"\.attention\.self\.query$",
+        "attn.k": r"\.attention\.self\.key$",
+        "attn.v": r"\.attention\.self\.value$",
+        "attn.o": r"\.attention\.output\.dense$",
+        "ffn.in": r"\.intermediate\.dense$",
+        "ffn.out": r"\.layer\.\d+\.output\.dense$",
+        "embed": r"embeddings\.word_embeddings$",
+        "block.out": r"\.layer\.\d+$",
+    },
+    "gpt2": {
+        "attn.q": r"\.attn\.c_attn$",
+        "attn.k": r"\.attn\.c_attn$",
+        "attn.v": r"\.attn\.c_attn$",
+        "attn.o": r"\.attn\.c_proj$",
+        "ffn.in": r"\.mlp\.c_fc$",
+        "ffn.out": r"\.mlp\.c_proj$",
+        "embed": r"(^|\.)wte$",
+        "block.out": r"\.h\.\d+$",
+    },
+    "llama": {
+        "attn.q": r"\.self_attn\.q_proj$",
+        "attn.k": r"\.self_attn\.k_proj$",
+        "attn.v": r"\.self_attn\.v_proj$",
+        "attn.o": r"\.self_attn\.o_proj$",
+        "ffn.in": r"\.mlp\.(gate_proj|up_proj)$",
+        "ffn.out": r"\.mlp\.down_proj$",
+        "embed": r"(^|\.)embed_tokens$",
+        "block.out": r"\.layers\.\d+$",
+    },
+    "t5": {
+        "attn.q": r"\.(SelfAttention|EncDecAttention)\.q$",
+        "attn.k": r"\.(SelfAttention|EncDecAttention)\.k$",
+        "attn.v": r"\.(SelfAttention|EncDecAttention)\.v$",
+        "attn.o": r"\.(SelfAttention|EncDecAttention)\.o$",
+        "ffn.in": r"\.DenseReluDense\.(wi|wi_0|wi_1)$",
+        "ffn.out": r"\.DenseReluDense\.wo$",
+        # transformers 5 gives encoder and decoder their own embedding modules
+        # (tied weights); the forward calls those, not ``shared``.
+        "embed": r"(encoder|decoder)\.embed_tokens$",
+        "block.out": r"\.block\.\d+$",
+    },
+    "generic": {
+        "attn.q": r"(^|\.)(q_proj|query|q_lin|q)$",
+        "attn.k": r"(^|\.)(k_proj|key|k_lin|k)$",
+        "attn.v": r"(^|\.)(v_proj|value|v_lin|v)$",
+        "attn.o": r"(^|\.)(o_proj|out_proj|out_lin|dense|o)$",
+        "ffn.in": r"(^|\.)(fc1|lin1|up_proj|gate_proj|c_fc|wi|intermediate\.dense)$",
+        "ffn.out": r"(^|\.)(fc2|lin2|down_proj|wo)$",
+        "embed": r"(^|\.)(embed_tokens|word_embeddings|wte|embeddings)$",
+        "block.out": r"\.(layers?|h|block|blocks)\.\d+$",
+    },
+}
+
+_FAMILY_OF_MODEL_TYPE = {
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "camembert", "deberta"), "bert"),
+    **dict.fromkeys(("gpt2",), "gpt2"),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3"), "llama"),
+    **dict.fromkeys(("t5", "mt5", "umt5"), "t5"),
+}
+
+FUSED_QKV_NOTE = (
+    "GPT-2 fuses q, k and v into one layer (c_attn): attn.q, attn.k and attn.v all select it, "
+    "so a module there acts on queries, keys and values together."
+)
+
+
+def family_of(host: nn.Module) -> str:
+    """The architecture family used to resolve roles: bert, gpt2, llama, t5 or generic."""
+    model_type = getattr(getattr(host, "config", None), "model_type", None)
+    return _FAMILY_OF_MODEL_TYPE.get(model_type, "generic")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One resolved place in the host.
+
+    Attributes:
+        name: qualified module name in the host (``model.layers.0.self_attn.q_proj``).
+        kind: ``linear`` (y = x Wᵀ + b), ``conv1d`` (transformers' Conv1D, y = x W + b),
+            ``embedding`` or ``block``.
+        in_features: input width (vocabulary size for an embedding; None for a block).
+        out_features: output width (None for a block whose width is unknown).
+    """
+
+    name: str
+    kind: SiteKind
+    in_features: int | None
+    out_features: int | None
+
+
+def site_of(name: str, layer: nn.Module) -> Site:
+    """Describe ``layer`` (named ``name`` in its host) as a :class:`Site`."""
+    if isinstance(layer, nn.Linear):
+        return Site(name, "linear", layer.in_features, layer.out_features)
+    if isinstance(layer, nn.Embedding):
+        return Site(name, "embedding", layer.num_embeddings, layer.embedding_dim)
+    if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):
+        return Site(name, "conv1d", layer.weight.shape[0], layer.nf)
+    width = getattr(getattr(layer, "config", None), "hidden_size", None)
+    return Site(name, "block", width, width)
+
+
+@dataclass(frozen=True)
+class SiteSelector:
+    """A site selection: patterns (roles, globs, ``re:`` regexes) and/or layer types.
+
+    Args:
+        patterns: roles, globs or ``re:`` regular expressions; a site matching any is selected.
+        types: layer classes; when given, only sites of these types are kept.
+    """
+
+    patterns: tuple[str, ...] = ()
+    types: tuple[type, ...] = field(default=())
+
+    @classmethod
+    def parse(cls, selection: str | Sequence[str] | SiteSelector) -> SiteSelector:
+        """Build a selector from a string (``|``-separated), a list of strings or a selector."""
+        if isinstance(selection, SiteSelector):
+            return selection
+        if isinstance(selection, str):
+            items: Iterable[str] = selection.split("|")
+        elif isinstance(selection, Sequence):
+            items = [p for s in selection for p in str(s).split("|")]
+        else:
+            raise ConfigError(
+                f"sites must be a string, a list of strings or a SiteSelector, got {type(selection).__name__}"
+            )
+        patterns = tuple(p.strip() for p in items if p.strip())
+        if not patterns:
+            raise ConfigError(f"sites selection {selection!r} is empty; give a role such as 'attn.q' or a glob")
+        for p in patterns:
+            if p.startswith("re:"):
+                try:
+                    re.compile(p[3:])
+                except re.error as exc:
+                    raise ConfigError(f"sites regex {p!r} does not compile: {exc}") from exc
+        return cls(patterns=patterns)
+
+    def __str__(self) -> str:
+        parts = list(self.patterns) + [f"type={t.__name__}" for t in self.types]
+        return "|".join(parts)
+
+
+def named_layers(host: nn.Module) -> dict[str, nn.Module]:
+    """Every named sub-module of ``host`` (the root excluded), deduplicated by identity."""
+    return {n: m for n, m in host.named_modules() if n}
+
+
+def _is_linear_like(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Linear) or (type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"))
+
+
+def _role_matches(host: nn.Module, role: str, layers: dict[str, nn.Module]) -> list[str]:
+    if role == "linear":
+        head = host.get_output_embeddings() if hasattr(host, "get_output_embeddings") else None
+        return [n for n, m in layers.items() if _is_linear_like(m) and m is not head]
+    regex = re.compile(_FAMILY_ROLES[family_of(host)][role])
+    return [n for n in layers if regex.search(n)]
+
+
+def select(host: nn.Module, selection: str | Sequence[str] | SiteSelector) -> list[Site]:
+    """Resolve a selection to sites of ``host``, in the host's module order.
+
+    Args:
+        host: the pretrained network.
+        selection: roles, globs, ``re:`` regexes (a ``|``-separated string or a list),
+            or a :class:`SiteSelector`.
+
+    Returns:
+        The selected sites, each once, ordered as ``host.named_modules()``.
+
+    Raises:
+        ConfigError: the selection is malformed.
+        SiteNotFoundError: a pattern matched nothing; the message lists close site names.
+    """
+    selector = SiteSelector.parse(selection)
+    layers = named_layers(host)
+    chosen: set[str] = set()
+    for pattern in selector.patterns:
+        if pattern in ROLES:
+            hits = _role_matches(host, pattern, layers)
+        elif pattern.startswith("re:"):
+            regex = re.compile(pattern[3:])
+            hits = [n for n in layers if regex.search(n)]
+        else:
+            hits = [n for n in layers if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise SiteNotFoundError(_not_found_message(host, pattern, layers))
+        chosen.update(hits)
+    if not selector.patterns:
+        chosen = set(layers)
+    if selector.types:
+        chosen = {n for n in chosen if isinstance(layers[n], selector.types)}
+        if not chosen:
+            raise SiteNotFoundError(
+                f"no site of type {'/'.join(t.__name__ for t in selector.types)} matches {selector}; "
+                f"layer types present include {sorted({type(m).__name__ for m in layers.values()})[:12]}"
+            )
+    return [site_of(n, layers[n]) for n in layers if n in chosen]
+
+
+def _not_found_message(host: nn.Module, pattern: str, layers: dict[str, nn.Module]) -> str:
+    names = list(layers)
+    probe = pattern[3:] if pattern.startswith("re:") else pattern.replace("*", "")
+    close = difflib.get_close_matches(probe, names + list(ROLES), n=5, cutoff=0.3)
+    if not close:  # fall back to names sharing the last component
+        tail = probe.rsplit(".", 1)[-1]
+        close = [n for n in names if tail and tail in n][:5]
+    hint = f" Close names: {', '.join(close)}." if close else ""
+    return (
+        f"sites pattern {pattern!r} matched nothing in {type(host).__name__} "
+        f"(family {family_of(host)!r}).{hint} Use a role ({', '.join(ROLES)}), a glob such as "
+        f"'*.q_proj', or 're:<regex>' on qualified names."
+    )

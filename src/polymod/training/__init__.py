@@ -1,0 +1,1 @@
+"""polymod.training (see DESIGN.md)."""
