@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -51,7 +51,7 @@ class Stack:
         return {"stack": [to_json(c) for c in self.children]}
 
 
-Composition = Union[str, Stack]
+Composition = str | Stack
 
 
 def describe(expr: Composition | None) -> str:

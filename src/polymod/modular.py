@@ -332,7 +332,8 @@ class Modular(nn.Module):
         lines = [f"Modular({type(self.host).__name__}, family={sites_mod.family_of(self.host)})"]
         for name, module in self.library.items():
             state = " [merged]" if name in self._merged else ""
-            lines.append(f"  {name}: {module.kind}, {len(module.sites)} sites, {module.num_parameters():,} params{state}")
+            size = f"{len(module.sites)} sites, {module.num_parameters():,} params"
+            lines.append(f"  {name}: {module.kind}, {size}{state}")
         lines.append(f"  active: {compose.describe(self._active)}")
         return "\n".join(lines)
 

@@ -97,7 +97,9 @@ _FAMILY_ROLES: dict[str, dict[str, str]] = {
 _FAMILY_OF_MODEL_TYPE = {
     **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "camembert", "deberta"), "bert"),
     **dict.fromkeys(("gpt2",), "gpt2"),
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3"), "llama"),
+    **dict.fromkeys(
+        ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3"), "llama"
+    ),
     **dict.fromkeys(("t5", "mt5", "umt5"), "t5"),
 }
 
