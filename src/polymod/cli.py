@@ -1,0 +1,58 @@
+"""The ``polymod`` command line: a thin Typer layer over the library.
+
+Each command is one short function calling the library. Failures exit non-zero
+with a one-line message, never a traceback (:func:`main` catches
+:class:`~polymod.errors.PolymodError`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+import polymod
+from polymod.errors import PolymodError
+
+app = typer.Typer(name="polymod", help="Modular deep learning: modules, routing, merging and a module hub.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console(stderr=True)
+
+
+@app.command()
+def version() -> None:
+    """Print polymod's version."""
+    print(polymod.__version__)
+
+
+@app.command()
+def kinds() -> None:
+    """List the registered module kinds."""
+    for kind in polymod.registered_kinds():
+        print(kind)
+
+
+def main() -> None:
+    """Entry point: run the app, turning polymod errors into a message and exit code 1."""
+    try:
+        app(standalone_mode=False)
+    except PolymodError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(1)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("aborted")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

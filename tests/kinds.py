@@ -1,0 +1,19 @@
+"""The module kinds under test: one entry per kind, used by the invariant matrix.
+
+Each entry maps a test id to ``(factory, identity_at_init)``; ``factory(family)``
+returns a spec for that host family, or None where the kind does not apply.
+Add a kind by adding one entry here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import polymod as pm
+
+KINDS: dict[str, tuple[Callable[[str], Any], bool]] = {
+    "lora-attn": (lambda family: pm.LoRA(rank=4, sites="attn.q|attn.v"), True),
+    "lora-linear-rs": (lambda family: pm.LoRA(rank=2, alpha=4, rslora=True, init="gaussian", sites="linear"), True),
+    "lora-embed": (lambda family: pm.LoRA(rank=3, sites="embed|ffn.out"), True),
+}
