@@ -87,7 +87,7 @@ class Modular(nn.Module):
         self._layers = sites_mod.named_layers(host)
         self._active: compose.Composition | None = None
         self._plan: dict[str, compose.SiteOp] = {}
-        self._merged: dict[str, dict[str, torch.Tensor]] = {}  # name -> site -> original weight
+        self._merged: dict[str, dict[str, torch.Tensor]] = {}  # name -> site (or "site#bias") -> original
 
     # -- library ---------------------------------------------------------------------------
 
@@ -137,6 +137,9 @@ class Modular(nn.Module):
         if sites_mod.family_of(self.host) == "gpt2" and any(n.endswith("attn.c_attn") for n in module.sites):
             notes.append(sites_mod.FUSED_QKV_NOTE)
         self.library[name] = module
+        for site, part in module.items():
+            if hasattr(part, "bind"):  # parts whose Δy reads the host layer (IA³ scaling an input)
+                part.bind(self._layers[site])
         for site in module.sites:
             self._hook(site)
         self._recompile()
@@ -272,6 +275,12 @@ class Modular(nn.Module):
                 weight = self._layers[site].weight
                 originals[site] = weight.detach().clone()
                 weight.add_(delta.to(weight.dtype))
+            for site, part in module.items():  # kinds that also change the bias (IA³ scaling an output)
+                bias = getattr(self._layers[site], "bias", None)
+                delta = part.delta_bias(self._layers[site]) if hasattr(part, "delta_bias") else None
+                if delta is not None and isinstance(bias, torch.Tensor):
+                    originals[f"{site}#bias"] = bias.detach().clone()
+                    bias.add_(delta.to(bias.dtype))
         self._merged[name] = originals
         self._recompile()
 
@@ -285,8 +294,9 @@ class Modular(nn.Module):
         if name not in self._merged:
             raise StateError(f"module {name!r} is not merged into the host")
         with torch.no_grad():
-            for site, original in self._merged.pop(name).items():
-                self._layers[site].weight.copy_(original)
+            for key, original in self._merged.pop(name).items():
+                site, _, attr = key.partition("#")  # "site" (weight) or "site#bias"
+                getattr(self._layers[site], attr or "weight").copy_(original)
         self._recompile()
 
     @property

@@ -19,7 +19,14 @@ Optional part capabilities, discovered with ``hasattr`` (plain duck typing):
 * ``add_into(x, y, weight) -> y'``: a fused ``y + weight·Δy`` (LoRA's ``addmm``);
 * ``delta_weight(layer) -> ΔW``: the change of the host weight in the host's own
   layout, which makes the module *mergeable* and lets parameter aggregation
-  treat it like any other delta-bearing module.
+  treat it like any other delta-bearing module;
+* ``delta_bias(layer) -> Δb | None``: the change of the host bias, for kinds
+  whose merge also touches it (IA³ scaling a layer's output scales its bias);
+  :meth:`~polymod.modular.Modular.merge_into_host` applies and restores it;
+* ``bind(layer)``: called by ``Modular.add`` with the site's host layer, for
+  parts whose Δy needs the host weight (IA³ scaling a layer's input computes
+  Δy = W((l − 1) ⊙ x)). Parts keep it as a plain attribute, never a submodule,
+  so the host never enters the module's state dict.
 
 Adding a kind means one file under ``modules/`` that defines a spec and a part
 and calls :func:`register` — nothing central to edit.
