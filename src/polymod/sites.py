@@ -203,6 +203,34 @@ def _role_matches(host: nn.Module, role: str, layers: dict[str, nn.Module]) -> l
     return [n for n in layers if regex.search(n)]
 
 
+def name_matches(name: str, selection: str | Sequence[str] | SiteSelector) -> bool:
+    """Whether a qualified site name matches a selection, decided from the name alone (no host).
+
+    Kinds that treat some of their sites differently (IA³ scales the input at
+    ``ffn.out`` sites, the output elsewhere) must decide it again when a module
+    is loaded from disk, where only site names are known. A role matches when
+    any family's naming of it does; globs and ``re:`` items match as in
+    :func:`select`.
+
+    Raises:
+        ConfigError: the selection is malformed, or uses the ``linear`` role or
+            layer types, which a name alone cannot decide.
+    """
+    selector = SiteSelector.parse(selection)
+    if selector.types or "linear" in selector.patterns:
+        raise ConfigError(f"selection {selector} cannot be decided from a site name; use roles, globs or 're:'")
+    for pattern in selector.patterns:
+        if pattern in ROLES:
+            if any(re.search(roles[pattern], name) for roles in _FAMILY_ROLES.values()):
+                return True
+        elif pattern.startswith("re:"):
+            if re.search(pattern[3:], name):
+                return True
+        elif fnmatch.fnmatchcase(name, pattern):
+            return True
+    return False
+
+
 def select(host: nn.Module, selection: str | Sequence[str] | SiteSelector) -> list[Site]:
     """Resolve a selection to sites of ``host``, in the host's module order.
 
