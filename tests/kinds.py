@@ -11,9 +11,15 @@ from collections.abc import Callable
 from typing import Any
 
 import polymod as pm
+from polymod.modules.ia3 import IA3
+from polymod.modules.sparse import SparseFT
 
 KINDS: dict[str, tuple[Callable[[str], Any], bool]] = {
     "lora-attn": (lambda family: pm.LoRA(rank=4, sites="attn.q|attn.v"), True),
     "lora-linear-rs": (lambda family: pm.LoRA(rank=2, alpha=4, rslora=True, init="gaussian", sites="linear"), True),
     "lora-embed": (lambda family: pm.LoRA(rank=3, sites="embed|ffn.out"), True),
+    "ia3": (lambda family: IA3(), True),
+    "ia3-q-o-input": (lambda family: IA3(sites="attn.q|attn.o", feedforward="attn.o"), True),
+    "sparse-random": (lambda family: SparseFT(density=0.05), True),
+    "sparse-magnitude-embed": (lambda family: SparseFT(density=0.1, mask="magnitude", sites="embed|ffn.out"), True),
 }
