@@ -6,7 +6,8 @@ module transforms. Sites are selected with a small selector language::
 
     "attn.q|attn.v"                 roles, resolved per architecture family
     "*.q_proj"                      a glob on qualified module names
-    "re:layers\\.[0-3]\\.mlp\\..*"   a regular expression (``re.search``)
+    "re:layers\\.[0-3]\\.mlp\\..*"   a regular expression (``re.search``); it takes the rest
+                                    of the string, so its ``|`` is regex alternation
     ["attn.q", "*.dense"]           a list: the union of its items
     SiteSelector(types=nn.Linear)   by layer type
 
@@ -163,9 +164,9 @@ class SiteSelector:
         if isinstance(selection, SiteSelector):
             return selection
         if isinstance(selection, str):
-            items: Iterable[str] = selection.split("|")
+            items: Iterable[str] = _split(selection)
         elif isinstance(selection, Sequence):
-            items = [p for s in selection for p in str(s).split("|")]
+            items = [p for s in selection for p in _split(str(s))]
         else:
             raise ConfigError(
                 f"sites must be a string, a list of strings or a SiteSelector, got {type(selection).__name__}"
@@ -184,6 +185,19 @@ class SiteSelector:
     def __str__(self) -> str:
         parts = list(self.patterns) + [f"type={t.__name__}" for t in self.types]
         return "|".join(parts)
+
+
+def _split(selection: str) -> list[str]:
+    """Split on ``|``; a ``re:`` item takes the rest of the string (its ``|`` are regex alternation)."""
+    items: list[str] = []
+    rest = selection
+    while rest:
+        if rest.lstrip().startswith("re:"):
+            items.append(rest.strip())
+            break
+        head, _, rest = rest.partition("|")
+        items.append(head)
+    return items
 
 
 def named_layers(host: nn.Module) -> dict[str, nn.Module]:
