@@ -1,0 +1,95 @@
+"""The store's SQLite index: schema and connections.
+
+One file, ``index.sqlite``, in WAL mode so readers never block the single
+writer, with a busy timeout so concurrent writers (threads of the server, or
+several local processes) queue instead of failing. Every write is one
+``BEGIN IMMEDIATE`` transaction: a version becomes visible whole or not at all.
+
+Tables: ``versions`` (one row per published version, its card as JSON),
+``files`` (its files by sha256), ``tags``, ``parents`` (lineage edges as
+written in the card), ``users``, ``members`` (who may write to a namespace),
+``tokens`` (sha256 of each token, never the token), and ``search``, an FTS5
+full-text index over names, descriptions, tasks, languages and tags.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS versions (
+    id INTEGER PRIMARY KEY,
+    owner TEXT NOT NULL, name TEXT NOT NULL, version TEXT NOT NULL,
+    major INTEGER NOT NULL, minor INTEGER NOT NULL, patch INTEGER NOT NULL, prerelease TEXT NOT NULL,
+    sha256 TEXT NOT NULL, kind TEXT NOT NULL, architecture TEXT, task TEXT, language TEXT, license TEXT,
+    description TEXT, card TEXT NOT NULL, size INTEGER NOT NULL, uploader TEXT, created REAL NOT NULL,
+    yanked INTEGER NOT NULL DEFAULT 0, yank_reason TEXT,
+    UNIQUE (owner, name, version)
+);
+CREATE INDEX IF NOT EXISTS versions_sha ON versions (sha256);
+CREATE INDEX IF NOT EXISTS versions_module ON versions (owner, name);
+CREATE TABLE IF NOT EXISTS files (
+    version_id INTEGER NOT NULL REFERENCES versions(id), path TEXT NOT NULL,
+    sha256 TEXT NOT NULL, size INTEGER NOT NULL, PRIMARY KEY (version_id, path)
+);
+CREATE INDEX IF NOT EXISTS files_sha ON files (sha256);
+CREATE TABLE IF NOT EXISTS tags (version_id INTEGER NOT NULL REFERENCES versions(id), tag TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS tags_version ON tags (version_id);
+CREATE TABLE IF NOT EXISTS parents (
+    child_id INTEGER NOT NULL REFERENCES versions(id), position INTEGER NOT NULL,
+    name TEXT NOT NULL, version TEXT, sha256 TEXT, weight REAL, PRIMARY KEY (child_id, position)
+);
+CREATE INDEX IF NOT EXISTS parents_sha ON parents (sha256);
+CREATE INDEX IF NOT EXISTS parents_name ON parents (name, version);
+CREATE TABLE IF NOT EXISTS users (name TEXT PRIMARY KEY, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS members (namespace TEXT NOT NULL, user TEXT NOT NULL, PRIMARY KEY (namespace, user));
+CREATE TABLE IF NOT EXISTS tokens (
+    hash TEXT PRIMARY KEY, user TEXT NOT NULL REFERENCES users(name), label TEXT,
+    created REAL NOT NULL, expires REAL, revoked INTEGER NOT NULL DEFAULT 0
+);
+CREATE VIRTUAL TABLE IF NOT EXISTS search USING fts5(
+    owner, name, description, task, language, tags, kind, architecture, tokenize = 'unicode61'
+);
+"""
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open the index at ``path`` (autocommit mode; callers open transactions explicitly)."""
+    conn = sqlite3.connect(str(path), timeout=60.0, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=60000")
+    return conn
+
+
+def initialise(path: Path) -> None:
+    """Create the schema if it is missing (idempotent, safe under concurrency)."""
+    conn = connect(path)
+    try:
+        with transaction(conn):
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    finally:
+        conn.close()
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")

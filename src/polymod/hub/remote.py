@@ -1,0 +1,203 @@
+"""A client for a remote hub (the HTTP API of :mod:`polymod.hub.server`), with :class:`LocalHub`'s methods.
+
+Push uploads each file as a content-addressed blob (skipped when the hub has
+it already), then publishes the version in one request; the hub makes it
+visible atomically. Pull downloads blobs into a local cache store — each
+verified against its sha256 before it is kept — records the version in the
+cache's index (so it can be found offline), and writes the package
+atomically. Errors from the hub are raised as the same exception classes as
+local ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from polymod.hub import names
+from polymod.hub.client import materialize, prepare_push, progress_bar
+from polymod.hub.errors import ERRORS_BY_NAME, ConflictError, HubError
+from polymod.hub.package import CARD_FILE
+from polymod.hub.search import SearchResult
+from polymod.hub.store import CHUNK, Store, VersionInfo, home
+
+API = "/api/v1"
+
+
+def credentials_file() -> Path:
+    """Where ``polymod hub login`` keeps tokens: ``$POLYMOD_HOME/credentials.json`` (mode 0600)."""
+    return home() / "credentials.json"
+
+
+def saved_token(url: str) -> str | None:
+    """The token saved by ``login`` for ``url``, if any."""
+    try:
+        return json.loads(credentials_file().read_text()).get(url.rstrip("/"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def save_token(url: str, token: str) -> Path:
+    """Save ``token`` for ``url`` in the credentials file (readable by the user only)."""
+    path = credentials_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    data[url.rstrip("/")] = token
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path
+
+
+class RemoteHub:
+    """The hub API over HTTP.
+
+    Args:
+        url: the hub's base URL, e.g. ``http://127.0.0.1:8000``.
+        token: a token for writes (default ``$POLYMOD_TOKEN``, else the one saved by ``login``).
+        cache: the local store pulls are cached in (default ``$POLYMOD_HOME/hub``).
+        timeout: seconds per request.
+    """
+
+    def __init__(self, url: str, token: str | None = None, cache: Store | str | os.PathLike | None = None,
+                 timeout: float = 60.0):
+        self.url = url.rstrip("/")
+        self.token = token or os.environ.get("POLYMOD_TOKEN") or saved_token(self.url)
+        self._cache = cache
+        self.http = httpx.Client(base_url=self.url, timeout=timeout)
+
+    def __repr__(self) -> str:
+        return f"RemoteHub({self.url!r})"
+
+    @property
+    def cache(self) -> Store:
+        """The local store pulls are cached in."""
+        if not isinstance(self._cache, Store):
+            self._cache = Store(self._cache)
+        return self._cache
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            response = self.http.request(method, API + path, headers=self._headers(), **kw)
+        except httpx.HTTPError as exc:
+            raise HubError(f"cannot reach the hub at {self.url}: {exc}") from None
+        self._raise_for(response)
+        return response
+
+    @staticmethod
+    def _raise_for(response: httpx.Response) -> None:
+        if response.status_code < 400:
+            return
+        try:
+            body = response.json()
+            cls, detail = ERRORS_BY_NAME.get(body.get("error"), HubError), body.get("detail", response.text)
+        except ValueError:
+            cls, detail = HubError, response.text[:300]
+        raise cls(f"{detail} (hub answered HTTP {response.status_code})")
+
+    def whoami(self) -> str:
+        """The user the token belongs to."""
+        return self._request("GET", "/whoami").json()["user"]
+
+    def push(self, path: str | os.PathLike, ref: str, version: str | None = None,
+             progress: bool = False) -> VersionInfo:
+        """Upload the package at ``path`` and publish it as ``ref``; see :func:`polymod.hub.push`."""
+        import hashlib
+
+        target, card = prepare_push(path, ref, version)
+        blobs: dict[str, tuple[str, int, Any]] = {CARD_FILE: (hashlib.sha256(card).hexdigest(), len(card), card)}
+        for extra in sorted(Path(path).iterdir()):
+            if extra.name != CARD_FILE:
+                from polymod.hub.package import file_sha256
+
+                blobs[extra.name] = (file_sha256(extra), extra.stat().st_size, extra)
+        missing = [(n, s, z, src) for n, (s, z, src) in blobs.items()
+                   if self.http.head(f"{API}/blobs/{s}", headers=self._headers()).status_code != 200]
+        with progress_bar(progress, sum(z for _, _, z, _ in missing), f"push {target}") as advance:
+            for _, sha, size, src in missing:
+                self._request("PUT", f"/blobs/{sha}", content=_chunks(src, advance),
+                              headers={**self._headers(), "Content-Length": str(size),
+                                       "Content-Type": "application/octet-stream"})
+        body = {"version": target.version, "files": {n: s for n, (s, _, _) in blobs.items()}}
+        data = self._request("POST", f"/modules/{target.owner}/{target.name}/versions", json=body).json()
+        return VersionInfo.from_dict(data)
+
+    def show(self, ref: str) -> VersionInfo:
+        """The version ``ref`` points to."""
+        r = names.Ref.parse(ref)
+        return VersionInfo.from_dict(self._request("GET", f"/modules/{r.owner}/{r.name}/versions/{r.version}").json())
+
+    def versions(self, ref: str) -> list[VersionInfo]:
+        """Every version of ``owner/name``, newest first."""
+        r = names.Ref.parse(ref)
+        return [VersionInfo.from_dict(v) for v in self._request("GET", f"/modules/{r.owner}/{r.name}/versions").json()]
+
+    def _download(self, sha: str) -> Iterator[bytes]:
+        with self.http.stream("GET", f"{API}/blobs/{sha}", headers=self._headers()) as response:
+            if response.status_code >= 400:
+                response.read()
+                self._raise_for(response)
+            yield from response.iter_bytes(CHUNK)
+
+    def pull(self, ref: str, dest: str | os.PathLike | None = None, progress: bool = False) -> Path:
+        """Download ``ref`` into the cache (sha256-verified) and write the package to ``dest``."""
+        info = self.show(ref)
+        cache = self.cache
+        with progress_bar(progress, info.size, f"download {info.ref}") as advance:
+            for meta in info.files.values():
+                if not cache.has_blob(meta["sha256"]):
+                    cache.write_blob(self._download(meta["sha256"]), expected=meta["sha256"], on_chunk=advance)
+                else:
+                    advance(meta["size"])
+        dest = Path(dest) if dest is not None else cache.root / "packages" / info.owner / info.name / info.version
+        out = materialize(info, cache.iter_blob, dest)
+        try:
+            cache.publish(info.owner, info.name, info.version, {p: m["sha256"] for p, m in info.files.items()},
+                          uploader=f"pulled from {self.url}")
+        except ConflictError as exc:
+            warnings.warn(f"pulled {info.ref}, but the local index keeps its own different copy: {exc}", stacklevel=2)
+        return out
+
+    def search(self, query: str = "", limit: int = 20, offset: int = 0, owner: str | None = None,
+               **facets: str | None) -> SearchResult:
+        """Full-text search with facets on the hub."""
+        params = {"q": query, "limit": limit, "offset": offset, "owner": owner, **facets}
+        params = {k: v for k, v in params.items() if v not in (None, "")}
+        return SearchResult.from_dict(self._request("GET", "/search", params=params).json())
+
+    def lineage(self, ref: str, depth: int = 8) -> dict[str, Any]:
+        """The lineage graph of ``ref``."""
+        r = names.Ref.parse(ref)
+        return self._request("GET", f"/modules/{r.owner}/{r.name}/versions/{r.version}/lineage",
+                             params={"depth": depth}).json()
+
+    def yank(self, ref: str, reason: str = "", undo: bool = False) -> VersionInfo:
+        """Yank ``ref`` (or restore it with ``undo``); needs the owner's token."""
+        r = names.Ref.parse(ref)
+        body = {"reason": reason, "yanked": not undo}
+        data = self._request("POST", f"/modules/{r.owner}/{r.name}/versions/{r.version}/yank", json=body).json()
+        return VersionInfo.from_dict(data)
+
+
+def _chunks(src: bytes | Path, advance) -> Iterator[bytes]:
+    if isinstance(src, bytes):
+        advance(len(src))
+        yield src
+        return
+    with open(src, "rb") as f:
+        while chunk := f.read(CHUNK):
+            advance(len(chunk))
+            yield chunk

@@ -1,0 +1,206 @@
+"""The hub server: a thin FastAPI layer over a :class:`~polymod.hub.store.Store`.
+
+Run it with ``polymod hub serve --store DIR`` (uvicorn). The OpenAPI schema
+at ``/openapi.json`` (browsable at ``/docs``) is the API reference; the web
+pages of :mod:`polymod.hub.web` are served from ``/``.
+
+API (prefix ``/api/v1``; writes need ``Authorization: Bearer <token>``):
+
+====== ============================================== ==========================================
+GET    /health                                        liveness
+GET    /whoami                                        the token's user
+HEAD   /blobs/{sha256}                                is the blob here?
+GET    /blobs/{sha256}                                the blob's bytes
+PUT    /blobs/{sha256}                                upload a blob (verified, size-limited)
+POST   /modules/{owner}/{name}/versions               publish a version from uploaded blobs
+GET    /modules/{owner}/{name}/versions               list versions
+GET    /modules/{owner}/{name}/versions/{version}     one version (``latest`` allowed)
+GET    /modules/{owner}/{name}/versions/{v}/lineage   lineage graph
+POST   /modules/{owner}/{name}/versions/{v}/yank      yank or un-yank (owner only)
+GET    /search                                        full text + facets
+GET    /owners/{owner}                                an owner's modules
+====== ============================================== ==========================================
+
+Errors are JSON ``{"error": <class name>, "detail": <message>}`` with the
+class's HTTP status; the client raises the same class.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from polymod.errors import FormatError, PolymodError
+from polymod.hub import auth, names
+from polymod.hub.errors import HubError, TooLargeError
+from polymod.hub.lineage import lineage
+from polymod.hub.search import FACETS, owner_modules, search
+from polymod.hub.store import BlobWriter, Store
+
+DEFAULT_MAX_UPLOAD = 2 << 30  # 2 GiB per file
+
+
+class PublishRequest(BaseModel):
+    """Publish a version from blobs already uploaded."""
+
+    version: str = Field(description="semantic version, e.g. 1.0.0", max_length=64)
+    files: dict[str, str] = Field(description="package file name -> sha256 of an uploaded blob", max_length=8)
+
+
+class YankRequest(BaseModel):
+    """Yank (or restore) a version."""
+
+    reason: str = Field("", max_length=500)
+    yanked: bool = True
+
+
+class VersionOut(BaseModel):
+    """A published version."""
+
+    owner: str
+    name: str
+    version: str
+    sha256: str = Field(description="content hash: sha256 of weights.safetensors (of module.json for compositions)")
+    kind: str
+    card: dict[str, Any]
+    files: dict[str, dict[str, Any]] = Field(description="file name -> {sha256, size}")
+    size: int
+    created: float
+    uploader: str | None
+    yanked: bool
+    yank_reason: str | None
+
+
+class SearchOut(BaseModel):
+    """Search hits (latest version of each module), their total and facet counts."""
+
+    hits: list[dict[str, Any]]
+    total: int
+    facets: dict[str, dict[str, int]]
+
+
+class LineageOut(BaseModel):
+    """A lineage graph: nodes (role self/ancestor/descendant) and parent→child edges."""
+
+    root: str
+    nodes: list[dict[str, Any]]
+    edges: list[dict[str, Any]]
+
+
+def create_app(store: Store | str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, web: bool = True) -> FastAPI:
+    """The hub application over ``store``.
+
+    Args:
+        store: the store (or its directory).
+        max_upload_bytes: the largest file accepted (HTTP 413 above it).
+        web: also serve the web pages.
+    """
+    store = store if isinstance(store, Store) else Store(store)
+    store.sweep_tmp(0)  # uploads cut off by a previous crash are never resumed
+    app = FastAPI(title="polymod hub", version="1", description="Publish, find, version and pull polymod modules. "
+                  "Writes need `Authorization: Bearer <token>`.")
+    app.state.store = store
+
+    @app.exception_handler(PolymodError)
+    async def polymod_error(request: Request, exc: PolymodError) -> JSONResponse:
+        status = exc.status if isinstance(exc, HubError) else 422 if isinstance(exc, (FormatError, ValueError)) else 400
+        return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=status)
+
+    def user(authorization: Annotated[str | None, Header()] = None) -> str:
+        token = authorization.removeprefix("Bearer ").strip() if authorization else None
+        return auth.authenticate(store, token)
+
+    Owner = Annotated[str, Path(max_length=64)]
+    Name = Annotated[str, Path(max_length=128)]
+    Version = Annotated[str, Path(max_length=80)]
+    Sha = Annotated[str, Path(min_length=64, max_length=64, pattern="^[0-9a-f]{64}$")]
+
+    @app.get("/api/v1/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/api/v1/whoami")
+    def whoami(who: Annotated[str, Depends(user)]) -> dict[str, str]:
+        return {"user": who}
+
+    @app.head("/api/v1/blobs/{sha256}")
+    def has_blob(sha256: Sha) -> Response:
+        return Response(status_code=200 if store.has_blob(sha256) else 404)
+
+    @app.get("/api/v1/blobs/{sha256}", response_class=StreamingResponse)
+    def get_blob(sha256: Sha) -> StreamingResponse:
+        size = store.blob_path(sha256).stat().st_size if store.has_blob(sha256) else None
+        chunks = store.iter_blob(sha256)
+        first = next(chunks, b"")  # raises NotFoundError before the response starts
+        def body():
+            yield first
+            yield from chunks
+        headers = {"Content-Length": str(size)} if size is not None else {}
+        return StreamingResponse(body(), media_type="application/octet-stream", headers=headers)
+
+    @app.put("/api/v1/blobs/{sha256}", status_code=201)
+    async def put_blob(sha256: Sha, request: Request, who: Annotated[str, Depends(user)]) -> dict[str, Any]:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_upload_bytes:
+            raise TooLargeError(f"file of {int(declared):,} bytes exceeds this hub's limit of {max_upload_bytes:,}")
+        writer = await run_in_threadpool(BlobWriter, store, sha256, max_upload_bytes)
+        with writer:
+            async for chunk in request.stream():
+                writer.write(chunk)
+            sha, size = await run_in_threadpool(writer.commit)
+        return {"sha256": sha, "size": size}
+
+    @app.post("/api/v1/modules/{owner}/{name}/versions", status_code=201, response_model=VersionOut)
+    def publish(owner: Owner, name: Name, body: PublishRequest, who: Annotated[str, Depends(user)]) -> Any:
+        names.check_owner(owner), names.check_name(name), names.check_version(body.version)
+        auth.authorize(store, who, owner)
+        return store.publish(owner, name, body.version, body.files, uploader=who).to_dict()
+
+    @app.get("/api/v1/modules/{owner}/{name}/versions", response_model=list[VersionOut])
+    def list_versions(owner: Owner, name: Name) -> Any:
+        return [v.to_dict() for v in store.versions(owner, name)]
+
+    @app.get("/api/v1/modules/{owner}/{name}/versions/{version}", response_model=VersionOut)
+    def show(owner: Owner, name: Name, version: Version) -> Any:
+        return store.get(owner, name, version).to_dict()
+
+    @app.get("/api/v1/modules/{owner}/{name}/versions/{version}/lineage", response_model=LineageOut)
+    def graph(owner: Owner, name: Name, version: Version, depth: Annotated[int, Query(ge=1, le=32)] = 8) -> Any:
+        return lineage(store, owner, name, version, depth)
+
+    @app.post("/api/v1/modules/{owner}/{name}/versions/{version}/yank", response_model=VersionOut)
+    def yank(owner: Owner, name: Name, version: Version, body: YankRequest,
+             who: Annotated[str, Depends(user)]) -> Any:
+        names.check_owner(owner)
+        auth.authorize(store, who, owner)
+        return store.yank(owner, name, version, body.reason, yanked=body.yanked).to_dict()
+
+    @app.get("/api/v1/search", response_model=SearchOut)
+    def find(q: Annotated[str, Query(max_length=256)] = "", limit: Annotated[int, Query(ge=1, le=100)] = 20,
+             offset: Annotated[int, Query(ge=0)] = 0, owner: str | None = None, kind: str | None = None,
+             architecture: str | None = None, task: str | None = None, language: str | None = None,
+             tag: str | None = None) -> Any:
+        facets = dict(zip(FACETS, (kind, architecture, task, language, tag)))
+        return search(store, q, limit=limit, offset=offset, owner=owner, **facets).to_dict()
+
+    @app.get("/api/v1/owners/{owner}")
+    def owner_page(owner: Owner) -> list[dict[str, Any]]:
+        return owner_modules(store, owner)
+
+    if web:
+        from polymod.hub.web import add_routes
+
+        add_routes(app, store)
+    return app
+
+
+def serve(store: Store | str, host: str = "127.0.0.1", port: int = 8000,
+          max_upload_bytes: int = DEFAULT_MAX_UPLOAD) -> None:
+    """Run the hub with uvicorn until interrupted (binds to ``host``, by default loopback only)."""
+    import uvicorn
+
+    uvicorn.run(create_app(store, max_upload_bytes), host=host, port=port, log_level="warning")

@@ -1,0 +1,424 @@
+"""The local store: a SQLite index plus a content-addressed blob directory.
+
+Layout under the store's root (default ``$POLYMOD_HOME/hub``, ``POLYMOD_HOME``
+defaulting to ``~/.cache/polymod``)::
+
+    index.sqlite                  versions, files, tags, lineage, users, tokens, FTS5 search
+    blobs/sha256/ab/abcdef…       every file once, named by the sha256 of its bytes
+    tmp/                          uploads in progress (never read; swept on open)
+
+Atomicity: a blob is written to ``tmp/``, hashed while written, fsynced, and
+renamed to its content address only when complete and verified; a version is
+one SQLite transaction that refers to blobs already in place. An interrupted
+push therefore leaves at most an unreferenced blob (removed by :meth:`Store.gc`),
+never a partial version. Identical files are stored once (deduplication).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from polymod.hub import db, names
+from polymod.hub.errors import ConflictError, IntegrityError, NotFoundError, TooLargeError
+from polymod.hub.package import CARD_FILE, PACKAGE_FILES, WEIGHTS_FILE, check_safetensors, parse_card
+
+CHUNK = 1 << 20
+STALE_TMP_SECONDS = 3600.0
+
+
+def home() -> Path:
+    """polymod's home directory: ``$POLYMOD_HOME`` or ``~/.cache/polymod``."""
+    return Path(os.environ.get("POLYMOD_HOME") or Path.home() / ".cache" / "polymod")
+
+
+@dataclass
+class VersionInfo:
+    """One published version: its card, files and state."""
+
+    owner: str
+    name: str
+    version: str
+    sha256: str
+    kind: str
+    card: dict[str, Any]
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> {"sha256", "size"}
+    size: int = 0
+    created: float = 0.0
+    uploader: str | None = None
+    yanked: bool = False
+    yank_reason: str | None = None
+
+    @property
+    def ref(self) -> str:
+        """``owner/name@version``."""
+        return f"{self.owner}/{self.name}@{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the server's response body)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VersionInfo:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+class BlobWriter:
+    """Writes one blob: bytes go to ``tmp/``, are hashed as they come, and :meth:`commit` verifies the
+    sha256, fsyncs and renames the file to its content address. Leaving the ``with`` block without a
+    commit (an error, a dropped connection) deletes the partial file.
+    """
+
+    def __init__(self, store: Store, expected: str | None = None, max_bytes: int | None = None):
+        import hashlib
+
+        if expected is not None:
+            store.blob_path(expected)  # validates the hex digest before anything is written
+        self.store, self.expected, self.max_bytes = store, expected, max_bytes
+        self.hash, self.size = hashlib.sha256(), 0
+        self.path = store.tmp / f"{uuid.uuid4().hex}.part"
+        self.file = open(self.path, "wb")
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def write(self, chunk: bytes) -> None:
+        """Append a chunk.
+
+        Raises:
+            TooLargeError: the blob grows past ``max_bytes``.
+        """
+        self.size += len(chunk)
+        if self.max_bytes is not None and self.size > self.max_bytes:
+            raise TooLargeError(f"upload exceeds the size limit of {self.max_bytes:,} bytes")
+        self.hash.update(chunk)
+        self.file.write(chunk)
+
+    def commit(self) -> tuple[str, int]:
+        """Verify, fsync and move into place; returns (sha256, size).
+
+        Raises:
+            IntegrityError: the sha256 is not the expected one.
+        """
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        sha = self.hash.hexdigest()
+        if self.expected is not None and sha != self.expected:
+            raise IntegrityError(f"content sha256 is {sha}, expected {self.expected}: corrupted in transit or tampered")
+        target = self.store.blob_path(sha)
+        target.parent.mkdir(exist_ok=True)
+        os.replace(self.path, target)  # atomic; an identical blob already there is simply replaced
+        return sha, self.size
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+class Store:
+    """A hub store on the local file system.
+
+    Args:
+        root: the directory (created if missing); default ``$POLYMOD_HOME/hub``.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root) if root is not None else home() / "hub"
+        self.blobs = self.root / "blobs" / "sha256"
+        self.tmp = self.root / "tmp"
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.index = self.root / "index.sqlite"
+        db.initialise(self.index)
+        self.sweep_tmp(STALE_TMP_SECONDS)
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    def connect(self):
+        """A new SQLite connection to the index (one per thread or operation)."""
+        return db.connect(self.index)
+
+    # -- blobs -------------------------------------------------------------------------------
+
+    def blob_path(self, sha256: str) -> Path:
+        """Where the blob with this sha256 lives (whether or not it exists)."""
+        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+            raise IntegrityError(f"{sha256!r:.80} is not a sha256 (64 lowercase hex digits)")
+        return self.blobs / sha256[:2] / sha256
+
+    def has_blob(self, sha256: str) -> bool:
+        """Whether the blob is stored."""
+        return self.blob_path(sha256).is_file()
+
+    def write_blob(self, chunks: Iterable[bytes], expected: str | None = None, max_bytes: int | None = None,
+                   on_chunk: Callable[[int], None] | None = None) -> tuple[str, int]:
+        """Store a stream of bytes under its sha256, atomically (see :class:`BlobWriter`).
+
+        Args:
+            chunks: the content.
+            expected: the sha256 the content must have (verified before it becomes visible).
+            max_bytes: refuse content longer than this.
+            on_chunk: called with each chunk's length (progress bars).
+
+        Returns:
+            (sha256, size).
+
+        Raises:
+            IntegrityError: the content's sha256 is not ``expected``.
+            TooLargeError: more than ``max_bytes``.
+        """
+        with BlobWriter(self, expected, max_bytes) as writer:
+            for chunk in chunks:
+                writer.write(chunk)
+                if on_chunk:
+                    on_chunk(len(chunk))
+            return writer.commit()
+
+    def add_file(self, path: str | os.PathLike) -> tuple[str, int]:
+        """Store a file's bytes as a blob; returns (sha256, size)."""
+        with open(path, "rb") as f:
+            return self.write_blob(iter(lambda: f.read(CHUNK), b""))
+
+    def open_blob(self, sha256: str) -> BinaryIO:
+        """Open a stored blob for reading.
+
+        Raises:
+            NotFoundError: no such blob.
+        """
+        try:
+            return open(self.blob_path(sha256), "rb")
+        except FileNotFoundError:
+            raise NotFoundError(f"blob {sha256} is not in the store {self.root}") from None
+
+    def iter_blob(self, sha256: str) -> Iterator[bytes]:
+        """The blob's bytes in chunks."""
+        with self.open_blob(sha256) as f:
+            while chunk := f.read(CHUNK):
+                yield chunk
+
+    def sweep_tmp(self, older_than: float = 0.0) -> int:
+        """Delete unfinished uploads older than ``older_than`` seconds; returns how many."""
+        now, removed = time.time(), 0
+        for p in self.tmp.iterdir():
+            try:
+                if now - p.stat().st_mtime >= older_than:
+                    p.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
+    # -- versions ----------------------------------------------------------------------------
+
+    def publish(self, owner: str, name: str, version: str, files: dict[str, str],
+                uploader: str | None = None) -> VersionInfo:
+        """Publish a version whose files (path → sha256) are already stored as blobs.
+
+        ``module.json`` must name the same owner, name and version. Publishing the
+        identical content again returns the existing version (safe retries);
+        different content under an existing version is refused.
+
+        Raises:
+            InvalidNameError: a bad owner, name or version.
+            FormatError / IntegrityError: unknown files, missing blobs, an invalid card, bad weights.
+            ConflictError: the version exists with different content (versions are immutable).
+        """
+        from polymod.errors import FormatError
+
+        names.check_owner(owner), names.check_name(name), names.check_version(version)
+        if not isinstance(files, dict) or set(files) - set(PACKAGE_FILES) or CARD_FILE not in files:
+            raise FormatError(f"a package's files must include {CARD_FILE} and be among {PACKAGE_FILES}; "
+                              f"got {sorted(files)[:5] if isinstance(files, dict) else files!r:.80}")
+        sizes = {}
+        for path, sha in files.items():
+            if not self.has_blob(sha):
+                raise NotFoundError(f"file {path} (sha256 {sha:.64}) has not been uploaded; upload blobs first")
+            sizes[path] = self.blob_path(sha).stat().st_size
+        with self.open_blob(files[CARD_FILE]) as f:
+            card = parse_card(f.read())
+        if (card.owner, card.name, card.version) != (owner, name, version):
+            raise FormatError(f"{CARD_FILE} says {card.owner}/{card.name}@{card.version} but is published as "
+                              f"{owner}/{name}@{version}; they must agree")
+        if card.kind == "composition":
+            if WEIGHTS_FILE in files:
+                raise FormatError("a composition package has no weights")
+        elif WEIGHTS_FILE not in files:
+            raise FormatError(f"a {card.kind} module needs {WEIGHTS_FILE}")
+        if WEIGHTS_FILE in files:
+            with self.open_blob(files[WEIGHTS_FILE]) as f:
+                check_safetensors(f, sizes[WEIGHTS_FILE])
+        content = files.get(WEIGHTS_FILE, files[CARD_FILE])
+        sv = names.SemVer.parse(version)
+        conn = self.connect()
+        try:
+            with db.transaction(conn):
+                row = conn.execute("SELECT id FROM versions WHERE owner=? AND name=? AND version=?",
+                                   (owner, name, version)).fetchone()
+                if row is not None:
+                    have = dict(conn.execute("SELECT path, sha256 FROM files WHERE version_id=?", (row["id"],)))
+                    if have != files:
+                        raise ConflictError(f"{owner}/{name}@{version} already exists with different content; "
+                                            "published versions are immutable: bump the version")
+                else:
+                    self._insert(conn, owner, name, sv, card, files, sizes, content, uploader)
+            return self.get(owner, name, version, conn=conn)
+        finally:
+            conn.close()
+
+    def _insert(self, conn, owner, name, sv, card, files, sizes, content, uploader) -> None:
+        host = card.host or {}
+        cur = conn.execute(
+            "INSERT INTO versions (owner, name, version, major, minor, patch, prerelease, sha256, kind, architecture,"
+            " task, language, license, description, card, size, uploader, created)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (owner, name, str(sv), sv.major, sv.minor, sv.patch, json.dumps(sv.prerelease), content, card.kind,
+             host.get("architecture"), card.task, card.language, card.license, card.description,
+             json.dumps(card.to_dict(), sort_keys=True), sum(sizes.values()), uploader, time.time()))
+        vid = cur.lastrowid
+        conn.executemany("INSERT INTO files VALUES (?,?,?,?)", [(vid, p, s, sizes[p]) for p, s in files.items()])
+        conn.executemany("INSERT INTO tags VALUES (?,?)", [(vid, t) for t in dict.fromkeys(card.tags)])
+        conn.executemany("INSERT INTO parents VALUES (?,?,?,?,?,?)",
+                         [(vid, i, p.name, p.version, p.sha256, p.weight) for i, p in enumerate(card.lineage.parents)])
+        conn.execute("INSERT INTO search (rowid, owner, name, description, task, language, tags, kind, architecture)"
+                     " VALUES (?,?,?,?,?,?,?,?,?)",
+                     (vid, owner, name.replace(".", " ").replace("-", " ").replace("_", " ") + " " + name,
+                      card.description or "", card.task or "", card.language or "", " ".join(card.tags), card.kind,
+                      host.get("architecture") or ""))
+
+    def _row(self, conn, owner: str, name: str, version: str):
+        if version == names.LATEST:
+            rows = conn.execute("SELECT * FROM versions WHERE owner=? AND name=? AND yanked=0", (owner, name))
+            rows = sorted(rows, key=lambda r: (not json.loads(r["prerelease"]), names.SemVer.parse(r["version"])))
+            return rows[-1] if rows else None
+        return conn.execute("SELECT * FROM versions WHERE owner=? AND name=? AND version=?",
+                            (owner, name, version)).fetchone()
+
+    def get(self, owner: str, name: str, version: str = names.LATEST, conn=None) -> VersionInfo:
+        """The version ``owner/name@version`` (``latest``: the highest non-yanked release).
+
+        Raises:
+            InvalidNameError: a malformed part.
+            NotFoundError: no such module or version.
+        """
+        names.check_owner(owner), names.check_name(name), names.check_version(version, allow_latest=True)
+        own = conn is None
+        conn = conn or self.connect()
+        try:
+            row = self._row(conn, owner, name, version)
+            if row is None:
+                known = [r[0] for r in conn.execute("SELECT version FROM versions WHERE owner=? AND name=?",
+                                                    (owner, name))]
+                hint = f"; versions: {', '.join(known[:10])} (all yanked?)" if known else ""
+                raise NotFoundError(f"{owner}/{name}@{version} is not in the hub{hint}")
+            return self._info(conn, row)
+        finally:
+            if own:
+                conn.close()
+
+    def _info(self, conn, row) -> VersionInfo:
+        files = {r["path"]: {"sha256": r["sha256"], "size": r["size"]}
+                 for r in conn.execute("SELECT * FROM files WHERE version_id=? ORDER BY path", (row["id"],))}
+        return VersionInfo(owner=row["owner"], name=row["name"], version=row["version"], sha256=row["sha256"],
+                           kind=row["kind"], card=json.loads(row["card"]), files=files, size=row["size"],
+                           created=row["created"], uploader=row["uploader"], yanked=bool(row["yanked"]),
+                           yank_reason=row["yank_reason"])
+
+    def versions(self, owner: str, name: str) -> list[VersionInfo]:
+        """Every version of ``owner/name``, newest first (yanked ones included, marked).
+
+        Raises:
+            NotFoundError: no such module.
+        """
+        names.check_owner(owner), names.check_name(name)
+        conn = self.connect()
+        try:
+            rows = list(conn.execute("SELECT * FROM versions WHERE owner=? AND name=?", (owner, name)))
+            if not rows:
+                raise NotFoundError(f"module {owner}/{name} is not in the hub")
+            rows.sort(key=lambda r: names.SemVer.parse(r["version"]), reverse=True)
+            return [self._info(conn, r) for r in rows]
+        finally:
+            conn.close()
+
+    def yank(self, owner: str, name: str, version: str, reason: str = "", yanked: bool = True) -> VersionInfo:
+        """Mark a version yanked (hidden from ``latest`` and search, still pullable by exact version), or undo it.
+
+        Raises:
+            NotFoundError: no such version.
+        """
+        names.check_version(version)
+        conn = self.connect()
+        try:
+            with db.transaction(conn):
+                self.get(owner, name, version, conn=conn)
+                conn.execute("UPDATE versions SET yanked=?, yank_reason=? WHERE owner=? AND name=? AND version=?",
+                             (int(yanked), reason[:500] if yanked else None, owner, name, version))
+            return self.get(owner, name, version, conn=conn)
+        finally:
+            conn.close()
+
+    def find_by_sha(self, sha256: str) -> list[VersionInfo]:
+        """Versions whose content hash is ``sha256``."""
+        conn = self.connect()
+        try:
+            return [self._info(conn, r) for r in conn.execute("SELECT * FROM versions WHERE sha256=?", (sha256,))]
+        finally:
+            conn.close()
+
+    # -- maintenance -------------------------------------------------------------------------
+
+    def check(self) -> list[str]:
+        """Verify the store: every referenced blob present with the right sha256 and size, no leftovers.
+
+        Returns:
+            Problems found (empty when consistent).
+        """
+        from polymod.hub.package import file_sha256
+
+        problems = []
+        conn = self.connect()
+        try:
+            for r in conn.execute("SELECT v.owner, v.name, v.version, f.path, f.sha256, f.size FROM files f "
+                                  "JOIN versions v ON v.id = f.version_id"):
+                p = self.blob_path(r["sha256"])
+                where = f"{r['owner']}/{r['name']}@{r['version']}:{r['path']}"
+                if not p.is_file():
+                    problems.append(f"{where}: blob {r['sha256']} missing")
+                elif p.stat().st_size != r["size"] or file_sha256(p) != r["sha256"]:
+                    problems.append(f"{where}: blob {r['sha256']} corrupt")
+            orphans = conn.execute("SELECT COUNT(*) FROM versions v WHERE NOT EXISTS "
+                                   "(SELECT 1 FROM files f WHERE f.version_id = v.id AND f.path = ?)",
+                                   (CARD_FILE,)).fetchone()[0]
+            if orphans:
+                problems.append(f"{orphans} versions without {CARD_FILE}")
+            if conn.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
+                problems.append("SQLite integrity_check failed")
+        finally:
+            conn.close()
+        leftovers = list(self.tmp.iterdir())
+        if leftovers:
+            problems.append(f"{len(leftovers)} unfinished uploads in {self.tmp}")
+        return problems
+
+    def gc(self, older_than: float = STALE_TMP_SECONDS) -> int:
+        """Remove blobs no version refers to (older than ``older_than`` s, so in-flight pushes survive)."""
+        conn = self.connect()
+        try:
+            used = {r[0] for r in conn.execute("SELECT sha256 FROM files")}
+        finally:
+            conn.close()
+        now, removed = time.time(), 0
+        for p in self.blobs.glob("*/*"):
+            if p.name not in used and now - p.stat().st_mtime >= older_than:
+                p.unlink(missing_ok=True)
+                removed += 1
+        return removed

@@ -1,0 +1,137 @@
+"""The hub's web pages: search, module pages and owner pages, rendered on the server.
+
+Plain HTML (Jinja2 with autoescaping) over the same store functions as the
+API; no JavaScript is needed, so every page also works in a text browser.
+
+* ``/`` — a search box, facet filters with counts, and the hits;
+* ``/m/{owner}/{name}[/{version}]`` — the module page: card fields, description,
+  metrics, files with sha256, versions, the lineage graph drawn as an SVG picture
+  and the raw card;
+* ``/u/{owner}`` — an owner's modules.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse
+from jinja2 import DictLoader, Environment, select_autoescape
+
+from polymod.hub.errors import HubError
+from polymod.hub.lineage import lineage
+from polymod.hub.search import FACETS, owner_modules, search
+from polymod.hub.store import Store
+from polymod.hub.svg import lineage_svg
+
+_BASE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{% block title %}{% endblock %} · polymod hub</title>
+<style>
+body{font-family:system-ui,sans-serif;margin:0;color:#1e293b}header{background:#1e293b;color:#fff;padding:.7em 1.5em}
+header a{color:#fff;text-decoration:none;font-weight:600}main{padding:1em 1.5em;max-width:1100px}
+.hit{border-bottom:1px solid #e2e8f0;padding:.6em 0}.hit h3{margin:.1em 0}.meta{color:#475569;font-size:.9em}
+.tag{background:#e0e7ff;border-radius:3px;padding:0 .4em;margin-right:.3em;font-size:.85em}
+.facets{float:right;width:220px;font-size:.9em}.facets h4{margin:.6em 0 .2em}table{border-collapse:collapse}
+td,th{border:1px solid #e2e8f0;padding:.25em .6em;text-align:left;font-size:.92em}code{font-size:.85em}
+.yanked{color:#b91c1c;font-weight:600}pre{background:#f8fafc;padding:.6em;overflow:auto;max-height:300px}
+</style></head><body><header><a href="/">polymod hub</a></header>
+<main>{% block body %}{% endblock %}</main></body></html>"""
+
+_SEARCH = """{% extends "base" %}{% block title %}search{% endblock %}{% block body %}
+<form action="/" method="get" role="search"><input type="search" name="q" value="{{ q }}" size="40"
+ placeholder="search modules" aria-label="search"> <button type="submit">Search</button>
+{% for k, v in active.items() %}<input type="hidden" name="{{ k }}" value="{{ v }}">{% endfor %}</form>
+<div class="facets">{% for facet, counts in result.facets.items() %}{% if counts %}<h4>{{ facet }}</h4>
+{% for value, n in counts.items() %}
+<div><a class="facet" href="?{{ link(facet, value) }}">{{ value }}</a> ({{ n }})</div>
+{% endfor %}{% endif %}{% endfor %}</div>
+<p id="total">{{ result.total }} module{{ "" if result.total == 1 else "s" }}{% if q %} for “{{ q }}”{% endif %}
+{% for k, v in active.items() %} · {{ k }}={{ v }}{% endfor %}</p>
+{% for h in result.hits %}<div class="hit"><h3><a href="/m/{{ h.owner }}/{{ h.name }}">{{ h.owner }}/{{ h.name }}</a>
+<small>{{ h.version }}</small></h3><div>{{ h.description or "" }}</div><div class="meta">{{ h.kind }}
+{% if h.architecture %}· {{ h.architecture }}{% endif %}{% if h.task %} · task {{ h.task }}{% endif %}
+{% if h.language %} · {{ h.language }}{% endif %} · by <a href="/u/{{ h.owner }}">{{ h.owner }}</a>
+{% for t in h.tags %}<span class="tag">{{ t }}</span>{% endfor %}</div></div>{% endfor %}{% endblock %}"""
+
+_MODULE = """{% extends "base" %}{% block title %}{{ v.owner }}/{{ v.name }}{% endblock %}{% block body %}
+<h1><a href="/u/{{ v.owner }}">{{ v.owner }}</a>/{{ v.name }} <small id="version">{{ v.version }}</small></h1>
+{% if v.yanked %}<p class="yanked">This version is yanked: {{ v.yank_reason or "no reason given" }}</p>{% endif %}
+<p id="description">{{ card.description or "" }}</p>
+<h2>Card</h2><table id="card"><tr><th>kind</th><td>{{ v.kind }}</td></tr>
+<tr><th>host</th><td>{{ card.host.architecture or "?" }} ({{ card.host.model_type or "?" }})</td></tr>
+<tr><th>sites</th><td>{{ card.sites|length }}</td></tr><tr><th>task</th><td>{{ card.task or "" }}</td></tr>
+<tr><th>language</th><td>{{ card.language or "" }}</td></tr><tr><th>license</th><td>{{ card.license or "" }}</td></tr>
+<tr><th>tags</th><td>{% for t in card.tags %}<span class="tag">{{ t }}</span>{% endfor %}</td></tr>
+<tr><th>lineage</th><td>{{ recipe }}</td></tr><tr><th>sha256</th><td><code>{{ v.sha256 }}</code></td></tr>
+<tr><th>pull</th><td><code>polymod hub pull {{ v.owner }}/{{ v.name }}@{{ v.version }}</code></td></tr></table>
+<h2>Metrics</h2><table id="metrics"><tr><th>metric</th><th>value</th><th>details</th></tr>
+{% for k, m in card.metrics.items() %}<tr><td>{{ k }}</td><td>{{ m.value if m is mapping else m }}</td>
+<td>{% if m is mapping %}
+{% for dk, dv in m.items() if dk != "value" %}{{ dk }}: {{ dv }} {% endfor %}{% endif %}</td></tr>
+{% endfor %}</table>
+<h2>Files</h2><table id="files"><tr><th>file</th><th>size</th><th>sha256</th></tr>{% for path, f in v.files.items() %}
+<tr><td><a href="/api/v1/blobs/{{ f.sha256 }}">{{ path }}</a></td><td>{{ "{:,}".format(f.size) }}</td>
+<td><code>{{ f.sha256 }}</code></td></tr>{% endfor %}</table>
+<h2>Lineage</h2><div id="lineage">{{ svg|safe }}</div>
+<h2>Versions</h2><ul id="versions">{% for o in versions %}<li><a href="/m/{{ o.owner }}/{{ o.name }}/{{ o.version }}">
+{{ o.version }}</a>{% if o.yanked %} <span class="yanked">yanked</span>{% endif %}</li>{% endfor %}</ul>
+<h2>Raw card</h2><pre>{{ raw }}</pre>{% endblock %}"""
+
+_OWNER = """{% extends "base" %}{% block title %}{{ owner }}{% endblock %}{% block body %}
+<h1 id="owner">{{ owner }}</h1>
+<p>{{ modules|length }} module{{ "" if modules|length == 1 else "s" }}</p>{% for m in modules %}<div class="hit">
+<h3><a href="/m/{{ m.owner }}/{{ m.name }}">{{ m.name }}</a> <small>{{ m.version }}</small></h3>
+<div class="meta">{{ m.kind }} · {{ m.versions }} version{{ "" if m.versions == 1 else "s" }}
+{% if m.all_yanked %}<span class="yanked">all yanked</span>{% endif %}</div></div>{% endfor %}{% endblock %}"""
+
+_ERROR = """{% extends "base" %}{% block title %}not found{% endblock %}{% block body %}<h1>Not found</h1>
+<p id="error">{{ message }}</p>{% endblock %}"""
+
+_ENV = Environment(loader=DictLoader({"base": _BASE, "search": _SEARCH, "module": _MODULE, "owner": _OWNER,
+                                      "error": _ERROR}), autoescape=select_autoescape(default=True))
+
+
+def _page(template: str, status: int = 200, **values: Any) -> HTMLResponse:
+    return HTMLResponse(_ENV.get_template(template).render(**values), status_code=status)
+
+
+def add_routes(app: FastAPI, store: Store) -> None:
+    """Add the web pages to ``app``."""
+    from urllib.parse import urlencode
+
+    @app.exception_handler(HubError)
+    async def hub_error(request: Request, exc: HubError):
+        if request.url.path.startswith("/api/"):
+            from fastapi.responses import JSONResponse
+
+            return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=exc.status)
+        return _page("error", status=exc.status, message=str(exc))
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def home(request: Request, q: str = "") -> HTMLResponse:
+        active = {f: request.query_params[f] for f in FACETS if request.query_params.get(f)}
+        result = search(store, q[:256], limit=50, **active)
+
+        def link(facet: str, value: str) -> str:
+            return urlencode({"q": q, **active, facet: value})
+
+        return _page("search", q=q, active=active, result=result, link=link)
+
+    @app.get("/m/{owner}/{name}", response_class=HTMLResponse, include_in_schema=False)
+    @app.get("/m/{owner}/{name}/{version}", response_class=HTMLResponse, include_in_schema=False)
+    def module_page(owner: str, name: str, version: str = "latest") -> HTMLResponse:
+        from polymod.card import Lineage, Parent
+
+        info = store.get(owner, name, version)
+        card = info.card
+        lin = card.get("lineage", {})
+        recipe = Lineage([Parent(**p) for p in lin.get("parents", [])], lin.get("recipe", {})).describe()
+        svg = lineage_svg(lineage(store, owner, name, info.version))
+        return _page("module", v=info, card=card, recipe=recipe if lin.get("parents") or lin.get("recipe") else "",
+                     svg=svg, versions=store.versions(owner, name), raw=json.dumps(card, indent=2, sort_keys=True))
+
+    @app.get("/u/{owner}", response_class=HTMLResponse, include_in_schema=False)
+    def owner_page(owner: str) -> HTMLResponse:
+        return _page("owner", owner=owner, modules=owner_modules(store, owner))
