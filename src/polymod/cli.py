@@ -33,6 +33,11 @@ def kinds() -> None:
         print(kind)
 
 
+from polymod.hub.cli import app as _hub_app  # noqa: E402 - sub-apps are mounted after the root commands
+
+app.add_typer(_hub_app, name="hub")
+
+
 def main() -> None:
     """Entry point: run the app, turning polymod errors into a message and exit code 1."""
     try:
