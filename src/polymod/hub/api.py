@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from polymod.hub.client import connect
-from polymod.hub.search import SearchResult
+from polymod.hub.query import SearchResult
 from polymod.hub.store import VersionInfo
 
 

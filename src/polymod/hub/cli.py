@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -22,10 +22,10 @@ user_app = typer.Typer(help="Manage a hub's users and tokens (run on the hub's m
                        no_args_is_help=True)
 app.add_typer(user_app, name="user")
 
-HubOpt = Annotated[Optional[str], typer.Option("--hub", help="hub URL or store directory "
+HubOpt = Annotated[str | None, typer.Option("--hub", help="hub URL or store directory "
                                                "(default: $POLYMOD_HUB, else $POLYMOD_HOME/hub)")]
-StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="store directory (default: $POLYMOD_HOME/hub)")]
-TokenOpt = Annotated[Optional[str], typer.Option("--token", help="token for a remote hub (default: $POLYMOD_TOKEN, "
+StoreOpt = Annotated[Path | None, typer.Option("--store", help="store directory (default: $POLYMOD_HOME/hub)")]
+TokenOpt = Annotated[str | None, typer.Option("--token", help="token for a remote hub (default: $POLYMOD_TOKEN, "
                                                  "else the one saved by `polymod hub login`)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
 
@@ -57,7 +57,7 @@ def login(url: Annotated[str, typer.Argument(help="the hub's URL, e.g. http://12
 @app.command()
 def push(path: Annotated[Path, typer.Argument(help="package directory written by pm.save")],
          ref: Annotated[str, typer.Argument(help="owner/name or owner/name@version")],
-         version: Annotated[Optional[str], typer.Option(help="version, if REF has none")] = None,
+         version: Annotated[str | None, typer.Option(help="version, if REF has none")] = None,
          hub: HubOpt = None, token: TokenOpt = None) -> None:
     """Publish a module package."""
     info = pmhub.push(path, ref, version, hub=hub, token=token, progress=True)
@@ -66,7 +66,7 @@ def push(path: Annotated[Path, typer.Argument(help="package directory written by
 
 @app.command()
 def pull(ref: Annotated[str, typer.Argument(help="owner/name[@version] (default latest)")],
-         dest: Annotated[Optional[Path], typer.Option(help="directory to write the package to")] = None,
+         dest: Annotated[Path | None, typer.Option(help="directory to write the package to")] = None,
          hub: HubOpt = None, token: TokenOpt = None) -> None:
     """Download a package, verifying every file's sha256; prints its directory."""
     print(pmhub.pull(ref, dest, hub=hub, token=token, progress=True))
@@ -74,12 +74,12 @@ def pull(ref: Annotated[str, typer.Argument(help="owner/name[@version] (default 
 
 @app.command()
 def search(query: Annotated[str, typer.Argument(help="free text")] = "",
-           kind: Annotated[Optional[str], typer.Option(help="module kind, e.g. lora")] = None,
-           architecture: Annotated[Optional[str], typer.Option(help="host architecture")] = None,
-           task: Annotated[Optional[str], typer.Option(help="task")] = None,
-           language: Annotated[Optional[str], typer.Option(help="language")] = None,
-           tag: Annotated[Optional[str], typer.Option(help="tag")] = None,
-           owner: Annotated[Optional[str], typer.Option(help="owner")] = None,
+           kind: Annotated[str | None, typer.Option(help="module kind, e.g. lora")] = None,
+           architecture: Annotated[str | None, typer.Option(help="host architecture")] = None,
+           task: Annotated[str | None, typer.Option(help="task")] = None,
+           language: Annotated[str | None, typer.Option(help="language")] = None,
+           tag: Annotated[str | None, typer.Option(help="tag")] = None,
+           owner: Annotated[str | None, typer.Option(help="owner")] = None,
            limit: Annotated[int, typer.Option(help="at most this many hits")] = 20,
            hub: HubOpt = None, as_json: JsonOpt = False) -> None:
     """Search modules by text and facets."""
@@ -158,7 +158,7 @@ def check(store: StoreOpt = None) -> None:
 
 @user_app.command("add")
 def user_add(name: Annotated[str, typer.Argument(help="user name (also their namespace)")], store: StoreOpt = None,
-             expires_days: Annotated[Optional[float], typer.Option(help="token lifetime in days")] = None,
+             expires_days: Annotated[float | None, typer.Option(help="token lifetime in days")] = None,
              label: Annotated[str, typer.Option(help="a note about the token")] = "") -> None:
     """Create a user (if needed) and print a new token for them (shown once)."""
     from polymod.hub.auth import create_token

@@ -154,14 +154,14 @@ class LocalHub:
 
     def search(self, query: str = "", limit: int = 20, offset: int = 0, owner: str | None = None,
                **facets: str | None):
-        """Full-text search with facets; see :func:`polymod.hub.search.search`."""
-        from polymod.hub.search import search
+        """Full-text search with facets; see :func:`polymod.hub.query.search`."""
+        from polymod.hub.query import search
 
         return search(self.store, query, limit=limit, offset=offset, owner=owner, **facets)
 
     def lineage(self, ref: str, depth: int = 8) -> dict[str, Any]:
         """The lineage graph (ancestors and descendants) of ``ref``."""
-        from polymod.hub.lineage import lineage
+        from polymod.hub.ancestry import lineage
 
         r = names.Ref.parse(ref)
         return lineage(self.store, r.owner, r.name, r.version, depth)

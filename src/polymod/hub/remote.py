@@ -24,7 +24,7 @@ from polymod.hub import names
 from polymod.hub.client import materialize, prepare_push, progress_bar
 from polymod.hub.errors import ERRORS_BY_NAME, ConflictError, HubError
 from polymod.hub.package import CARD_FILE
-from polymod.hub.search import SearchResult
+from polymod.hub.query import SearchResult
 from polymod.hub.store import CHUNK, Store, VersionInfo, home
 
 API = "/api/v1"

@@ -36,9 +36,9 @@ from starlette.concurrency import run_in_threadpool
 
 from polymod.errors import FormatError, PolymodError
 from polymod.hub import auth, names
+from polymod.hub.ancestry import lineage
 from polymod.hub.errors import HubError, TooLargeError
-from polymod.hub.lineage import lineage
-from polymod.hub.search import FACETS, owner_modules, search
+from polymod.hub.query import FACETS, owner_modules, search
 from polymod.hub.store import BlobWriter, Store
 
 DEFAULT_MAX_UPLOAD = 2 << 30  # 2 GiB per file

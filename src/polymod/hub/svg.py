@@ -46,7 +46,7 @@ def _levels(graph: dict[str, Any]) -> dict[str, int]:
 
 
 def lineage_svg(graph: dict[str, Any], link: str = "/m/") -> str:
-    """An ``<svg>`` element drawing ``graph`` (the output of :func:`polymod.hub.lineage.lineage`).
+    """An ``<svg>`` element drawing ``graph`` (the output of :func:`polymod.hub.ancestry.lineage`).
 
     Args:
         graph: nodes and edges.

@@ -19,9 +19,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
 from jinja2 import DictLoader, Environment, select_autoescape
 
+from polymod.hub.ancestry import lineage
 from polymod.hub.errors import HubError
-from polymod.hub.lineage import lineage
-from polymod.hub.search import FACETS, owner_modules, search
+from polymod.hub.query import FACETS, owner_modules, search
 from polymod.hub.store import Store
 from polymod.hub.svg import lineage_svg
 
