@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import polymod as pm
+from polymod.modules.delta import Delta
 from polymod.modules.ia3 import IA3
 from polymod.modules.sparse import SparseFT
 
@@ -22,4 +23,6 @@ KINDS: dict[str, tuple[Callable[[str], Any], bool]] = {
     "ia3-q-o-input": (lambda family: IA3(sites="attn.q|attn.o", feedforward="attn.o"), True),
     "sparse-random": (lambda family: SparseFT(density=0.05), True),
     "sparse-magnitude-embed": (lambda family: SparseFT(density=0.1, mask="magnitude", sites="embed|ffn.out"), True),
+    "delta": (lambda family: Delta(sites="attn.q|ffn.out"), True),
+    "delta-bias-embed": (lambda family: Delta(bias=True, sites="embed|attn.v|attn.o"), True),
 }

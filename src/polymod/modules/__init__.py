@@ -1,8 +1,11 @@
 """Computation functions: one file per module kind, each registering itself."""
 
+from polymod.modules.adapter import Adapter
 from polymod.modules.contract import Module, ModuleSpec, register, registered_kinds
+from polymod.modules.delta import Delta
 from polymod.modules.ia3 import IA3
+from polymod.modules.invertible import Invertible
 from polymod.modules.lora import LoRA
 from polymod.modules.sparse import SparseFT
 
-__all__ = ["Module", "ModuleSpec", "register", "registered_kinds", "LoRA", "IA3", "SparseFT"]
+__all__ = ["Module", "ModuleSpec", "register", "registered_kinds", "LoRA", "IA3", "SparseFT", "Adapter", "Invertible", "Delta"]

@@ -1,0 +1,340 @@
+"""Parameter aggregation: ``pm.merge`` turns N modules into one new module with a lineage.
+
+The survey's parameter aggregation, θ' = θ_0 + Σ_i w_i φ_i and its robust
+variants, as one reproducible operation::
+
+    merged = pm.merge([a, b], method="ties", density=0.2)
+    merged.card.lineage.describe()   # 'ties(weights=[1.0, 1.0], density=[0.2, 0.2], …) of a@1.0.0, b'
+
+Every input must expose a weight delta (``Module.delta()``: LoRA, IA³, sparse,
+delta modules). The methods are those of :mod:`polymod.aggregation.methods`
+(linear, task arithmetic, TIES, DARE, DARE-TIES, magnitude pruning,
+Breadcrumbs); negation is a negative weight. What comes out:
+
+* all inputs LoRA: a LoRA by one of three explicit semantics (``lora=``, see
+  :mod:`polymod.aggregation.lora_merge`); by default ``cat`` for the methods
+  linear in ΔW (exact) and ``delta`` otherwise;
+* otherwise (or ``lora="delta"`` without ``rank``) a delta module: sparse
+  (``SparseFT``, only the non-zero entries) when every input is sparse, else
+  dense (``Delta``); ``result=`` forces either.
+
+Inputs must share host, sites and shapes; otherwise an
+:class:`~polymod.errors.IncompatibleHostError` names the modules and sites.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from polymod.aggregation import lora_merge
+from polymod.aggregation.methods import METHODS, MergeSpec, TensorMerge, global_thresholds
+from polymod.card import Lineage, Parent
+from polymod.errors import ConfigError, IncompatibleHostError, StateError
+from polymod.modules.contract import Module
+from polymod.modules.delta import Delta
+from polymod.modules.lora import LoRA
+from polymod.modules.sparse import SparseFT
+from polymod.sites import Site, named_layers
+
+LoraSemantics = Literal["delta", "cat", "ab"]
+
+
+def merge(modules: Sequence[Module] | Mapping[str, Module], method: str = "linear",
+          weights: Sequence[float] | None = None, *, lora: LoraSemantics | None = None, rank: int | None = None,
+          result: Literal["auto", "dense", "sparse"] = "auto", host: nn.Module | None = None,
+          name: str | None = None, seed: int = 0, **params: Any) -> Module:
+    """Merge modules into a new module whose card records its lineage.
+
+    Args:
+        modules: the inputs, as a list or a ``{name: module}`` mapping (names go to the lineage;
+            a list uses each card's name, else ``module<i>``).
+        method: ``linear``, ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``,
+            ``magnitude_prune``, ``breadcrumbs`` or ``breadcrumbs_ties``.
+        weights: w_i per input (default 1/N for ``linear``, 1 otherwise); negative weights negate.
+        lora: for LoRA inputs, ``delta`` (ΔW-wise), ``cat`` (concatenation) or ``ab`` (A/B-wise).
+        rank: with ``lora="delta"``, re-factorise the merged ΔW into a LoRA of this rank by SVD;
+            the relative error per site goes to ``card.metrics["svd_relative_error"]``.
+        result: ``dense`` or ``sparse`` delta module, or ``auto`` (sparse iff all inputs are sparse).
+        host: the host (or ``Modular``) the inputs act on; needed only for kinds whose delta
+            reads the host weight (IA³) when they are not attached to a ``Modular``.
+        name: the merged module's card name.
+        seed: seed of DARE's random masks.
+        **params: method parameters: ``density`` and ``gamma`` (a number or one per input),
+            ``lam`` (λ), ``normalize``, ``trim`` (``tensor``/``global``), ``rescale``
+            (``inverse``/``l1``/``none``), ``consensus`` (``sum``/``count``).
+
+    Returns:
+        The merged :class:`~polymod.modules.contract.Module` (not attached to any host).
+
+    Raises:
+        ConfigError: unknown method or parameter, bad values, a semantics that does not apply.
+        IncompatibleHostError: the inputs differ in host, sites or shapes.
+        StateError: an input has no weight delta.
+    """
+    names, mods = _named(modules)
+    check_compatible(names, mods)
+    spec = _spec(method, weights, len(mods), seed, params)
+    all_lora = all(m.kind == "lora" for m in mods)
+    if lora is not None and not all_lora:
+        raise ConfigError(f"lora={lora!r} applies to LoRA inputs only; got kinds {sorted({m.kind for m in mods})}")
+    if all_lora and lora is None:
+        lora = "cat" if spec.sparsify is None and not spec.elect else "delta"
+    if lora not in (None, "delta", "cat", "ab"):
+        raise ConfigError(f"lora must be 'delta', 'cat' or 'ab', got {lora!r}")
+    if rank is not None and (lora != "delta" or not isinstance(rank, int) or rank < 1):
+        raise ConfigError(f"rank (SVD re-factorisation) needs lora='delta' and a positive integer, "
+                          f"got rank={rank!r} with lora={lora!r}")
+    recipe = recipe_of(spec)
+    metrics: dict[str, Any] = {}
+    if lora in ("cat", "ab"):
+        out = _lora_factors(mods, spec, lora)
+        recipe["lora"] = lora
+    else:
+        deltas, biases = _deltas(names, mods, host)
+        mixed_w, mixed_b = _merge_deltas(spec, deltas, biases)
+        if rank is not None:
+            out, errors = _svd_module(mods[0], mixed_w, rank)
+            metrics["svd_relative_error"] = {"max": max(errors.values(), default=0.0), "per_site": errors}
+        else:
+            out = _delta_module(mods, mixed_w, mixed_b, result)
+        recipe.update({"lora": lora} if lora else {})
+        recipe.update({"rank": rank} if rank else {})
+    recipe["result"] = out.kind
+    out.card.name = name
+    out.card.host = _restricted_host(mods[0], list(out.sites))
+    out.card.metrics.update(metrics)
+    out.card.lineage = Lineage(
+        parents=[Parent(n, m.card.version, weights_sha256(m), w) for n, m, w in zip(names, mods, spec.weights)],
+        recipe=recipe,
+    )
+    out.card.description = out.card.lineage.describe()
+    return out
+
+
+def recipe_of(spec: MergeSpec) -> dict[str, Any]:
+    """The lineage recipe of a merge: the method and every parameter that affects its result, and the seed."""
+    recipe: dict[str, Any] = {"method": spec.method, "weights": list(spec.weights), "lambda": spec.lam,
+                              "normalize": spec.normalize}
+    if spec.sparsify:
+        recipe["density"] = list(spec.density)
+    if spec.sparsify == "outliers":
+        recipe["gamma"] = list(spec.gamma)
+    if spec.sparsify == "magnitude":
+        recipe["trim"] = spec.trim
+    if spec.sparsify == "random":
+        recipe["rescale"] = spec.rescale
+    if spec.elect:
+        recipe["consensus"] = spec.consensus
+    recipe["seed"] = spec.seed
+    return recipe
+
+
+def weights_sha256(module: Module) -> str:
+    """sha256 of the ``weights.safetensors`` that ``pm.save`` writes for ``module`` (its content hash)."""
+    tensors = {f"{site}:{key}": value.detach().to("cpu").contiguous()
+               for site, part in module.items() for key, value in part.state_dict().items()}
+    return hashlib.sha256(safetensors_bytes(tensors, metadata={"format": "polymod"})).hexdigest()
+
+
+def check_compatible(names: list[str], modules: list[Module]) -> None:
+    """Check that modules can be merged: same host, same sites, same shapes.
+
+    Raises:
+        IncompatibleHostError: naming the first pair of modules that differ, and how.
+    """
+    first, ref = names[0], modules[0]
+    ref_host = ref.card.host or {}
+    for other, mod in zip(names[1:], modules[1:]):
+        host = mod.card.host or {}
+        for key in ("architecture", "model_type"):
+            if ref_host.get(key) and host.get(key) and ref_host[key] != host[key]:
+                raise IncompatibleHostError(f"cannot merge {first!r} and {other!r}: they were made for different hosts "
+                                            f"({key} {ref_host[key]!r} vs {host[key]!r})")
+        only_ref, only_other = sorted(set(ref.sites) - set(mod.sites)), sorted(set(mod.sites) - set(ref.sites))
+        if only_ref or only_other:
+            parts = [f"only {n!r} acts at {s[0]}" + (f" (+{len(s) - 1} more)" if len(s) > 1 else "")
+                     for n, s in ((first, only_ref), (other, only_other)) if s]
+            raise IncompatibleHostError(f"cannot merge {first!r} and {other!r}: they act at different sites; "
+                                        f"{'; '.join(parts)}. Merge modules built with the same sites selection.")
+        for site, geo in ref.sites.items():
+            g = mod.sites[site]
+            if (g.kind, g.in_features, g.out_features) != (geo.kind, geo.in_features, geo.out_features):
+                raise IncompatibleHostError(
+                    f"cannot merge {first!r} and {other!r}: site {site!r} is a {geo.kind} "
+                    f"{geo.in_features}->{geo.out_features} in {first!r} but a {g.kind} "
+                    f"{g.in_features}->{g.out_features} in {other!r}")
+        ref_sites, sites = ref_host.get("sites", {}), host.get("sites", {})
+        differ = [s for s in ref.sites if _weight_hash(ref_sites, s) and _weight_hash(sites, s)
+                  and _weight_hash(ref_sites, s) != _weight_hash(sites, s)]
+        if differ:
+            raise IncompatibleHostError(
+                f"cannot merge {first!r} and {other!r}: they were made on different host weights at {len(differ)} "
+                f"sites (first: {differ[0]}); task vectors of different base models do not add up")
+
+
+def _weight_hash(sites: dict[str, Any], site: str) -> str | None:
+    return (sites.get(site) or {}).get("weight", {}).get("sha256")
+
+
+def _named(modules: Sequence[Module] | Mapping[str, Module]) -> tuple[list[str], list[Module]]:
+    if isinstance(modules, Mapping):
+        names, mods = [str(k) for k in modules], list(modules.values())
+    elif isinstance(modules, Sequence) and not isinstance(modules, str):
+        mods = list(modules)
+        names = [m.card.name if isinstance(m, Module) and m.card.name else f"module{i}" for i, m in enumerate(mods)]
+    else:
+        raise ConfigError(f"merge() takes a list or a {{name: module}} mapping, got {type(modules).__name__}")
+    if not mods:
+        raise ConfigError("merge() needs at least one module")
+    for n, m in zip(names, mods):
+        if not isinstance(m, Module):
+            raise ConfigError(f"merge() input {n!r} is a {type(m).__name__}, not a polymod Module; "
+                              "pass model['name'] or pm.load(path)")
+        if not m.mergeable:
+            raise StateError(f"cannot merge {n!r}: a {m.kind} module has no weight delta; parameter aggregation "
+                             "needs parameter-composition modules (lora, ia3, sparse, delta)")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"merge() inputs need distinct names, got {names}; pass a {{name: module}} mapping")
+    return names, mods
+
+
+def _spec(method: str, weights: Sequence[float] | None, n: int, seed: int, params: dict[str, Any]) -> MergeSpec:
+    if method not in METHODS:
+        raise ConfigError(f"unknown merge method {method!r}; expected one of {', '.join(METHODS)}")
+    sparsify, elect, _ = METHODS[method]
+    allowed = ["lam", "normalize"] + (["density"] if sparsify else []) + (["gamma"] if sparsify == "outliers" else [])
+    allowed += (["trim"] if sparsify == "magnitude" else []) + (["rescale"] if sparsify == "random" else [])
+    allowed += ["consensus"] if elect else []
+    bad = sorted(set(params) - set(allowed))
+    if bad:
+        raise ConfigError(f"{method} does not take {', '.join(bad)}; it takes weights, seed and {', '.join(allowed)}")
+    if weights is None:
+        weights = [1.0 / n if method == "linear" else 1.0] * n
+    if isinstance(weights, (int, float)) or len(weights) != n:
+        raise ConfigError(f"weights must be a list with one number per module ({n}), got {weights!r}")
+    per_input = {k: tuple(v) if isinstance(v, Sequence) else (v,) * n
+                 for k, v in params.items() if k in ("density", "gamma")}
+    if params.get("trim") == "global" and sparsify != "magnitude":
+        raise ConfigError(f"trim='global' applies to magnitude trimming (ties, magnitude_prune), not {method}")
+    return MergeSpec(method, tuple(weights), seed=seed, **per_input,
+                     **{k: v for k, v in params.items() if k not in per_input})
+
+
+def _deltas(names: list[str], mods: list[Module], host: nn.Module | None):
+    layers = named_layers(getattr(host, "host", host)) if host is not None else None
+    deltas, biases = [], []
+    for n, m in zip(names, mods):
+        try:
+            deltas.append({s: d.detach() for s, d in m.delta(layers).items()})
+        except StateError as exc:
+            raise StateError(f"cannot take the weight delta of {n!r}: {exc}; pass host=... to merge()") from exc
+        biases.append({s: b.detach() for s, p in m.items() if hasattr(p, "delta_bias")
+                       and (b := p.delta_bias(layers.get(s) if layers else None)) is not None})
+    return deltas, biases
+
+
+def _merge_deltas(spec: MergeSpec, deltas: list[dict], biases: list[dict]):
+    """Merge ΔW (and Δb where any input has one) per site; names ``<site>.weight``/``<site>.bias``."""
+    sites = list(deltas[0])
+    bias_sites = [s for s in sites if any(s in b for b in biases)]
+
+    def inputs(site, bias):
+        if not bias:
+            return [d[site] for d in deltas]
+        ref = next(b[site] for b in biases if site in b)
+        return [b.get(site, torch.zeros_like(ref)) for b in biases]
+
+    tensors = [(s, False) for s in sites] + [(s, True) for s in bias_sites]
+    thresholds = None
+    if spec.trim == "global" and spec.sparsify == "magnitude":
+        per_input = [[inputs(s, b)[i] for s, b in tensors] for i in range(len(deltas))]
+        thresholds = global_thresholds(spec, per_input)
+    mixed_w, mixed_b = {}, {}
+    for site, bias in tensors:
+        xs = inputs(site, bias)
+        work = [x.to(torch.float64 if x.dtype == torch.float64 else torch.float32) for x in xs]
+        merger = TensorMerge(spec, f"{site}.{'bias' if bias else 'weight'}", work[0].numel(), thresholds)
+        if merger.needs_stats:
+            for i, x in enumerate(work):
+                merger.observe(i, x)
+        (mixed_b if bias else mixed_w)[site] = merger(work).to(xs[0].dtype)
+    return mixed_w, mixed_b
+
+
+def _sites(module: Module) -> list[Site]:
+    return list(module.sites.values())
+
+
+def _lora_factors(mods: list[Module], spec: MergeSpec, semantics: str) -> Module:
+    factors = {}
+    for site in mods[0].sites:
+        parts = [m.part(site) for m in mods]
+        factors[site] = lora_merge.cat(parts, spec) if semantics == "cat" else lora_merge.ab(parts, spec, site)
+    return _lora_module(mods[0], factors)
+
+
+def _lora_module(ref: Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Module:
+    rank = next(iter(factors.values()))[0].shape[0]
+    spec = LoRA(rank=rank, alpha=float(rank), sites="|".join(factors))
+    sites = _sites(ref)
+    parts = [spec.build_part(s, None) for s in sites]
+    with torch.no_grad():
+        for s, p in zip(sites, parts):
+            a, b = factors[s.name]
+            p.to(a.dtype)
+            p.A.copy_(a)
+            p.B.copy_(b)
+    return Module(spec, sites, parts)
+
+
+def _svd_module(ref: Module, mixed: dict[str, torch.Tensor], rank: int) -> tuple[Module, dict[str, float]]:
+    factors, errors = {}, {}
+    for site, delta in mixed.items():
+        a, b, err = lora_merge.svd_factor(lora_merge.to_out_in(delta, ref.sites[site].kind), rank)
+        factors[site], errors[site] = (a, b), err
+    return _lora_module(ref, factors), errors
+
+
+def _delta_module(mods: list[Module], mixed_w: dict[str, torch.Tensor], mixed_b: dict[str, torch.Tensor],
+                  result: str) -> Module:
+    if result not in ("auto", "dense", "sparse"):
+        raise ConfigError(f"result must be 'auto', 'dense' or 'sparse', got {result!r}")
+    sparse = result == "sparse" or (result == "auto" and all(m.kind == "sparse" for m in mods))
+    sites = _sites(mods[0])
+    if sparse:
+        if any(bool(b.any()) for b in mixed_b.values()):
+            raise ConfigError("the merged modules change biases, which a sparse module cannot hold; use result='dense'")
+        flat = {s: mixed_w[s].reshape(-1) for s in mixed_w}
+        support = {s: torch.nonzero(v).view(-1) for s, v in flat.items()}
+        total = sum(v.numel() for v in flat.values())
+        spec = SparseFT(density=max(sum(i.numel() for i in support.values()) / total, 1e-12), mask="lt-sft",
+                        counts=tuple((s, int(i.numel())) for s, i in support.items()), sites="|".join(mixed_w))
+        parts = [spec.build_part(s, None) for s in sites]
+        with torch.no_grad():
+            for s, p in zip(sites, parts):
+                p.to(mixed_w[s.name].dtype)
+                p.indices.copy_(support[s.name].to(torch.int32))
+                p.values.copy_(flat[s.name][support[s.name]])
+        return Module(spec, sites, parts)
+    spec = Delta(bias=bool(mixed_b), sites="|".join(mixed_w))
+    parts = [spec.build_part(s, None) for s in sites]
+    with torch.no_grad():
+        for s, p in zip(sites, parts):
+            p.to(mixed_w[s.name].dtype)
+            p.weight.copy_(mixed_w[s.name])
+            if p.bias is not None and s.name in mixed_b:
+                p.bias.copy_(mixed_b[s.name])
+    return Module(spec, sites, parts)
+
+
+def _restricted_host(ref: Module, sites: list[str]) -> dict[str, Any]:
+    host = dict(ref.card.host or {})
+    if "sites" in host:
+        host["sites"] = {s: host["sites"][s] for s in sites if s in host["sites"]}
+    return host

@@ -1,0 +1,239 @@
+"""Reading and writing (sharded) safetensors checkpoints tensor by tensor, in bounded memory.
+
+safetensors is a tiny format: an 8-byte little-endian header length, a JSON
+header ``{name: {dtype, shape, data_offsets}}``, then the raw little-endian
+bytes. That makes both directions streamable without memory-mapping whole
+files (whose touched pages would count towards the process' resident memory):
+
+* :class:`Checkpoint` reads any row range of any tensor with one ``pread``
+  into a fresh buffer;
+* :class:`ShardedWriter` plans every output shard's header up front (shapes
+  and dtypes are known before any value is computed), then appends each
+  tensor's bytes as they are produced, and finally writes Hugging Face's
+  ``model.safetensors.index.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from polymod.errors import FormatError
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+NAMES = {v: k for k, v in DTYPES.items()}
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, dtype, shape and absolute byte range."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def read_header(file: Path) -> dict[str, TensorInfo]:
+    """The tensors of one safetensors file, in the file's byte order.
+
+    Raises:
+        FormatError: the file is not a valid safetensors file.
+    """
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{file} is not a readable safetensors file: {exc}") from exc
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry.get("dtype") not in DTYPES:
+            raise FormatError(f"{file}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
+        begin, end = entry["data_offsets"]
+        out[name] = TensorInfo(file, DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + n + begin, 8 + n + end)
+    return dict(sorted(out.items(), key=lambda kv: kv[1].start))
+
+
+class Checkpoint:
+    """A safetensors checkpoint: a file, a directory with one, or a sharded directory with an index.
+
+    Args:
+        path: the file or directory.
+
+    Raises:
+        FormatError: no safetensors weights at ``path``, or an unreadable file.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.files = checkpoint_files(self.path)
+        self.infos: dict[str, TensorInfo] = {}
+        for file in self.files:
+            self.infos.update(read_header(file))
+        self._fds: dict[Path, int] = {}
+
+    @property
+    def names(self) -> list[str]:
+        """Tensor names, shard by shard in byte order."""
+        return list(self.infos)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read a tensor, or rows ``[start, stop)`` of its first dimension, into fresh memory."""
+        info = self.infos[name]
+        start, end, shape = info.start, info.end, info.shape
+        if rows is not None and shape:
+            row_bytes = (end - start) // max(shape[0], 1)
+            start, end = start + rows[0] * row_bytes, start + rows[1] * row_bytes
+            shape = (rows[1] - rows[0], *shape[1:])
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        view, done = memoryview(buf.numpy()), 0
+        while done < end - start:
+            got = os.preadv(fd, [view[done:]], start + done)
+            if got <= 0:
+                raise FormatError(f"{info.file} is truncated: tensor {name!r} needs bytes up to {end}")
+            done += got
+        return buf.view(info.dtype).reshape(shape)
+
+    def close(self) -> None:
+        """Close the open files."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint (the index's shards when there is one)."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FormatError(f"{path} does not exist")
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise FormatError(f"{index} is not a valid safetensors index: {exc}") from exc
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FormatError(f"{index} names shards that do not exist: {', '.join(missing[:3])}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FormatError(f"{path} holds no .safetensors files")
+    return files
+
+
+class ShardedWriter:
+    """Writes tensors into shards of at most ``max_shard_bytes``, streaming their bytes.
+
+    Tensors must be written in the order given, each as one or more consecutive
+    row chunks. Shards are named ``model-0000i-of-0000n.safetensors`` (or
+    ``model.safetensors`` when there is one) and listed in the index file.
+
+    Args:
+        out_dir: the output directory (created).
+        layout: ``(name, dtype, shape)`` of every tensor, in writing order.
+        max_shard_bytes: the shard size limit (a larger single tensor gets its own shard).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 max_shard_bytes: int):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        groups: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+        size = 0
+        for entry in layout:
+            nbytes = math.prod(entry[2]) * entry[1].itemsize
+            if groups[-1] and size + nbytes > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(entry)
+            size += nbytes
+        n = len(groups)
+        self._shards = [("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors", g)
+                        for i, g in enumerate(groups)]
+        self._order = [(e[0], i) for i, (_, g) in enumerate(self._shards) for e in g]
+        self._sizes = {e[0]: math.prod(e[2]) * e[1].itemsize for _, g in self._shards for e in g}
+        self._dtypes = {e[0]: e[1] for _, g in self._shards for e in g}
+        self._pos, self._written, self._shard, self._file = 0, 0, -1, None
+        self.total_size = sum(self._sizes.values())
+
+    def _open(self, index: int) -> None:
+        if self._file is not None:
+            self._file.close()
+        name, group = self._shards[index]
+        header, offset = {}, 0
+        for tname, dtype, shape in group:
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[tname] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        header["__metadata__"] = {"format": "pt"}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # pad so that the data starts 8-byte aligned
+        self._file = open(self.out_dir / (name + ".tmp"), "wb")  # noqa: SIM115 - closed in _open/close
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._shard = index
+
+    def write(self, name: str, chunk: torch.Tensor) -> None:
+        """Append the next row chunk of tensor ``name`` (which must be the one due)."""
+        due, shard = self._order[self._pos]
+        if name != due:
+            raise RuntimeError(f"ShardedWriter expected tensor {due!r}, got {name!r}")
+        if chunk.dtype != self._dtypes[name]:
+            raise RuntimeError(f"ShardedWriter: {name} chunk is {chunk.dtype}, planned {self._dtypes[name]}")
+        if shard != self._shard:
+            self._open(shard)
+        data = chunk.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(memoryview(data))
+        self._written += data.nbytes
+        if self._written > self._sizes[name]:
+            raise RuntimeError(f"ShardedWriter: more bytes written for {name} than its shape holds")
+        if self._written == self._sizes[name]:
+            self._pos, self._written = self._pos + 1, 0
+
+    def close(self) -> Path:
+        """Finish: check completeness, rename the shards into place, write the index. Returns the index path."""
+        while self._pos < len(self._order) and self._sizes[self._order[self._pos][0]] == 0:
+            self.write(self._order[self._pos][0], torch.empty(0, dtype=self._dtypes[self._order[self._pos][0]]))
+        if self._pos != len(self._order):
+            raise RuntimeError(f"ShardedWriter closed before tensor {self._order[self._pos][0]!r} was written")
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        weight_map = {}
+        for name, group in self._shards:
+            os.replace(self.out_dir / (name + ".tmp"), self.out_dir / name)
+            weight_map.update({e[0]: name for e in group})
+        index = self.out_dir / INDEX_FILE
+        index.write_text(json.dumps({"metadata": {"total_size": self.total_size}, "weight_map": weight_map},
+                                    indent=2) + "\n")
+        return index
