@@ -33,6 +33,20 @@ def kinds() -> None:
         print(kind)
 
 
+@app.command()
+def merge(
+    recipe: str = typer.Argument(..., help="Recipe YAML: models, base_model, merge_method, parameters, dtype."),
+    out: str = typer.Argument(..., help="Output directory for the merged checkpoint (sharded safetensors)."),
+    seed: int = typer.Option(0, help="Seed of DARE's random masks."),
+    shard_size: str = typer.Option("2GB", help="Largest output shard, e.g. 500MB or 2GB."),
+    quiet: bool = typer.Option(False, "--quiet", help="Hide the progress bar."),
+) -> None:
+    """Merge whole safetensors checkpoints by a mergekit-style recipe, tensor by tensor."""
+    from polymod.aggregation.recipe import merge_command
+
+    print(merge_command(recipe, out, seed=seed, shard_size=shard_size, progress=not quiet))
+
+
 from polymod.hub.cli import app as _hub_app  # noqa: E402 - sub-apps are mounted after the root commands
 
 app.add_typer(_hub_app, name="hub")
