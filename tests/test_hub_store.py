@@ -201,3 +201,14 @@ def test_safetensors_without_card_entries_is_rejected(tmp_path, store):
     hub.push(pkg, "alice/m@1.0.0", hub=store)  # structurally valid safetensors: the store accepts it
     with pytest.raises(pm.FormatError, match="does not match its card"):
         pm.load(hub.pull("alice/m@1.0.0", hub=store))
+
+
+def test_concurrent_local_pushes_are_all_present(tmp_path, store):
+    import concurrent.futures as cf
+
+    packages = [make_package(tmp_path / f"p{i}", seed=i) for i in range(3)]
+    jobs = [(packages[i % 3], f"alice/m{i % 4}@1.{i}.0") for i in range(12)]
+    with cf.ThreadPoolExecutor(8) as pool:
+        refs = list(pool.map(lambda job: hub.push(job[0], job[1], hub=hub.Store(store.root)).ref, jobs))
+    assert sorted(refs) == sorted(r for _, r in jobs) and store.check() == []
+    assert sum(len(hub.versions(f"alice/m{i}", hub=store)) for i in range(4)) == 12

@@ -91,7 +91,8 @@ class RemoteHub:
 
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
-            response = self.http.request(method, API + path, headers=self._headers(), **kw)
+            headers = {**self._headers(), **kw.pop("headers", {})}
+            response = self.http.request(method, API + path, headers=headers, **kw)
         except httpx.HTTPError as exc:
             raise HubError(f"cannot reach the hub at {self.url}: {exc}") from None
         self._raise_for(response)
@@ -118,6 +119,7 @@ class RemoteHub:
         import hashlib
 
         target, card = prepare_push(path, ref, version)
+        self._request("GET", "/whoami", params={"namespace": target.owner})  # refuse before uploading anything
         blobs: dict[str, tuple[str, int, Any]] = {CARD_FILE: (hashlib.sha256(card).hexdigest(), len(card), card)}
         for extra in sorted(Path(path).iterdir()):
             if extra.name != CARD_FILE:
@@ -129,8 +131,7 @@ class RemoteHub:
         with progress_bar(progress, sum(z for _, _, z, _ in missing), f"push {target}") as advance:
             for _, sha, size, src in missing:
                 self._request("PUT", f"/blobs/{sha}", content=_chunks(src, advance),
-                              headers={**self._headers(), "Content-Length": str(size),
-                                       "Content-Type": "application/octet-stream"})
+                              headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"})
         body = {"version": target.version, "files": {n: s for n, (s, _, _) in blobs.items()}}
         data = self._request("POST", f"/modules/{target.owner}/{target.name}/versions", json=body).json()
         return VersionInfo.from_dict(data)

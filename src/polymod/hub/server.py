@@ -8,7 +8,7 @@ API (prefix ``/api/v1``; writes need ``Authorization: Bearer <token>``):
 
 ====== ============================================== ==========================================
 GET    /health                                        liveness
-GET    /whoami                                        the token's user
+GET    /whoami[?namespace=]                           the token's user (and its right to a namespace)
 HEAD   /blobs/{sha256}                                is the blob here?
 GET    /blobs/{sha256}                                the blob's bytes
 PUT    /blobs/{sha256}                                upload a blob (verified, size-limited)
@@ -25,7 +25,6 @@ Errors are JSON ``{"error": <class name>, "detail": <message>}`` with the
 class's HTTP status; the client raises the same class.
 """
 
-from __future__ import annotations
 
 from typing import Annotated, Any
 
@@ -124,7 +123,11 @@ def create_app(store: Store | str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, w
         return {"status": "ok"}
 
     @app.get("/api/v1/whoami")
-    def whoami(who: Annotated[str, Depends(user)]) -> dict[str, str]:
+    def whoami(who: Annotated[str, Depends(user)], namespace: str | None = None) -> dict[str, str]:
+        """The token's user; with ``namespace``, 403 unless the user may publish there."""
+        if namespace is not None:
+            names.check_owner(namespace)
+            auth.authorize(store, who, namespace)
         return {"user": who}
 
     @app.head("/api/v1/blobs/{sha256}")

@@ -10,7 +10,6 @@ API; no JavaScript is needed, so every page also works in a text browser.
 * ``/u/{owner}`` — an owner's modules.
 """
 
-from __future__ import annotations
 
 import json
 from typing import Any
