@@ -11,8 +11,10 @@ from collections.abc import Callable
 from typing import Any
 
 import polymod as pm
+from polymod.modules.adapter import Adapter
 from polymod.modules.delta import Delta
 from polymod.modules.ia3 import IA3
+from polymod.modules.invertible import Invertible
 from polymod.modules.sparse import SparseFT
 
 KINDS: dict[str, tuple[Callable[[str], Any], bool]] = {
@@ -25,4 +27,8 @@ KINDS: dict[str, tuple[Callable[[str], Any], bool]] = {
     "sparse-magnitude-embed": (lambda family: SparseFT(density=0.1, mask="magnitude", sites="embed|ffn.out"), True),
     "delta": (lambda family: Delta(sites="attn.q|ffn.out"), True),
     "delta-bias-embed": (lambda family: Delta(bias=True, sites="embed|attn.v|attn.o"), True),
+    "adapter-pfeiffer": (lambda family: Adapter(), True),
+    "adapter-houlsby-norms": (lambda family: Adapter(placement="houlsby", norm_before=True, norm_after=True), True),
+    "adapter-parallel": (lambda family: Adapter(placement="parallel", reduction=4), True),
+    "invertible": (lambda family: Invertible(), True),
 }

@@ -123,7 +123,9 @@ class Modular(nn.Module):
         else:
             if not hasattr(spec, "build_part"):
                 raise ConfigError(f"add() takes a module spec (e.g. pm.LoRA()) or a Module, got {type(spec).__name__}")
-            chosen = sites_mod.select(self.host, spec.sites)
+            # sites_for(host): kinds whose default sites depend on the host (an adapter placement per family)
+            selection = spec.sites_for(self.host) if hasattr(spec, "sites_for") else spec.sites
+            chosen = sites_mod.select(self.host, selection)
             refusals = [(s.name, spec.check_site(s)) for s in chosen]
             refusals = [(n, why) for n, why in refusals if why]
             if refusals:

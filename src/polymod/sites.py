@@ -142,8 +142,29 @@ def site_of(name: str, layer: nn.Module) -> Site:
         return Site(name, "embedding", layer.num_embeddings, layer.embedding_dim)
     if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):
         return Site(name, "conv1d", layer.weight.shape[0], layer.nf)
-    width = getattr(getattr(layer, "config", None), "hidden_size", None)
+    width = block_width(layer)
     return Site(name, "block", width, width)
+
+
+def block_width(layer: nn.Module) -> int | None:
+    """The hidden width D of a block: its config's hidden size, else that of its last weighted sub-layer.
+
+    The fallback covers config-less blocks (GPT-2 blocks and MLPs, T5 sub-layers,
+    norms), whose last weighted layer, an output projection or a norm, has the
+    block's output width. A linear layer's width here is its input width.
+    """
+    width = getattr(getattr(layer, "config", None), "hidden_size", None)
+    if width is not None:
+        return width
+    if _is_linear_like(layer):
+        return site_of("", layer).in_features
+    for m in reversed(list(layer.modules())):
+        if _is_linear_like(m) or isinstance(m, nn.Embedding):
+            return site_of("", m).out_features
+        weight = m._parameters.get("weight")
+        if weight is not None and weight.dim() == 1:  # LayerNorm, RMSNorm, T5LayerNorm
+            return weight.shape[0]
+    return None
 
 
 @dataclass(frozen=True)

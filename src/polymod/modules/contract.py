@@ -28,6 +28,11 @@ Optional part capabilities, discovered with ``hasattr`` (plain duck typing):
   Δy = W((l − 1) ⊙ x)). Parts keep it as a plain attribute, never a submodule,
   so the host never enters the module's state dict.
 
+Optional spec capability: ``sites_for(host) -> selection``, used by
+``Modular.add`` instead of ``spec.sites`` for kinds whose sites depend on the
+host (a bottleneck adapter's placement differs between post-LN BERT and pre-LN
+GPT-2/Llama/T5; an invertible adapter adds the LM head's input when there is one).
+
 Adding a kind means one file under ``modules/`` that defines a spec and a part
 and calls :func:`register` — nothing central to edit.
 """
