@@ -13,8 +13,11 @@ from typing import Any
 import polymod as pm
 from polymod.modules.adapter import Adapter
 from polymod.modules.delta import Delta
+from polymod.modules.hyper import HyperLoRA
 from polymod.modules.ia3 import IA3
 from polymod.modules.invertible import Invertible
+from polymod.modules.prefix import PrefixTuning
+from polymod.modules.prompt import PromptTuning
 from polymod.modules.sparse import SparseFT
 
 KINDS: dict[str, tuple[Callable[[str], Any], bool]] = {
@@ -31,4 +34,8 @@ KINDS: dict[str, tuple[Callable[[str], Any], bool]] = {
     "adapter-houlsby-norms": (lambda family: Adapter(placement="houlsby", norm_before=True, norm_after=True), True),
     "adapter-parallel": (lambda family: Adapter(placement="parallel", reduction=4), True),
     "invertible": (lambda family: Invertible(), True),
+    "prompt": (lambda family: PromptTuning(length=3), False),
+    "prefix": (lambda family: PrefixTuning(length=3), False),
+    "prefix-mlp": (lambda family: PrefixTuning(length=2, projection=8), False),
+    "hyper-lora": (lambda family: HyperLoRA(tasks=("t",), languages=("en",), rank=2, embedding_dim=4, hidden=8), True),
 }

@@ -7,6 +7,12 @@ output ``y = f_θ(x)`` to the plan compiled from the active composition, which
 returns ``f'(x) = f_θ(x) + f_φ(x)``. Users keep calling the host's own
 ``forward`` and ``generate``.
 
+Input-composition modules (prompt, prefix) act at *input sites* instead
+(``<input>``, ``encoder.<input>``; see :mod:`polymod.inputs`): there the engine
+registers a forward pre-hook with keyword arguments
+(``register_forward_pre_hook(..., with_kwargs=True)``) and the plan's op maps
+the call's keyword arguments to new ones, ``op(module, call) -> call'``.
+
 Every attach returns an :class:`AttachReport`; :meth:`Modular.detach` removes
 every hook, restores merged weights from their saved originals and the host's
 ``requires_grad`` flags, leaving the same layer objects with bit-identical
@@ -24,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polymod import compose
+from polymod import compose, inputs
 from polymod import sites as sites_mod
 from polymod.errors import ConfigError, IncompatibleHostError, StateError, UnknownModuleError
 from polymod.modules.contract import Module, ModuleSpec
@@ -117,7 +123,9 @@ class Modular(nn.Module):
         if isinstance(spec, Module):
             module = spec
             self._check_fits(name, module)
-            weight = getattr(self._layers[next(iter(module.sites))], "weight", None) if module.sites else None
+            weight = getattr(self._layer(next(iter(module.sites))), "weight", None) if module.sites else None
+            if not isinstance(weight, torch.Tensor):  # an input site: follow the host's parameters
+                weight = next(self.host.parameters(), None)
             if isinstance(weight, torch.Tensor):
                 module.to(device=weight.device, dtype=weight.dtype)
         else:
@@ -131,7 +139,7 @@ class Modular(nn.Module):
             if refusals:
                 listed = "; ".join(f"{n}: {why}" for n, why in refusals[:5])
                 raise IncompatibleHostError(f"{spec.kind} cannot act at {len(refusals)} selected sites ({listed})")
-            parts = [spec.build_part(s, self._layers[s.name]) for s in chosen]
+            parts = [spec.build_part(s, self._layer(s.name)) for s in chosen]
             module = Module(spec, chosen, parts)
             from polymod.hub.format import fingerprint
 
@@ -141,7 +149,7 @@ class Modular(nn.Module):
         self.library[name] = module
         for site, part in module.items():
             if hasattr(part, "bind"):  # parts whose Δy reads the host layer (IA³ scaling an input)
-                part.bind(self._layers[site])
+                part.bind(self._layer(site))
         for site in module.sites:
             self._hook(site)
         self._recompile()
@@ -158,6 +166,14 @@ class Modular(nn.Module):
         from polymod.hub.format import check_host  # local: format imports this module's types
 
         for site in module.sites.values():
+            if inputs.is_input_site(site.name):
+                have = inputs.site(self.host, site.name)
+                if (have.in_features, have.out_features) != (site.in_features, site.out_features):
+                    raise IncompatibleHostError(
+                        f"module {name!r} expects input site {site.name!r} with token width {site.in_features} and "
+                        f"cache width {site.out_features}; this host has {have.in_features} and {have.out_features}"
+                    )
+                continue
             layer = self._layers.get(site.name)
             if layer is None:
                 raise IncompatibleHostError(
@@ -227,10 +243,24 @@ class Modular(nn.Module):
     def _recompile(self) -> None:
         self._plan = compose.compile_plan(self._active, self.library, skip=set(self._merged))
 
+    def _layer(self, site: str) -> nn.Module:
+        """The host module at ``site``: a layer, or for an input site the module whose call it is."""
+        return inputs.target(self.host, site) if inputs.is_input_site(site) else self._layers[site]
+
     def _hook(self, site: str) -> None:
         if site in self._hooks:
             return
         plan = self  # the hook reads the current plan at call time
+        if inputs.is_input_site(site):
+
+            def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+                op = plan._plan.get(site)
+                if op is None:
+                    return None
+                return (), op(module, inputs.bind_call(module, args, kwargs))
+
+            self._hooks[site] = self._layer(site).register_forward_pre_hook(pre_hook, with_kwargs=True)
+            return
 
         def hook(layer: nn.Module, args: tuple, output: Any) -> Any:
             op = plan._plan.get(site)

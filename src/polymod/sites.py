@@ -10,6 +10,8 @@ module transforms. Sites are selected with a small selector language::
                                     of the string, so its ``|`` is regex alternation
     ["attn.q", "*.dense"]           a list: the union of its items
     SiteSelector(types=nn.Linear)   by layer type
+    "<input>", "input", "cache"     input sites: the host's call, where prompts and prefixes
+                                    act (see :mod:`polymod.inputs`)
 
 Roles (``attn.q``, ``attn.k``, ``attn.v``, ``attn.o``, ``ffn.in``, ``ffn.out``,
 ``embed``, ``block.out``, and ``linear`` for every linear layer but the output
@@ -35,7 +37,7 @@ from torch import nn
 
 from polymod.errors import ConfigError, SiteNotFoundError
 
-SiteKind = Literal["linear", "conv1d", "embedding", "block"]
+SiteKind = Literal["linear", "conv1d", "embedding", "block", "input"]  # input: a call (polymod.inputs)
 
 ROLES = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.in", "ffn.out", "embed", "block.out", "linear")
 
@@ -284,7 +286,13 @@ def select(host: nn.Module, selection: str | Sequence[str] | SiteSelector) -> li
     selector = SiteSelector.parse(selection)
     layers = named_layers(host)
     chosen: set[str] = set()
+    calls: list[Site] = []  # input sites (the host's call, a stack's call): see polymod.inputs
     for pattern in selector.patterns:
+        from polymod import inputs
+
+        if inputs.is_input_pattern(pattern):
+            calls += [s for s in inputs.select(host, pattern) if s not in calls]
+            continue
         if pattern in ROLES:
             hits = _role_matches(host, pattern, layers)
         elif pattern.startswith("re:"):
@@ -297,6 +305,8 @@ def select(host: nn.Module, selection: str | Sequence[str] | SiteSelector) -> li
         chosen.update(hits)
     if not selector.patterns:
         chosen = set(layers)
+    if calls and not chosen:
+        return calls
     if selector.types:
         chosen = {n for n in chosen if isinstance(layers[n], selector.types)}
         if not chosen:
@@ -304,7 +314,7 @@ def select(host: nn.Module, selection: str | Sequence[str] | SiteSelector) -> li
                 f"no site of type {'/'.join(t.__name__ for t in selector.types)} matches {selector}; "
                 f"layer types present include {sorted({type(m).__name__ for m in layers.values()})[:12]}"
             )
-    return [site_of(n, layers[n]) for n in layers if n in chosen]
+    return calls + [site_of(n, layers[n]) for n in layers if n in chosen]
 
 
 def _not_found_message(host: nn.Module, pattern: str, layers: dict[str, nn.Module]) -> str:

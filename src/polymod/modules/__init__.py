@@ -3,9 +3,13 @@
 from polymod.modules.adapter import Adapter
 from polymod.modules.contract import Module, ModuleSpec, register, registered_kinds
 from polymod.modules.delta import Delta
+from polymod.modules.hyper import HyperLoRA
 from polymod.modules.ia3 import IA3
 from polymod.modules.invertible import Invertible
 from polymod.modules.lora import LoRA
+from polymod.modules.prefix import PrefixTuning
+from polymod.modules.prompt import PromptTuning
 from polymod.modules.sparse import SparseFT
 
-__all__ = ["Module", "ModuleSpec", "register", "registered_kinds", "LoRA", "IA3", "SparseFT", "Adapter", "Invertible", "Delta"]
+__all__ = ["Module", "ModuleSpec", "register", "registered_kinds", "LoRA", "IA3", "SparseFT", "Adapter", "Invertible", "Delta",
+           "PromptTuning", "PrefixTuning", "HyperLoRA"]

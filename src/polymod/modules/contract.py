@@ -28,6 +28,20 @@ Optional part capabilities, discovered with ``hasattr`` (plain duck typing):
   Δy = W((l − 1) ⊙ x)). Parts keep it as a plain attribute, never a submodule,
   so the host never enters the module's state dict.
 
+*Input parts* act at input sites (kind ``input``: a call of the host or of one
+of its stacks, see :mod:`polymod.inputs`). There ``x`` is the called module and
+``y`` is the call's keyword arguments (a ``dict``; positional arguments already
+named); ``add_into(x, y, weight)`` returns the new keyword arguments (for a
+prompt: its virtual tokens, scaled by ``weight``, inserted before the call's
+tokens — the survey's input composition f_θ([φ; x])), and ``part(x, y)``
+returns the part's virtual tokens themselves, for input aggregation. Input
+parts always define ``add_into``; ``y + Δy`` has no meaning for a call.
+
+Optional spec capability: ``link_parts(parts)``, called with ``{site: part}``
+whenever a :class:`Module` is built (attach, load, materialise), for kinds
+whose parts share parameters held by one of them (a hypernetwork shared by
+every site). Shared parameters then live, and are saved, exactly once.
+
 Optional spec capability: ``sites_for(host) -> selection``, used by
 ``Modular.add`` instead of ``spec.sites`` for kinds whose sites depend on the
 host (a bottleneck adapter's placement differs between post-LN BERT and pre-LN
@@ -143,6 +157,9 @@ class Module(nn.Module):
         self.parts = nn.ModuleDict({escape(s.name): p for s, p in zip(sites, parts, strict=True)})
         self.card = card if card is not None else Card(kind=spec.kind, config=spec_to_dict(spec))
         self.card.sites = list(self.sites)
+        link = getattr(spec, "link_parts", None)
+        if link is not None:  # kinds whose parts share parameters (hypernetworks)
+            link({s.name: p for s, p in zip(sites, parts, strict=True)})
 
     @property
     def kind(self) -> str:
