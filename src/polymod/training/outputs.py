@@ -1,0 +1,47 @@
+"""What a finished run leaves in its output directory.
+
+* ``trained.safetensors`` — every trained parameter, ``<name>.<parameter>``;
+* ``modules/<name>/`` — each trained library module in polymod's module format
+  (:func:`polymod.save`), its card carrying the final evaluation in
+  ``metrics`` and the training recipe in ``lineage.recipe``;
+* ``result.json`` — steps, early stopping, best and final evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+
+def recipe(trainer: Any) -> dict[str, Any]:
+    """The lineage recipe recorded on trained modules' cards."""
+    cfg = trainer.config
+    return {"method": "polymod.training.Trainer", "steps": cfg.steps, "batch_size": cfg.batch_size,
+            "grad_accum": cfg.grad_accum, "lr": cfg.lr, "schedule": cfg.schedule, "warmup": cfg.warmup,
+            "seed": cfg.seed, "trained_with": sorted(trainer.trainables),
+            "tasks": [t for t in trainer.tasks if t is not None]}
+
+
+def write_outputs(trainer: Any, result: Any) -> None:
+    """Write ``trained.safetensors``, ``modules/`` and ``result.json`` under ``trainer.output_dir``."""
+    from polymod.hub.format import save
+
+    out: Path = trainer.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".trained.safetensors.tmp"
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in trainer.weights().items()}, str(tmp))
+    os.replace(tmp, out / "trained.safetensors")
+    library = getattr(trainer.model, "library", {})
+    for name in trainer.trainables:
+        if name in library:
+            module = library[name]
+            module.card.metrics = dict(result.metrics)
+            module.card.lineage.recipe = recipe(trainer)
+            save(module, out / "modules" / name)
+    summary = {"step": result.step, "stopped_early": result.stopped_early, "best": result.best,
+               "metrics": result.metrics}
+    (out / "result.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
