@@ -136,18 +136,33 @@ def read_card(path: str | os.PathLike) -> Card:
     return Card.from_dict(data)
 
 
-def load(path: str | os.PathLike) -> Module:
-    """Load a module saved with :func:`save`.
+def load(path: str | os.PathLike, host: nn.Module | None = None) -> Module:
+    """Load a module saved with :func:`save`, or a foreign adapter directory (format detected).
 
     Only ``weights.safetensors`` is read for tensors; the parts are rebuilt from
     the card's kind and config and must match the stored tensors exactly.
+    A directory without ``module.json`` is handed to :func:`polymod.interop.load_foreign`
+    (PEFT and AdapterHub ``adapters`` directories); a composition package
+    (card kind ``composition``) loads as a :class:`~polymod.hub.composition.CompositionPackage`.
+
+    Args:
+        path: the directory.
+        host: the host, used only by foreign formats that need its shapes (PEFT IA³).
 
     Raises:
         FormatError: missing files, invalid card, unreadable weights, or weights that
             do not match the parts the card describes.
     """
     path = Path(path)
+    if path.is_dir() and not (path / CARD_FILE).is_file():
+        from polymod.interop import load_foreign
+
+        return load_foreign(path, host=host)
     card = read_card(path)
+    if card.kind == "composition":
+        from polymod.hub.composition import load_composition
+
+        return load_composition(path)  # type: ignore[return-value]
     spec = spec_from_dict(card.kind, card.config)
     geometry = card.host.get("sites", {}) if card.host else {}
     sites = []

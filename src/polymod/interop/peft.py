@@ -1,0 +1,237 @@
+"""PEFT adapter directories: read them as polymod modules, write polymod modules as them.
+
+A PEFT directory holds ``adapter_config.json`` (``peft_type``, hyper-parameters,
+``target_modules``) and ``adapter_model.safetensors`` whose keys are
+``base_model.model.<qualified layer name>.<tensor>`` — the layer names are the
+host's own, which are polymod's site names. Mapping (same maths, same layout):
+
+=========== ============================================ =======================================
+PEFT        tensors                                       polymod
+=========== ============================================ =======================================
+LORA        ``lora_A.weight`` (r, D_in), ``lora_B.weight``  :class:`~polymod.modules.lora.LoRA` A, B;
+            (D_out, r); embeddings ``lora_embedding_A/B``  s = α/r or α/√r (``use_rslora``)
+IA3         ``ia3_l``: (D_out, 1), or (1, D_in) for        :class:`~polymod.modules.ia3.IA3` ``scale``;
+            ``feedforward_modules``                        feedforward sites scale their input
+=========== ============================================ =======================================
+
+``fan_in_fan_out`` marks transformers' ``Conv1D`` layers (GPT-2). Only the
+safetensors file is read: an ``adapter_model.bin`` (pickle) is refused. PEFT
+features polymod does not represent (DoRA, per-module ranks, trained biases,
+``modules_to_save`` copies of whole layers) are refused with a message naming
+them rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from polymod.card import Card, Lineage
+from polymod.errors import ConfigError, FormatError
+from polymod.modules.contract import Module, spec_to_dict
+from polymod.sites import Site
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+PREFIX = "base_model.model."
+SUPPORTED = ("LORA", "IA3")
+
+
+def exact(names: list[str]) -> str:
+    """A polymod selection matching exactly these qualified names (one ``re:`` item: it takes the whole string)."""
+    return "re:^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+
+
+def is_peft_dir(path: Path) -> bool:
+    """Whether ``path`` looks like a PEFT adapter directory."""
+    if not (path / CONFIG_FILE).is_file():
+        return False
+    try:
+        return "peft_type" in json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise FormatError(f"{path / CONFIG_FILE} is not readable JSON: {exc}") from None
+    if not (path / WEIGHTS_FILE).is_file():
+        if (path / PICKLE_FILE).is_file():
+            raise FormatError(f"{path} holds only {PICKLE_FILE}, a pickle file; polymod never loads pickle. Re-save "
+                              "it with PEFT's save_pretrained(..., safe_serialization=True)")
+        raise FormatError(f"{path} has no {WEIGHTS_FILE}")
+    try:
+        tensors = load_file(str(path / WEIGHTS_FILE))
+    except Exception as exc:  # safetensors raises several types for malformed files
+        raise FormatError(f"{path / WEIGHTS_FILE} is not a readable safetensors file: {exc}") from None
+    if config.get("peft_type") not in SUPPORTED:
+        raise FormatError(f"PEFT type {config.get('peft_type')!r} is not supported; polymod reads {SUPPORTED}")
+    return config, tensors
+
+
+def _split(tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...],
+           host: nn.Module | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """site -> {suffix: tensor}; raises on keys that are none of ``suffixes``.
+
+    PEFT saves a full copy of an embedding layer it targets (``base_layer.weight``): that is
+    the host's own weight, skipped (and, given the host, checked to be unchanged).
+    """
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    layers = dict(host.named_modules()) if host is not None else {}
+    for key, value in tensors.items():
+        name = key.removeprefix(PREFIX)
+        if name.endswith(".base_layer.weight"):
+            own = getattr(layers.get(name.removesuffix(".base_layer.weight")), "weight", None)
+            if own is not None and (own.shape != value.shape or not torch.equal(own.detach().cpu(), value)):
+                raise FormatError(f"the PEFT adapter carries a changed copy of {name} (resized or trained "
+                                  "embeddings), which a polymod LoRA does not represent")
+            continue
+        for suffix in suffixes:
+            if name.endswith("." + suffix):
+                out.setdefault(name[: -len(suffix) - 1], {})[suffix] = value
+                break
+        else:
+            raise FormatError(f"PEFT tensor {key!r} is not one polymod can represent (e.g. modules_to_save copies "
+                              "of whole layers or trained biases); re-train without them or drop them first")
+    return out
+
+
+def _card(kind: str, spec: Any, sites: list[Site], host: nn.Module | None, config: dict[str, Any]) -> Card:
+    from polymod.hub.format import fingerprint
+
+    if host is not None:
+        geometry = fingerprint(host, {s.name: s for s in sites})
+    else:
+        geometry = {"architecture": None, "model_type": None,
+                    "sites": {s.name: {"kind": s.kind, "in": s.in_features, "out": s.out_features} for s in sites}}
+    geometry["base_model"] = config.get("base_model_name_or_path")
+    recipe = {"method": "import", "format": "peft", "peft_type": config["peft_type"]}
+    return Card(kind=kind, config=spec_to_dict(spec), host=geometry, lineage=Lineage(recipe=recipe),
+                description=f"imported from a PEFT {config['peft_type']} adapter")
+
+
+def _site(name: str, kind: str, d_in: int | None, d_out: int | None, host: nn.Module | None) -> Site:
+    if host is None:
+        return Site(name, kind, d_in, d_out)  # type: ignore[arg-type]
+    from polymod.sites import named_layers, site_of
+
+    layer = named_layers(host).get(name)
+    if layer is None:
+        raise ConfigError(f"the PEFT adapter targets {name!r}, which this {type(host).__name__} does not have")
+    return site_of(name, layer)
+
+
+def _lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], host: nn.Module | None) -> Module:
+    from polymod.modules.lora import LoRA
+
+    refused = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save") if config.get(k)]
+    if config.get("bias", "none") != "none" or refused:
+        raise FormatError(f"this PEFT LoRA uses {refused or ['bias=' + config['bias']]}, which polymod's LoRA "
+                          "does not represent")
+    per_site = _split(tensors, ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B"), host)
+    rank = int(config["r"])
+    spec = LoRA(rank=rank, alpha=float(config.get("lora_alpha", rank)), dropout=float(config.get("lora_dropout", 0)),
+                rslora=bool(config.get("use_rslora", False)), sites=exact(sorted(per_site)))
+    sites, parts = [], []
+    for name, t in per_site.items():
+        a, b = (t.get("lora_A.weight"), t.get("lora_B.weight")) if "lora_A.weight" in t else (
+            t.get("lora_embedding_A"), t.get("lora_embedding_B"))
+        if a is None or b is None or a.shape[0] != rank or b.shape[1] != rank:
+            raise FormatError(f"PEFT LoRA tensors at {name} are incomplete or not of rank {rank}")
+        kind = "embedding" if "lora_embedding_A" in t else "conv1d" if config.get("fan_in_fan_out") else "linear"
+        site = _site(name, kind, a.shape[1], b.shape[0], host)
+        part = spec.build_part(site, None)
+        part.load_state_dict({"A": a, "B": b})
+        sites.append(site)
+        parts.append(part)
+    return Module(spec, sites, parts, card=_card("lora", spec, sites, host, config))
+
+
+def _ia3(config: dict[str, Any], tensors: dict[str, torch.Tensor], host: nn.Module | None) -> Module:
+    from polymod.modules.ia3 import IA3
+
+    per_site = _split(tensors, ("ia3_l",))
+    feedforward = [n for n in per_site if per_site[n]["ia3_l"].shape[0] == 1]
+    spec = IA3(sites=exact(sorted(per_site)), feedforward=exact(sorted(feedforward)) if feedforward else "")
+    sites, parts = [], []
+    for name, t in per_site.items():
+        vec = t["ia3_l"]
+        if host is None:
+            raise ConfigError("reading a PEFT IA3 adapter needs the host (host=...): its vectors give only one "
+                              "side of each site's shape")
+        site = _site(name, "conv1d" if config.get("fan_in_fan_out") else "linear", None, None, host)
+        part = spec.build_part(site, None)
+        part.load_state_dict({"scale": vec.reshape(-1)})
+        sites.append(site)
+        parts.append(part)
+    return Module(spec, sites, parts, card=_card("ia3", spec, sites, host, config))
+
+
+def read_peft(path: str | os.PathLike, host: nn.Module | None = None) -> Module:
+    """Read a PEFT adapter directory as a polymod module.
+
+    Args:
+        path: the directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+        host: the host it was trained on; gives the card a full host fingerprint (and is
+            required for IA3, whose vectors give only one side of each site's shape).
+
+    Raises:
+        FormatError: not a PEFT directory, a pickle-only one, an unsupported type or feature.
+        ConfigError: ``host`` lacks a targeted layer, or IA3 without ``host``.
+    """
+    path = Path(path)
+    config, tensors = _read(path)
+    return (_lora if config["peft_type"] == "LORA" else _ia3)(config, tensors, host)
+
+
+def write_peft(module: Module, path: str | os.PathLike, base_model: str | None = None) -> Path:
+    """Write a LoRA or IA³ module as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads.
+
+    Args:
+        module: a ``lora`` or ``ia3`` module.
+        path: the directory to create.
+        base_model: recorded as ``base_model_name_or_path``.
+
+    Raises:
+        ConfigError: another kind, a module mixing ``Conv1D`` and ``Linear`` sites (one PEFT
+            config cannot say both), or LoRA on sites PEFT cannot target.
+    """
+    kinds = {s.kind for s in module.sites.values()}
+    if module.kind not in ("lora", "ia3"):
+        raise ConfigError(f"write_peft writes lora and ia3 modules, not {module.kind}")
+    if {"conv1d", "linear"} <= kinds or kinds - {"conv1d", "linear", "embedding"}:
+        raise ConfigError(f"a PEFT config cannot describe sites of kinds {sorted(kinds)} together")
+    names = list(module.sites)
+    config: dict[str, Any] = {"peft_type": module.kind.upper(), "target_modules": names, "inference_mode": True,
+                              "fan_in_fan_out": "conv1d" in kinds, "base_model_name_or_path": base_model,
+                              "task_type": None, "modules_to_save": None}
+    tensors: dict[str, torch.Tensor] = {}
+    if module.kind == "lora":
+        spec = module.spec
+        config.update(r=spec.rank, lora_alpha=spec.rank if spec.alpha is None else spec.alpha, bias="none",
+                      lora_dropout=spec.dropout, use_rslora=spec.rslora, use_dora=False)
+        for name, part in module.items():
+            a, b = ("lora_embedding_A", "lora_embedding_B") if part.site_kind == "embedding" else (
+                "lora_A.weight", "lora_B.weight")
+            tensors[f"{PREFIX}{name}.{a}"], tensors[f"{PREFIX}{name}.{b}"] = part.A, part.B
+    else:
+        config["feedforward_modules"] = [n for n, p in module.items() if p.scales_input]
+        for name, part in module.items():
+            shape = (1, -1) if part.scales_input else (-1, 1)
+            tensors[f"{PREFIX}{name}.ia3_l"] = part.scale.reshape(shape)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path / WEIGHTS_FILE),
+              metadata={"format": "pt"})
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return path
