@@ -36,7 +36,7 @@ def _data(multitask: bool):
     if not multitask:
         return classification_data(40, seed=0), classification_data(16, seed=1)
     return {"a": Task(train=classification_data(40, seed=0), eval=classification_data(16, seed=1), route="a"),
-            "b": Task(train=classification_data(24, seed=2, key_pos=1), eval=classification_data(16, seed=3), route="b")
+            "b": Task(train=classification_data(24, seed=2, shift=1), eval=classification_data(16, seed=3), route="b")
             }, None
 
 

@@ -22,11 +22,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def classification_data(n: int = 96, length: int = 6, classes: int = 3, seed: int = 0, key_pos: int = 0):
-    """Label = the token at ``key_pos`` mod ``classes``: learnable by a few LoRA steps on a tiny BERT."""
+def classification_data(n: int = 96, length: int = 6, classes: int = 3, seed: int = 0, key_pos: int = 0,
+                        shift: int = 0):
+    """Label = (the token at ``key_pos`` + ``shift``) mod ``classes``: a few LoRA steps learn it on a tiny BERT."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (n, length), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids[:, key_pos] % classes}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": (ids[:, key_pos] + shift) % classes}
 
 
 def lm_data(n: int = 64, length: int = 8, seed: int = 0, offset: int = 1):

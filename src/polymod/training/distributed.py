@@ -89,16 +89,19 @@ def all_reduce_gradients(params: Sequence[torch.nn.Parameter]) -> None:
     """Average the gradients of ``params`` over ranks, in one flat all-reduce.
 
     A parameter without a gradient on a rank (a module its shard did not route
-    to) contributes zeros, and every rank ends with a gradient for it.
+    to) contributes zeros; one that has no gradient on *any* rank keeps
+    ``grad = None``, so the optimiser skips it exactly as a single process would.
     """
     if not is_distributed() or not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])  # (P,)
+    present = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch.cat([g.reshape(-1) for g in grads] + [present])  # (P + n,)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= dist.get_world_size()
-    for p, value in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = value.view_as(p).clone()
+    values, present = flat[:-len(params)], flat[-len(params):]
+    values /= dist.get_world_size()
+    for p, value, seen in zip(params, values.split([p.numel() for p in params]), present.tolist()):
+        p.grad = value.view_as(p).clone() if seen else None
 
 
 def all_reduce_sums(values: Sequence[float]) -> list[float]:
