@@ -20,6 +20,8 @@ from functools import total_ordering
 
 from polymod.hub.errors import InvalidNameError
 
+__all__ = ["InvalidNameError", "Ref", "SemVer", "check_owner", "check_name", "check_version", "LATEST"]
+
 OWNER_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,37}[a-z0-9])?")
 NAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,98}[A-Za-z0-9_-])?")
 _NUM = r"(?:0|[1-9][0-9]{0,9})"
@@ -143,5 +145,3 @@ class Ref:
     def __str__(self) -> str:
         return f"{self.owner}/{self.name}@{self.version}"
 
-
-__all__ = ["Ref", "SemVer", "check_owner", "check_name", "check_version", "LATEST"]

@@ -104,7 +104,10 @@ def check_card_dict(data: Any) -> None:
             raise FormatError(f"card field {key!r} must be a JSON object")
     for key, check in (("owner", names.check_owner), ("version", names.check_version)):
         if data.get(key) is not None:
-            check(data[key])
+            try:
+                check(data[key])
+            except names.InvalidNameError as exc:
+                raise FormatError(f"card field {key!r}: {exc}") from None
     _text("name", data.get("name"), 100)
     for key, limit in (("task", 128), ("language", 64), ("license", 128)):
         _text(key, data.get(key), limit)
