@@ -47,6 +47,20 @@ def merge(
     print(merge_command(recipe, out, seed=seed, shard_size=shard_size, progress=not quiet))
 
 
+@app.command()
+def train(
+    config: str = typer.Argument(..., help="Training config YAML: host, modules, train, data or tasks, training."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in output_dir."),
+    check: bool = typer.Option(False, "--check", help="Only validate the config (every problem is listed)."),
+) -> None:
+    """Train modules on a frozen host from a YAML config (data parallel under torchrun)."""
+    import json
+
+    from polymod.training.run_config import run_file
+
+    print(json.dumps(run_file(config, resume=resume, check_only=check), indent=2, sort_keys=True))
+
+
 from polymod.hub.cli import app as _hub_app  # noqa: E402 - sub-apps are mounted after the root commands
 
 app.add_typer(_hub_app, name="hub")

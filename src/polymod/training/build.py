@@ -1,0 +1,124 @@
+"""Build a trainer from a validated run config (see :mod:`polymod.training.run_config`).
+
+Paths in the config are relative to the config file. Hosts load from local
+directories only (``local_files_only``): polymod never downloads a model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polymod.errors import ConfigError
+from polymod.training import distributed as ddp
+from polymod.training.config import TrainConfig
+from polymod.training.data import causal_lm_labels
+from polymod.training.multitask import Task
+from polymod.training.run_config import read_records
+from polymod.training.trainer import Trainer
+
+
+def load_host(host: dict[str, Any], base: Path) -> torch.nn.Module:
+    """The host model of a config's ``host`` section, on its device."""
+    import transformers as tf
+
+    task = host.get("task", "classification")
+    cls = {"classification": tf.AutoModelForSequenceClassification, "causal-lm": tf.AutoModelForCausalLM,
+           "seq2seq": tf.AutoModelForSeq2SeqLM}[task]
+    kwargs = {"num_labels": host["num_labels"]} if task == "classification" and "num_labels" in host else {}
+    model = cls.from_pretrained(base / host["path"], local_files_only=True, **kwargs)
+    device = host.get("device", "auto")
+    if device == "auto":
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    return model.to(device)
+
+
+class _Examples:
+    """Turns JSON-lines records into model inputs for one host task, tokenizing text when needed."""
+
+    def __init__(self, task: str, spec: dict[str, Any], base: Path, host_path: str):
+        self.task, self.spec = task, spec
+        self.tokenizer_path = base / spec.get("tokenizer", host_path)
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path, local_files_only=True)
+        return self._tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, truncation=True, max_length=self.spec.get("max_length", 512))["input_ids"]
+
+    def example(self, record: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
+        text_field = self.spec.get("text_field", "text")
+        if "input_ids" in record:
+            ids = record["input_ids"][: self.spec.get("max_length", None)]
+        elif text_field in record:
+            ids = self.encode(record[text_field])
+        else:
+            raise ConfigError(f"{where} has neither 'input_ids' nor the text field {text_field!r}")
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if self.task == "causal-lm":
+            out["labels"] = torch.as_tensor(record["labels"]) if "labels" in record else causal_lm_labels(ids)
+        elif self.task == "seq2seq":
+            target = self.spec.get("target_field", "target")
+            if "labels" in record:
+                out["labels"] = torch.as_tensor(record["labels"], dtype=torch.long)
+            elif target in record:
+                out["labels"] = torch.as_tensor(self.encode(record[target]), dtype=torch.long)
+            else:
+                raise ConfigError(f"{where} has neither 'labels' nor the target field {target!r}")
+        else:
+            label = self.spec.get("label_field", "label")
+            key = "labels" if "labels" in record else label
+            if key not in record:
+                raise ConfigError(f"{where} has neither 'labels' nor the label field {label!r}")
+            out["labels"] = torch.as_tensor(int(record[key]))
+        return out
+
+    def dataset(self, file: str | None, base: Path) -> list[dict[str, torch.Tensor]] | None:
+        if file is None:
+            return None
+        path = base / file
+        return [self.example(r, f"{path}:{i}") for i, r in enumerate(read_records(path), 1)]
+
+
+def build_run(cfg: dict[str, Any], base: Path, *, resume: bool = False) -> Trainer:
+    """A :class:`~polymod.training.trainer.Trainer` for a validated config (joins ``torchrun``'s group first)."""
+    from polymod.compose import from_json
+    from polymod.hub.format import load
+    from polymod.modular import Modular
+    from polymod.modules.contract import spec_from_dict
+
+    ddp.init_from_env()
+    host_cfg = cfg["host"]
+    model = Modular(load_host(host_cfg, base))
+    for name, spec in cfg["modules"].items():
+        if "load" in spec:
+            model.add(name, load(base / spec["load"]))
+        else:
+            model.add(name, spec_from_dict(spec["kind"], {k: v for k, v in spec.items() if k != "kind"}))
+    task = host_cfg.get("task", "classification")
+    if "data" in cfg:
+        model.use(from_json(cfg.get("use", cfg["train"][0])))
+        examples = _Examples(task, cfg["data"], base, host_cfg["path"])
+        data: Any = examples.dataset(cfg["data"].get("train"), base)
+        eval_data = examples.dataset(cfg["data"].get("eval"), base)
+    else:
+        if "use" in cfg:
+            model.use(from_json(cfg["use"]))
+        data, eval_data = {}, None
+        for name, spec in cfg["tasks"].items():
+            examples = _Examples(task, spec, base, host_cfg["path"])
+            route = from_json(spec["route"]) if "route" in spec else None
+            data[name] = Task(train=examples.dataset(spec.get("train"), base),
+                              eval=examples.dataset(spec.get("eval"), base), route=route)
+    return Trainer(model, cfg["train"], data, eval_data=eval_data, metrics=cfg.get("metrics", []),
+                   config=TrainConfig.from_dict(cfg.get("training", {})), output_dir=base / cfg["output_dir"],
+                   temperature=cfg.get("temperature", 5.0), resume=resume)
