@@ -29,13 +29,16 @@ def host(family: str = "bert") -> torch.nn.Module:
 
 def make_package(path: Path, family: str = "bert", seed: int = 0, rank: int = 2, **card) -> Path:
     """Save a LoRA module with random weights (seeded) on a tiny host as a package at ``path``."""
-    model = pm.Modular(make_host(family))
-    model.add("m", pm.LoRA(rank=rank))
-    torch.manual_seed(seed)
-    randomize(model["m"])
-    for key, value in card.items():
-        setattr(model["m"].card, key, value)
-    return pm.save(model["m"], path)
+    model = pm.Modular(host(family))
+    try:
+        model.add("m", pm.LoRA(rank=rank))
+        torch.manual_seed(seed)
+        randomize(model["m"])
+        for key, value in card.items():
+            setattr(model["m"].card, key, value)
+        return pm.save(model["m"], path)
+    finally:
+        model.detach()  # the cached host is restored exactly
 
 
 def free_port() -> int:
