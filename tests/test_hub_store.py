@@ -212,3 +212,27 @@ def test_concurrent_local_pushes_are_all_present(tmp_path, store):
         refs = list(pool.map(lambda job: hub.push(job[0], job[1], hub=hub.Store(store.root)).ref, jobs))
     assert sorted(refs) == sorted(r for _, r in jobs) and store.check() == []
     assert sum(len(hub.versions(f"alice/m{i}", hub=store)) for i in range(4)) == 12
+
+
+def test_composition_package_push_pull_attach(tmp_path, store):
+    from polymod.hub.composition import CompositionPackage, save_composition
+
+    a = hub.push(make_package(tmp_path / "a", seed=1), "alice/en@1.0.0", hub=store)
+    hub.push(make_package(tmp_path / "b", seed=2), "bob/senti@2.1.0", hub=store)
+    path = save_composition(pm.Stack("en", "senti"), {"en": "alice/en@1.0.0", "senti": "bob/senti@2.1.0"},
+                            tmp_path / "comp", hub=store, description="English then sentiment")
+    info = hub.push(path, "carol/en-senti@1.0.0", hub=store)
+    assert info.kind == "composition" and set(info.files) == {"module.json"}
+    roles = {n["id"]: n["role"] for n in hub.lineage("alice/en@1.0.0", hub=store)["nodes"]}
+    assert roles["carol/en-senti@1.0.0"] == "descendant"
+    package = pm.load(hub.pull("carol/en-senti", hub=store))
+    assert isinstance(package, CompositionPackage) and package.modules["en"].module == "alice/en"
+    host, reference, batch = make_host("bert"), make_host("bert"), make_batch("bert")
+    model = pm.Modular(host)
+    package.attach(model, hub=store)
+    assert model.names() == ["en", "senti"] and model.active == pm.Stack("en", "senti")
+    manual = pm.Modular(reference)
+    manual.add("en", pm.load(tmp_path / "a")), manual.add("senti", pm.load(tmp_path / "b"))
+    manual.use(pm.Stack("en", "senti"))
+    assert torch.equal(logits(host, batch), logits(reference, batch))
+    assert a.sha256 == package.card.lineage.parents[0].sha256
