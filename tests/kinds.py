@@ -36,6 +36,5 @@ KINDS: dict[str, tuple[Callable[[str], Any], bool]] = {
     "invertible": (lambda family: Invertible(), True),
     "prompt": (lambda family: PromptTuning(length=3), False),
     "prefix": (lambda family: PrefixTuning(length=3), False),
-    "prefix-mlp": (lambda family: PrefixTuning(length=2, projection=8), False),
     "hyper-lora": (lambda family: HyperLoRA(tasks=("t",), languages=("en",), rank=2, embedding_dim=4, hidden=8), True),
 }

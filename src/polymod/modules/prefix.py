@@ -139,7 +139,7 @@ class PrefixPart(nn.Module):
             return call
         if module.training and family_of(module) == "gpt2" and getattr(module, "is_activation_checkpointing", False):
             raise StateError("prefix tuning needs the key/value cache, which GPT-2 drops under gradient "
-                             "checkpointing in training; call host.gradient_checkpointing_disable()")
+                             "checkpointing in training; call host.activation_checkpointing_disable()")
         batch, length, device = inputs.tokens(call)
         layers, heads, head_dim = self._geometry(module)
         kv = self.forward().view(n, layers, 2, heads, head_dim).permute(1, 2, 3, 0, 4)  # (L, 2, H_kv, n, d)
