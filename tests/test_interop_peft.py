@@ -122,3 +122,47 @@ def test_peft_import_pushes_to_hub_and_keeps_fingerprint(tmp_path):
     model.use("p")
     batch = make_batch("bert")
     torch.testing.assert_close(logits(host, batch), logits(theirs, batch), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_prompt_tuning_round_trip_through_peft(tmp_path, family):
+    from polymod.modules.prompt import PromptTuning
+
+    task = "SEQ_CLS" if family == "bert" else "CAUSAL_LM"
+    theirs = peft.get_peft_model(make_host(family), peft.PromptTuningConfig(task_type=task, num_virtual_tokens=4))
+    with torch.no_grad():
+        theirs.prompt_encoder["default"].embedding.weight.normal_(0, 0.5)
+    theirs.eval().save_pretrained(tmp_path / "peft")
+    host, batch = make_host(family), make_batch(family)
+    with pytest.raises(pm.ConfigError, match="needs the host"):
+        pm.load(tmp_path / "peft")
+    model = pm.Modular(host)
+    model.add("p", pm.load(tmp_path / "peft", host=host))
+    model.use("p")
+    with torch.no_grad():
+        want = theirs(**batch).logits
+    torch.testing.assert_close(logits(host, batch), want, rtol=0, atol=1e-5)
+    assert isinstance(model["p"].spec, PromptTuning)
+    write_peft(model["p"], tmp_path / "back", host=host)  # polymod -> PEFT -> peft loads it, same outputs
+    again = peft.PeftModel.from_pretrained(make_host(family), tmp_path / "back").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,projection", [("gpt2", False), ("gpt2", True), ("llama", False)])
+def test_prefix_tuning_peft_dir_loads_with_identical_outputs(tmp_path, family, projection):
+    cfg = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=projection,
+                                  encoder_hidden_size=8)
+    theirs = peft.get_peft_model(make_host(family), cfg)
+    with torch.no_grad():
+        for p in theirs.prompt_encoder["default"].parameters():
+            p.normal_(0, 0.5)
+    theirs.eval().save_pretrained(tmp_path / "peft")
+    host, batch = make_host(family), make_batch(family)
+    model = pm.Modular(host)
+    model.add("p", pm.load(tmp_path / "peft", host=host))
+    model.use("p")
+    with torch.no_grad():
+        want = theirs(**batch).logits
+    assert not torch.allclose(want, logits(make_host(family), batch), atol=1e-4)
+    torch.testing.assert_close(logits(host, batch), want, rtol=0, atol=1e-5)

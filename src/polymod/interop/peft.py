@@ -12,6 +12,8 @@ LORA        ``lora_A.weight`` (r, D_in), ``lora_B.weight``  :class:`~polymod.mod
             (D_out, r); embeddings ``lora_embedding_A/B``  s = α/r or α/√r (``use_rslora``)
 IA3         ``ia3_l``: (D_out, 1), or (1, D_in) for        :class:`~polymod.modules.ia3.IA3` ``scale``;
             ``feedforward_modules``                        feedforward sites scale their input
+PROMPT_/    ``prompt_embeddings``                          prompt / prefix tuning; see
+PREFIX_...                                                 :mod:`polymod.interop.peft_prompts`
 =========== ============================================ =======================================
 
 ``fan_in_fan_out`` marks transformers' ``Conv1D`` layers (GPT-2). Only the
@@ -42,7 +44,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 PREFIX = "base_model.model."
-SUPPORTED = ("LORA", "IA3")
+SUPPORTED = ("LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING")
 
 
 def exact(names: list[str]) -> str:
@@ -191,24 +193,35 @@ def read_peft(path: str | os.PathLike, host: nn.Module | None = None) -> Module:
     """
     path = Path(path)
     config, tensors = _read(path)
+    if config["peft_type"] in ("PROMPT_TUNING", "PREFIX_TUNING"):
+        from polymod.interop.peft_prompts import read_prompt_learning
+
+        return read_prompt_learning(config, tensors, host, _card)
     return (_lora if config["peft_type"] == "LORA" else _ia3)(config, tensors, host)
 
 
-def write_peft(module: Module, path: str | os.PathLike, base_model: str | None = None) -> Path:
-    """Write a LoRA or IA³ module as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads.
+def write_peft(module: Module, path: str | os.PathLike, base_model: str | None = None,
+               host: nn.Module | None = None) -> Path:
+    """Write a LoRA, IA³ or prompt-tuning module as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads.
 
     Args:
-        module: a ``lora`` or ``ia3`` module.
+        module: a ``lora``, ``ia3`` or ``prompt`` module.
         path: the directory to create.
         base_model: recorded as ``base_model_name_or_path``.
+        host: the host; needed for a prompt module on a sequence classifier (PEFT saves its head).
 
     Raises:
         ConfigError: another kind, a module mixing ``Conv1D`` and ``Linear`` sites (one PEFT
             config cannot say both), or LoRA on sites PEFT cannot target.
     """
     kinds = {s.kind for s in module.sites.values()}
+    if module.kind == "prompt":
+        from polymod.interop.peft_prompts import prompt_config
+
+        config, tensors = prompt_config(module, host)
+        return _write(Path(path), {**config, "base_model_name_or_path": base_model}, tensors)
     if module.kind not in ("lora", "ia3"):
-        raise ConfigError(f"write_peft writes lora and ia3 modules, not {module.kind}")
+        raise ConfigError(f"write_peft writes lora, ia3 and prompt modules, not {module.kind}")
     if {"conv1d", "linear"} <= kinds or kinds - {"conv1d", "linear", "embedding"}:
         raise ConfigError(f"a PEFT config cannot describe sites of kinds {sorted(kinds)} together")
     names = list(module.sites)
@@ -229,7 +242,10 @@ def write_peft(module: Module, path: str | os.PathLike, base_model: str | None =
         for name, part in module.items():
             shape = (1, -1) if part.scales_input else (-1, 1)
             tensors[f"{PREFIX}{name}.ia3_l"] = part.scale.reshape(shape)
-    path = Path(path)
+    return _write(Path(path), config, tensors)
+
+
+def _write(path: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path / WEIGHTS_FILE),
               metadata={"format": "pt"})
