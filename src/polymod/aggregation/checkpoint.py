@@ -2,7 +2,7 @@
 
 **Streaming merge** (mergekit-style). θ = θ_0 + M(θ_1 − θ_0, …, θ_N − θ_0) for
 every tensor of sharded safetensors checkpoints, one tensor at a time and, within
-a tensor, one block of rows at a time, writing sharded output as it goes. Peak
+a tensor, one flat block of entries at a time, writing sharded output as it goes. Peak
 memory is a few copies of the largest tensor (the statistics pass of TIES and
 of DARE's L1 rescaling holds the base and one task vector of one tensor),
 independent of model size. ``linear`` merges the weights themselves,
@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from polymod.aggregation.methods import MergeSpec, TensorMerge, kth_largest, merge_tensor, top_k_keep
+from polymod.aggregation.methods import MergeSpec, TensorMerge, merge_tensor
 from polymod.aggregation.shards import Checkpoint, ShardedWriter
+from polymod.aggregation.sparsify import kth_largest, top_k_trim
 from polymod.card import Lineage, Parent
 from polymod.errors import ConfigError
 from polymod.hub.format import fingerprint
@@ -78,7 +79,7 @@ def merge_state_dicts(base: Mapping[str, torch.Tensor] | None, models: list[Mapp
 
 def merge_checkpoints(base: str | os.PathLike | None, models: list[str | os.PathLike], spec: MergeSpec,
                       out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                      shard_bytes: int = 2 * 1024**3, chunk_elems: int = 1 << 22,
+                      shard_bytes: int = 2 * 1024**3, block: int = 1 << 20,
                       progress: Callable[[str, int], None] | None = None) -> Path:
     """Merge sharded safetensors checkpoints tensor by tensor into ``out_dir``.
 
@@ -90,7 +91,7 @@ def merge_checkpoints(base: str | os.PathLike | None, models: list[str | os.Path
             ``config.json``/tokenizer files when present.
         dtype: output dtype of floating tensors (default: the reference tensor's).
         shard_bytes: maximum bytes per output shard.
-        chunk_elems: entries per row block in the elementwise pass (bounds memory).
+        block: entries of each tensor read, merged and written at a time (bounds memory).
         progress: called as ``progress(tensor_name, bytes_done)`` after each tensor.
 
     Returns:
@@ -101,19 +102,24 @@ def merge_checkpoints(base: str | os.PathLike | None, models: list[str | os.Path
     """
     ckpts = [Checkpoint(p) for p in models]
     ref_ck = Checkpoint(base) if base is not None else ckpts[0]
+    threads = torch.get_num_threads()
+    # The kernel works in cache-sized slices; PyTorch's intra-op threads only add a barrier per
+    # operation there (costly on a busy machine), so the merge runs in one thread.
+    torch.set_num_threads(1)
     try:
         problems = layout_problems(ref_ck, ckpts)
         if problems:
             raise ConfigError("the checkpoints do not match:\n  - " + "\n  - ".join(problems))
         layout = [(n, dtype if dtype is not None and i.dtype.is_floating_point else i.dtype, i.shape)
                   for n, i in ref_ck.infos.items()]
-        writer = ShardedWriter(out_dir, layout, shard_bytes)
+        writer, scratch = ShardedWriter(out_dir, layout, shard_bytes), _Scratch()
         for name, out_dtype, _ in layout:
-            _stream_tensor(name, ref_ck if base is not None else None, ckpts, spec, writer, out_dtype, chunk_elems)
+            _stream_tensor(name, ref_ck if base is not None else None, ckpts, spec, writer, out_dtype, block, scratch)
             if progress is not None:
                 progress(name, ref_ck.infos[name].end - ref_ck.infos[name].start)
         writer.close()
     finally:
+        torch.set_num_threads(threads)
         for ck in {id(c): c for c in [*ckpts, ref_ck]}.values():
             ck.close()
     src = Path(base if base is not None else models[0])
@@ -123,32 +129,47 @@ def merge_checkpoints(base: str | os.PathLike | None, models: list[str | os.Path
     return Path(out_dir)
 
 
+class _Scratch:
+    """Reusable read buffers: fresh allocations of large buffers cost a page fault per page."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def __call__(self, key: str, nbytes: int) -> torch.Tensor:
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._bufs[key] = torch.empty(nbytes, dtype=torch.uint8)
+        return buf[:nbytes]
+
+
 def _stream_tensor(name: str, base: Checkpoint | None, ckpts: list[Checkpoint], spec: MergeSpec,
-                   writer: ShardedWriter, out_dtype: torch.dtype, chunk_elems: int) -> None:
+                   writer: ShardedWriter, out_dtype: torch.dtype, block: int, scratch: _Scratch) -> None:
     info = (base or ckpts[0]).infos[name]
     if not info.dtype.is_floating_point:
         writer.write(name, (base or ckpts[0]).read(name))
         return
-    work = _work_dtype(info.dtype)
+    work, size = _work_dtype(info.dtype), info.dtype.itemsize
+
+    def read(ck: Checkpoint, key: str, span: tuple[int, int] | None) -> torch.Tensor:
+        n = info.numel if span is None else span[1] - span[0]
+        return ck.read(name, span, out=scratch(key, n * size)).to(work)
+
     merger = TensorMerge(spec, name, info.numel)
     if merger.needs_stats:  # one full task vector at a time: base + one input in memory
-        b = base.read(name).to(work) if base is not None else None
+        b = read(base, "base-full", None) if base is not None else None
         for i, ck in enumerate(ckpts):
-            x = ck.read(name).to(work)
+            x = read(ck, "input-full", None)
             merger.observe(i, x.sub_(b) if b is not None else x, inplace=True)
-            del x
-        del b
-    rows = info.shape[0] if info.shape else 1
-    step = max(1, chunk_elems // max(info.numel // max(rows, 1), 1))
     if info.numel == 0:
         writer.write(name, torch.empty(info.shape, dtype=out_dtype))
-    for r0 in range(0, rows if info.numel else 0, step):
-        span = (r0, min(rows, r0 + step)) if info.shape else None
-        b = base.read(name, span).to(work) if base is not None else None
-        xs = [ck.read(name, span).to(work) for ck in ckpts]
+    for start in range(0, info.numel, block):  # flat blocks: bounded memory, shape-agnostic kernel
+        span = (start, min(info.numel, start + block))
+        b = read(base, "base", span) if base is not None else None
+        xs = [read(ck, f"input{i}", span) for i, ck in enumerate(ckpts)]
         if b is not None:
             xs = [x.sub_(b) for x in xs]
-        mixed = merger(xs)
+        out = scratch("out", (span[1] - span[0]) * work.itemsize).view(work)
+        mixed = merger(xs, offset=start, out=out)
         writer.write(name, (mixed if b is None else mixed.add_(b)).to(out_dtype))
 
 
@@ -265,12 +286,13 @@ def _vector_module(weights: dict[str, tuple[Site, torch.Tensor]], biases: dict[s
         return Module(spec, sites, parts)
     if sparsify == "lt-sft":
         flat = torch.cat([d.abs().reshape(-1) for _, d in weights.values()])  # (Σ numel,)
-        t = kth_largest(flat, max(1, int(density * flat.numel())))
-        keep = {n: (d.abs() >= t).reshape(-1) for n, (_, d) in weights.items()}
+        t, _, _ = kth_largest(flat, max(1, int(density * flat.numel())))
+        kept = {n: d.reshape(-1) * (d.abs() >= t).reshape(-1) for n, (_, d) in weights.items()}
     else:
-        keep = {n: top_k_keep(d.abs().reshape(-1), max(1, int(density * d.numel()))).mask(d.abs().reshape(-1), 0)
+        trims = {n: top_k_trim(d.abs().reshape(-1), max(1, int(density * d.numel()))) for n, (_, d) in weights.items()}
+        kept = {n: d.reshape(-1) if trims[n] is None else trims[n].apply(d.reshape(-1), 0)
                 for n, (_, d) in weights.items()}
-    support = {n: torch.nonzero(k & (weights[n][1].reshape(-1) != 0)).view(-1) for n, k in keep.items()}
+    support = {n: torch.nonzero(k).view(-1) for n, k in kept.items()}
     counts = tuple((n, int(i.numel())) for n, i in support.items())
     spec = SparseFT(density=float(density), mask="lt-sft", counts=counts, sites="|".join(weights))
     parts = [spec.build_part(s, None) for s in sites]

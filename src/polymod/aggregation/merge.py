@@ -33,7 +33,8 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from polymod.aggregation import lora_merge
-from polymod.aggregation.methods import METHODS, MergeSpec, TensorMerge, global_thresholds
+from polymod.aggregation.methods import METHODS, MergeSpec, TensorMerge
+from polymod.aggregation.sparsify import global_thresholds
 from polymod.card import Lineage, Parent
 from polymod.errors import ConfigError, IncompatibleHostError, StateError
 from polymod.modules.contract import Module
@@ -251,15 +252,15 @@ def _merge_deltas(spec: MergeSpec, deltas: list[dict], biases: list[dict]):
         return [b.get(site, torch.zeros_like(ref)) for b in biases]
 
     tensors = [(s, False) for s in sites] + [(s, True) for s in bias_sites]
-    thresholds = None
+    trims = None
     if spec.trim == "global" and spec.sparsify == "magnitude":
         per_input = [[inputs(s, b)[i] for s, b in tensors] for i in range(len(deltas))]
-        thresholds = global_thresholds(spec, per_input)
+        trims = global_thresholds(spec.density, per_input)
     mixed_w, mixed_b = {}, {}
     for site, bias in tensors:
         xs = inputs(site, bias)
         work = [x.to(torch.float64 if x.dtype == torch.float64 else torch.float32) for x in xs]
-        merger = TensorMerge(spec, f"{site}.{'bias' if bias else 'weight'}", work[0].numel(), thresholds)
+        merger = TensorMerge(spec, f"{site}.{'bias' if bias else 'weight'}", work[0].numel(), trims)
         if merger.needs_stats:
             for i, x in enumerate(work):
                 merger.observe(i, x)

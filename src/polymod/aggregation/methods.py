@@ -36,13 +36,13 @@ sizes.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 
+from polymod.aggregation.sparsify import SLICE, MaskStream, Trim, dare_mask, top_k_trim
 from polymod.errors import ConfigError
 
 MethodName = Literal[
@@ -137,108 +137,45 @@ class MergeSpec:
         return replace(self, weights=weights, lam=self.lam if lam is None else lam)
 
 
-def mask_seed(seed: int, name: str, index: int) -> int:
-    """The seed of DARE's mask for input ``index`` at tensor ``name``: independent of merge order."""
-    digest = hashlib.blake2b(f"{seed}:{name}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def dare_mask(seed: int, name: str, index: int, shape: tuple[int, ...], density: float,
-              dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The Bernoulli(density) keep-mask DARE draws for input ``index`` at tensor ``name``."""
-    gen = torch.Generator().manual_seed(mask_seed(seed, name, index))
-    return torch.bernoulli(torch.full(shape, density, dtype=dtype), generator=gen)
-
-
-def kth_largest(a: torch.Tensor, k: int) -> float:
-    """The k-th largest value of a flat non-negative tensor, exactly.
-
-    Large tensors are bracketed with quantiles of a fixed sample and only the
-    entries inside the bracket are ranked (a few linear passes instead of a
-    full top-k); the sample only affects speed, never the value.
-    """
-    n = a.numel()
-    if n <= 1 << 20 or k < 1024:
-        return float(torch.topk(a, k, sorted=False).values.min())
-    sample = a[torch.randint(n, (1 << 16,), generator=torch.Generator().manual_seed(0))]
-    q = 1.0 - k / n
-    margin = 4.0 * math.sqrt(max(q * (1 - q), 1e-6) / sample.numel()) + 2.0 / sample.numel()
-    lo, hi = torch.quantile(sample, torch.tensor([max(q - margin, 0.0), min(q + margin, 1.0)], dtype=a.dtype)).tolist()
-    above_hi = int((a > hi).sum())
-    inside = (a > lo) & (a <= hi)
-    n_inside = int(inside.sum())
-    if not above_hi < k <= above_hi + n_inside:  # the sample missed: rank everything
-        return float(torch.topk(a, k, sorted=False).values.min())
-    band = a[inside]  # (n_inside,)
-    return float(torch.topk(band, k - above_hi, sorted=False).values.min())
-
-
-@dataclass
-class _Keep:
-    """Which entries of one input a magnitude trim keeps: |τ| > t, plus tied entries by index."""
-
-    threshold: float
-    ties: torch.Tensor | None = None  # flat indices of entries equal to the threshold that are kept
-    inclusive: bool = False  # keep every entry equal to the threshold
-
-    def mask(self, a: torch.Tensor, offset: int) -> torch.Tensor:
-        keep = a >= self.threshold if self.inclusive else a > self.threshold
-        if self.ties is not None and self.ties.numel():
-            n = a.numel()
-            local = self.ties[(self.ties >= offset) & (self.ties < offset + n)] - offset
-            keep.view(-1)[local] = True
-        return keep
-
-
-def top_k_keep(a: torch.Tensor, k: int) -> _Keep:
-    """Keep exactly the k largest entries of flat non-negative ``a`` (ties broken by index)."""
-    if k <= 0:
-        return _Keep(math.inf)
-    if k >= a.numel():
-        return _Keep(-1.0)
-    t = kth_largest(a, k)
-    if t == 0.0:  # keeping zeros changes nothing: they add 0 and carry no sign
-        return _Keep(0.0)
-    quota = k - int((a > t).sum())
-    tied = int((a == t).sum())
-    if quota == tied:
-        return _Keep(t, inclusive=True)
-    return _Keep(t, ties=torch.nonzero(a == t).view(-1)[:quota])
-
-
 class TensorMerge:
-    """Merges the task vectors of N inputs at one tensor, in chunks.
+    """Merges the task vectors of N inputs at one tensor, over flat ranges of it.
 
-    Usage: call :meth:`observe` once per input with its full task vector when
-    :attr:`needs_stats` is true, then call the object on consecutive row chunks
-    (each a list of N chunks of the task vectors), in order.
+    Usage: when :attr:`needs_stats`, call :meth:`observe` once per input with its
+    full task vector; then call the object on flat ranges (a list of N equally long
+    flat slices and the range's start), in any order. The kernel works through
+    each range in slices small enough that every operation runs in one thread in
+    cache, and never builds a boolean mask: a TIES merge is a handful of fused
+    elementwise passes per input (hardshrink, multiply, relu, sign, add).
 
     Args:
         spec: the resolved recipe.
         name: the tensor's name (seeds DARE's masks).
         numel: number of entries of the full tensor.
-        thresholds: per-input magnitude thresholds for ``trim="global"`` (entries ≥ threshold kept).
+        trims: per-input magnitude trims decided elsewhere (the TIES paper's global trimming).
     """
 
-    def __init__(self, spec: MergeSpec, name: str, numel: int, thresholds: list[float] | None = None):
+    def __init__(self, spec: MergeSpec, name: str, numel: int, trims: list[Trim | None] | None = None):
         self.spec, self.name, self.numel = spec, name, numel
         n = len(spec.weights)
-        self._keep: list[list[_Keep] | None] = [None] * n  # magnitude: [keep]; outliers: [top, top+kept]
+        self._trims: list[list[Trim | None] | None] = [None] * n  # magnitude: [keep]; outliers: [top, top+kept]
         self._scale: list[float | None] = [None] * n
-        self._gens: list[torch.Generator | None] = [None] * n
-        self._offset = 0
-        if thresholds is not None:
-            self._keep = [[_Keep(t, inclusive=True)] for t in thresholds]
+        self._masks: list[MaskStream | None] = [None] * n
+        self._given = trims is not None
+        if trims is not None:
+            self._trims = [[t] for t in trims]
+        w = spec.weights
+        self._equal_weights = all(x == w[0] for x in w)
+        self._tiny = min((abs(x) for x in w if x), default=1.0) * 1e-3  # below any non-empty divisor
 
     @property
     def needs_stats(self) -> bool:
         """Whether :meth:`observe` must see every input's full task vector first."""
-        s = self.spec
+        s, trimming = self.spec, any(d < 1.0 for d in self.spec.density)
         if s.sparsify == "magnitude":
-            return self._keep[0] is None and any(d < 1.0 for d in s.density)
+            return trimming and not self._given
         if s.sparsify == "outliers":
-            return any(d < 1.0 for d in s.density)
-        return s.sparsify == "random" and s.rescale == "l1" and any(d < 1.0 for d in s.density)
+            return trimming
+        return s.sparsify == "random" and s.rescale == "l1" and trimming
 
     def observe(self, index: int, delta: torch.Tensor, inplace: bool = False) -> None:
         """Record the statistics of input ``index`` from its full task vector.
@@ -251,105 +188,110 @@ class TensorMerge:
         s, d = self.spec, self.spec.density[index]
         if d >= 1.0:
             return
+        flat = delta.reshape(-1)
         if s.sparsify == "random":  # mergekit's L1 rescaling: ‖τ‖₁ / ‖m ⊙ τ‖₁ over the whole tensor
-            before = delta.abs().sum()
-            after = (delta * dare_mask(s.seed, self.name, index, tuple(delta.shape), d, delta.dtype)).abs().sum()
+            before = flat.abs().sum()
+            after = (flat * dare_mask(s.seed, self.name, index, flat.numel(), d, flat.dtype)).abs().sum()
             self._scale[index] = None if before < 1e-7 or after < 1e-7 else float(before / after)
             return
-        a = (delta.abs_() if inplace else delta.abs()).view(-1)  # (n,)
+        a = flat.abs_() if inplace else flat.abs()  # (n,)
         n = a.numel()
         if s.sparsify == "magnitude":
-            self._keep[index] = [top_k_keep(a, max(1, int(d * n)))]
+            self._trims[index] = [top_k_trim(a, max(1, int(d * n)))]
         else:  # outliers: keep ranks [n_top, n_top + kept) of the descending order
             kept = int(d * n)
             n_top = min(int(s.gamma[index] * n), n - kept)
-            self._keep[index] = [top_k_keep(a, n_top), top_k_keep(a, n_top + kept)]
+            self._trims[index] = [top_k_trim(a, n_top), top_k_trim(a, n_top + kept)]
 
-    def _sparsified(self, index: int, delta: torch.Tensor) -> torch.Tensor:
+    def _sparsified(self, index: int, x: torch.Tensor, offset: int) -> torch.Tensor:
         s, d = self.spec, self.spec.density[index]
         if s.sparsify is None or d >= 1.0:
-            return delta
+            return x
         if s.sparsify == "random":
-            if self._gens[index] is None:
-                self._gens[index] = torch.Generator().manual_seed(mask_seed(s.seed, self.name, index))
-            mask = torch.bernoulli(torch.full_like(delta, d), generator=self._gens[index])
-            kept = delta * mask
+            if self._masks[index] is None:
+                self._masks[index] = MaskStream(s.seed, self.name, index, d, x.dtype)
+            kept = x * self._masks[index].take(offset, x.numel())
             if s.rescale == "inverse":
                 return kept / d
             scale = self._scale[index]
             return kept * scale if s.rescale == "l1" and scale is not None else kept
-        keep = self._keep[index]
-        if keep is None:
+        trims = self._trims[index]
+        if trims is None:
             raise RuntimeError(f"TensorMerge({self.name}): observe() was not called for input {index}")
-        a = delta.abs()
-        mask = keep[0].mask(a, self._offset)
-        if s.sparsify == "outliers":
-            mask = keep[1].mask(a, self._offset) & ~mask
-        return delta * mask
+        if s.sparsify == "magnitude":
+            return x if trims[0] is None else trims[0].apply(x, offset)
+        top, band = trims  # outliers: entries inside the top n_top + kept, minus the top n_top
+        inside = x if band is None else band.apply(x, offset)
+        return inside if top is None else inside - top.apply(x, offset)
 
-    def __call__(self, deltas: list[torch.Tensor]) -> torch.Tensor:
-        """The merged task vector on one chunk (same shape as each input chunk)."""
+    def __call__(self, deltas: list[torch.Tensor], offset: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The merged task vector on flat entries ``[offset, offset + len)`` of the tensor.
+
+        Args:
+            deltas: the N inputs' task vectors on that range (any shape, equal sizes).
+            offset: the range's first flat entry in the whole tensor.
+            out: a flat buffer for the result (default: fresh memory).
+        """
+        flat = [d.reshape(-1) for d in deltas]
+        out = torch.empty_like(flat[0]) if out is None else out
+        for start in range(0, out.numel(), SLICE):
+            part = [x[start:start + SLICE] for x in flat]
+            out[start:start + SLICE] = self._kernel(part, offset + start)
+        return out.view(deltas[0].shape) if out.numel() == deltas[0].numel() else out
+
+    def _kernel(self, xs: list[torch.Tensor], offset: int) -> torch.Tensor:
         s = self.spec
-        terms = [self._sparsified(i, d) * w for i, (d, w) in enumerate(zip(deltas, s.weights))]
-        self._offset += deltas[0].numel()
-        if s.elect:
+        terms = []
+        for i, (x, w) in enumerate(zip(xs, s.weights)):
+            t = self._sparsified(i, x, offset)
+            terms.append(t * w if w != 1.0 else t)
+        if not s.elect:
+            mixed = terms[0].clone() if len(terms) == 1 else terms[0] + terms[1]
+            for t in terms[2:]:
+                mixed.add_(t)
+            if s.normalize:
+                total = torch.tensor(s.weights, dtype=mixed.dtype).sum()  # summed in the work dtype, as mergekit
+                mixed.div_(total if total.abs() >= 1e-8 else 1.0)
+        else:
             votes = terms[0] if s.consensus == "sum" else terms[0].sign()
             for t in terms[1:]:
                 votes = votes + (t if s.consensus == "sum" else t.sign())
-            positive = votes >= 0
+            elected = torch.ones_like(votes).copysign_(votes)  # ±1; +1 where the vote is +0
+            # An input agrees where sign(t) = elected: t·1[agree] = elected · relu(elected · t), exactly.
             mixed = divisor = None
             for t, w in zip(terms, s.weights):
-                agree = torch.where(positive, t > 0, t < 0)  # sign(t) equals the elected sign
-                mixed = t * agree if mixed is None else mixed + t * agree
-                divisor = w * agree if divisor is None else divisor + w * agree
-            divisor[divisor == 0] = 1
-        else:
-            mixed = terms[0]
-            for t in terms[1:]:
-                mixed = mixed + t
-            divisor = torch.tensor(s.weights, dtype=mixed.dtype).sum()  # summed in the work dtype, as mergekit
-            if divisor.abs() < 1e-8:
-                divisor = torch.ones((), dtype=mixed.dtype)
-        if s.normalize:
-            mixed = mixed / divisor
+                kept = (t * elected).relu_()
+                agree = kept.sign()  # 1 where it agrees, else 0
+                divisor = (agree if w == 1.0 else agree * w) if divisor is None else divisor.add_(agree, alpha=w)
+                mixed = kept if mixed is None else mixed.add_(kept)
+            mixed.mul_(elected)
+            if s.normalize:
+                if self._equal_weights and s.weights[0] > 0:  # a divisor is 0 or ≥ w: clamping only the 0s
+                    divisor.clamp_min_(self._tiny)
+                else:
+                    divisor.masked_fill_(divisor == 0, 1.0)
+                mixed.div_(divisor)
         if s.lam != 1.0:
-            mixed = mixed * s.lam
+            mixed.mul_(s.lam)
         return mixed
 
 
 def merge_tensor(spec: MergeSpec, name: str, deltas: list[torch.Tensor],
-                 thresholds: list[float] | None = None) -> torch.Tensor:
-    """Merge the full task vectors of N inputs at one tensor (in memory, one chunk).
+                 trims: list[Trim | None] | None = None) -> torch.Tensor:
+    """Merge the full task vectors of N inputs at one tensor, in memory.
 
     Args:
         spec: the recipe.
         name: the tensor's name (seeds DARE's masks).
         deltas: τ_i, all of one shape.
-        thresholds: per-input magnitude thresholds for global trimming.
+        trims: per-input magnitude trims for global trimming (see
+            :func:`~polymod.aggregation.sparsify.global_thresholds`).
 
     Returns:
         The merged task vector τ.
     """
-    merger = TensorMerge(spec, name, deltas[0].numel(), thresholds)
+    merger = TensorMerge(spec, name, deltas[0].numel(), trims)
     if merger.needs_stats:
         for i, d in enumerate(deltas):
             merger.observe(i, d)
     return merger(list(deltas))
-
-
-def global_thresholds(spec: MergeSpec, deltas: list[list[torch.Tensor]]) -> list[float]:
-    """Per-input magnitude thresholds over *all* tensors of each input (the TIES paper's trimming).
-
-    Args:
-        spec: the recipe (its ``density`` per input).
-        deltas: for each input, its task vectors at every tensor.
-
-    Returns:
-        For each input, the value t such that keeping |τ| ≥ t keeps its top ``density``
-        fraction over the whole module (ties at t are kept, as in the paper's code).
-    """
-    out = []
-    for tensors, d in zip(deltas, spec.density):
-        a = torch.cat([t.detach().abs().reshape(-1) for t in tensors])  # (n_total,)
-        out.append(kth_largest(a, max(1, int(d * a.numel()))) if d < 1.0 else -1.0)
-    return out

@@ -96,15 +96,23 @@ class Checkpoint:
         """Tensor names, shard by shard in byte order."""
         return list(self.infos)
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Read a tensor, or rows ``[start, stop)`` of its first dimension, into fresh memory."""
+    def read(self, name: str, span: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read a tensor (its shape), or flat entries ``[start, stop)`` of it (1-D).
+
+        Args:
+            name: the tensor.
+            span: a flat entry range; None reads the whole tensor.
+            out: a contiguous uint8 buffer of exactly the bytes needed, to read into
+                (default: fresh memory).
+        """
         info = self.infos[name]
         start, end, shape = info.start, info.end, info.shape
-        if rows is not None and shape:
-            row_bytes = (end - start) // max(shape[0], 1)
-            start, end = start + rows[0] * row_bytes, start + rows[1] * row_bytes
-            shape = (rows[1] - rows[0], *shape[1:])
-        buf = torch.empty(end - start, dtype=torch.uint8)
+        if span is not None:
+            size = info.dtype.itemsize
+            start, end, shape = info.start + span[0] * size, info.start + span[1] * size, (span[1] - span[0],)
+        buf = torch.empty(end - start, dtype=torch.uint8) if out is None else out
+        if buf.numel() != end - start or buf.dtype != torch.uint8:
+            raise ValueError(f"read({name!r}): out must be a uint8 buffer of {end - start} bytes")
         fd = self._fds.get(info.file)
         if fd is None:
             fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
