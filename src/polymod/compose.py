@@ -3,29 +3,45 @@
 A composition is data — validated, printable and saved to JSON — with module
 names as leaves::
 
-    "sentiment"                   one module
-    Stack("en", "sentiment")      sequential function composition (MAD-X)
+    "sentiment"                             one module
+    Stack("en", "sentiment")                sequential function composition (MAD-X)
+    Mix(["a", "b", "c"], router=TopK(k=2))  routing + aggregation over candidates
+    Parallel("a", "b")                      one pass, one output per branch
+
+``Mix(candidates, router, aggregate)`` is the survey's pair of functions: the
+router r(x) gives weights over the candidates, the aggregator g combines their
+contributions — representations (``sum``: y + Σ wᵢ Δyᵢ; ``mean`` over the
+selected candidates; ``attention``: AdapterFusion's value-projected sum),
+parameters (``delta``: Σ wᵢ ΔWᵢ; ``factors``: LoRA's A and B mixed separately,
+as in Polytropon), inputs (``input``: the candidates' prompts concatenated) or
+outputs (``output``: a weighted ensemble of the host's final logits).
 
 ``compile_plan`` turns a composition into a *plan*: for every site, one
-callable ``op(x, y) -> y'`` that the engine runs in the site's forward hook.
-Routing and aggregation nodes extend this file (``Mix``, ``Parallel``).
+callable ``op(x, y) -> y'`` that the engine runs in the site's forward hook
+(see :mod:`polymod.plan`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from polymod.errors import CompositionError, UnknownModuleError
 from polymod.modules.contract import Module
+from polymod.routing.base import Router, router_from_json
 
 SiteOp = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+AGGREGATES = ("sum", "mean", "attention", "delta", "factors", "input", "output")
 
-@dataclass(frozen=True, init=False)
+
+def _check_child(node: str, c: Any) -> None:
+    if not isinstance(c, (str, Stack, Mix, Parallel)):
+        raise CompositionError(f"{node} children must be module names or compositions, got {c!r}")
+
+
 class Stack:
     """Sequential composition: each child acts on the output of the previous one.
 
@@ -34,24 +50,121 @@ class Stack:
     adapter followed by its task adapter.
     """
 
-    children: tuple[Composition, ...]
+    __slots__ = ("children",)
 
     def __init__(self, *children: Composition):
         if not children:
             raise CompositionError("Stack() needs at least one child, e.g. Stack('en', 'task')")
         for c in children:
-            if not isinstance(c, (str, Stack)):
-                raise CompositionError(f"Stack children must be module names or compositions, got {c!r}")
-        object.__setattr__(self, "children", tuple(children))
+            _check_child("Stack", c)
+        self.children: tuple[Composition, ...] = tuple(children)
 
     def __str__(self) -> str:
         return f"Stack({', '.join(describe(c) for c in self.children)})"
+
+    __repr__ = __str__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Stack) and self.children == other.children
+
+    def __hash__(self) -> int:
+        return hash(("stack", self.children))
 
     def to_json(self) -> dict[str, Any]:
         return {"stack": [to_json(c) for c in self.children]}
 
 
-Composition = str | Stack
+class Mix:
+    """Routing and aggregation over candidates: ``y' = g({f_i}, r(x))``.
+
+    Args:
+        candidates: module names or compositions (at least one, no duplicates).
+        router: a router from :mod:`polymod.routing`; None means uniform weights 1/E
+            (``Static()``), i.e. representation averaging.
+        aggregate: ``sum`` (default), ``mean``, ``attention``, ``delta``, ``factors``,
+            ``input`` or ``output`` (see the module docstring).
+
+    Raises:
+        CompositionError: empty or duplicate candidates, unknown aggregate, a router
+            that is not a Router.
+    """
+
+    __slots__ = ("children", "router", "aggregate")
+
+    def __init__(self, candidates: Sequence[Composition], router: Router | None = None, aggregate: str = "sum"):
+        if isinstance(candidates, (str, Stack, Mix, Parallel)) or not isinstance(candidates, Sequence):
+            raise CompositionError(f"Mix takes a list of candidates, e.g. Mix(['a', 'b']), got {candidates!r}")
+        if not candidates:
+            raise CompositionError("Mix() needs at least one candidate, e.g. Mix(['a', 'b'])")
+        for c in candidates:
+            _check_child("Mix", c)
+        seen = [describe(c) for c in candidates]
+        dupes = sorted({s for s in seen if seen.count(s) > 1})
+        if dupes:
+            raise CompositionError(f"Mix candidates must be distinct, got {', '.join(dupes)} more than once")
+        if aggregate not in AGGREGATES:
+            raise CompositionError(f"Mix aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
+        if router is None:
+            from polymod.routing.fixed import Static
+
+            router = Static()
+        if not isinstance(router, Router):
+            raise CompositionError(f"Mix router must be a polymod router (e.g. pm.TopK(k=2)), got {router!r}")
+        self.children: tuple[Composition, ...] = tuple(candidates)
+        self.router = router
+        self.aggregate = aggregate
+
+    def __str__(self) -> str:
+        names = ", ".join(describe(c) for c in self.children)
+        return f"Mix([{names}], router={self.router}, aggregate={self.aggregate!r})"
+
+    __repr__ = __str__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mix) and self.to_json() == other.to_json()
+
+    def __hash__(self) -> int:
+        return hash(("mix", self.children, self.aggregate))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mix": [to_json(c) for c in self.children], "router": self.router.to_json(),
+                "aggregate": self.aggregate}
+
+
+class Parallel:
+    """One pass, one output per branch: the batch is replicated once per branch.
+
+    ``model(**batch)`` returns a tuple with one host output per branch (e.g.
+    several task heads over one shared encoder pass). Allowed at the root of a
+    composition or as the last child of a root Stack (``Stack("en", Parallel("a",
+    "b"))`` shares "en" between the branches).
+    """
+
+    __slots__ = ("children",)
+
+    def __init__(self, *branches: Composition):
+        if not branches:
+            raise CompositionError("Parallel() needs at least one branch, e.g. Parallel('a', 'b')")
+        for c in branches:
+            _check_child("Parallel", c)
+        self.children: tuple[Composition, ...] = tuple(branches)
+
+    def __str__(self) -> str:
+        return f"Parallel({', '.join(describe(c) for c in self.children)})"
+
+    __repr__ = __str__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Parallel) and self.children == other.children
+
+    def __hash__(self) -> int:
+        return hash(("parallel", self.children))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"parallel": [to_json(c) for c in self.children]}
+
+
+Composition = str | Stack | Mix | Parallel
 
 
 def describe(expr: Composition | None) -> str:
@@ -61,22 +174,46 @@ def describe(expr: Composition | None) -> str:
     return repr(expr) if isinstance(expr, str) else str(expr)
 
 
+def pretty(expr: Composition | None, indent: str = "") -> str:
+    """A multi-line, indented form of a composition (one node per line when long)."""
+    one = describe(expr)
+    if isinstance(expr, str) or expr is None or len(one) + len(indent) <= 100:
+        return indent + one
+    head = type(expr).__name__ + ("([" if isinstance(expr, Mix) else "(")
+    body = ",\n".join(pretty(c, indent + "    ") for c in expr.children)
+    tail = f"], router={expr.router}, aggregate={expr.aggregate!r})" if isinstance(expr, Mix) else ")"
+    return f"{indent}{head}\n{body}\n{indent}{tail}"
+
+
 def to_json(expr: Composition) -> Any:
-    """A JSON-ready form of a composition."""
+    """A JSON-ready form of a composition (routers as their configuration)."""
     return expr if isinstance(expr, str) else expr.to_json()
 
 
 def from_json(data: Any) -> Composition:
     """Rebuild a composition from :func:`to_json` output.
 
+    Learned router weights are not part of the JSON; load them with
+    ``router.load_state_dict``.
+
     Raises:
         CompositionError: the data is not a composition.
     """
     if isinstance(data, str):
         return data
-    if isinstance(data, dict) and set(data) == {"stack"} and isinstance(data["stack"], list):
-        return Stack(*(from_json(c) for c in data["stack"]))
-    raise CompositionError(f"not a composition: {data!r}; expected a module name or {{'stack': [...]}}")
+    if isinstance(data, dict):
+        keys = set(data)
+        if keys == {"stack"} and isinstance(data["stack"], list):
+            return Stack(*(from_json(c) for c in data["stack"]))
+        if keys == {"parallel"} and isinstance(data["parallel"], list):
+            return Parallel(*(from_json(c) for c in data["parallel"]))
+        if "mix" in keys and keys <= {"mix", "router", "aggregate"} and isinstance(data["mix"], list):
+            router = router_from_json(data["router"]) if "router" in data else None
+            return Mix([from_json(c) for c in data["mix"]], router=router, aggregate=data.get("aggregate", "sum"))
+    raise CompositionError(
+        f"not a composition: {data!r}; expected a module name, {{'stack': [...]}}, {{'parallel': [...]}} "
+        "or {'mix': [...], 'router': {...}, 'aggregate': ...}"
+    )
 
 
 def leaves(expr: Composition) -> list[str]:
@@ -86,40 +223,36 @@ def leaves(expr: Composition) -> list[str]:
     return [name for c in expr.children for name in leaves(c)]
 
 
+def mixes(expr: Composition) -> list[Mix]:
+    """Every Mix node of a composition, outermost first."""
+    if isinstance(expr, str):
+        return []
+    here = [expr] if isinstance(expr, Mix) else []
+    return here + [m for c in expr.children for m in mixes(c)]
+
+
 def validate(expr: Composition, library: Mapping[str, Module]) -> None:
-    """Check that every leaf names a module in ``library``.
+    """Check a composition against the attached modules, naming the invalid node.
 
     Raises:
         UnknownModuleError: a leaf is not in the library.
-        CompositionError: the expression is malformed.
+        CompositionError: a node is malformed or its router/aggregator cannot act on
+            its candidates (the message names the node and says why).
     """
-    if not isinstance(expr, (str, Stack)):
+    if not isinstance(expr, (str, Stack, Mix, Parallel)):
         raise CompositionError(f"use() takes a module name or a composition, got {type(expr).__name__}")
-    for name in leaves(expr):
-        if name not in library:
-            raise UnknownModuleError(
-                f"composition {describe(expr)} names module {name!r}, which is not attached; "
-                f"attached: {', '.join(library) or 'none'}. Add it with model.add({name!r}, spec) first."
-            )
+    from polymod.validation import check_tree
+
+    check_tree(expr, library)
 
 
-def _apply(part: torch.nn.Module) -> SiteOp:
-    add_into = getattr(part, "add_into", None)
-    if add_into is not None:
-        return add_into
-    return lambda x, y: y + part(x, y)
-
-
-def _chain(ops: list[SiteOp]) -> SiteOp:
-    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        for op in ops:
-            y = op(x, y)
-        return y
-
-    return run
-
-
-def compile_plan(expr: Composition | None, library: Mapping[str, Module], skip: set[str]) -> dict[str, SiteOp]:
+def compile_plan(
+    expr: Composition | None,
+    library: Mapping[str, Module],
+    skip: set[str],
+    state: Any = None,
+    layers: Mapping[str, torch.nn.Module] | None = None,
+) -> dict[str, SiteOp]:
     """Turn a composition into one op per site.
 
     Args:
@@ -127,16 +260,22 @@ def compile_plan(expr: Composition | None, library: Mapping[str, Module], skip: 
         library: attached modules by name.
         skip: names of modules already merged into the host weights (they act
             through the weights; running them again would count them twice).
+        state: the model's :class:`~polymod.routing.state.RoutingState` (needed by Mix nodes).
+        layers: host layers by site name (needed by parameter aggregation).
 
     Returns:
         site name → ``op(x, y) -> y'``.
     """
+    from polymod.plan import Env, compile_root
+
     if expr is None:
         return {}
-    per_site: dict[str, list[SiteOp]] = {}
-    for name in leaves(expr):
-        if name in skip:
-            continue
-        for site, part in library[name].items():
-            per_site.setdefault(site, []).append(_apply(part))
-    return {site: ops[0] if len(ops) == 1 else _chain(ops) for site, ops in per_site.items()}
+    return compile_root(expr, Env(library, skip, layers or {}, state))
+
+
+def unknown(name: str, expr: Composition, library: Mapping[str, Module]) -> UnknownModuleError:
+    """The error for a leaf that names no attached module."""
+    return UnknownModuleError(
+        f"composition {describe(expr)} names module {name!r}, which is not attached; "
+        f"attached: {', '.join(library) or 'none'}. Add it with model.add({name!r}, spec) first."
+    )

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ from polymod import compose, inputs
 from polymod import sites as sites_mod
 from polymod.errors import ConfigError, IncompatibleHostError, StateError, UnknownModuleError
 from polymod.modules.contract import Module, ModuleSpec
+from polymod.routing.state import RoutingState
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,127}$")
 
@@ -94,6 +95,8 @@ class Modular(nn.Module):
         self._active: compose.Composition | None = None
         self._plan: dict[str, compose.SiteOp] = {}
         self._merged: dict[str, dict[str, torch.Tensor]] = {}  # name -> site (or "site#bias") -> original
+        self.routing = RoutingState()  # routers of the active composition, per-call routing (see route())
+        self.routing.install(host)
 
     # -- library ---------------------------------------------------------------------------
 
@@ -241,7 +244,41 @@ class Modular(nn.Module):
         return self._active
 
     def _recompile(self) -> None:
-        self._plan = compose.compile_plan(self._active, self.library, skip=set(self._merged))
+        self.routing.sync_library(self.library)
+        self._plan = compose.compile_plan(self._active, self.library, skip=set(self._merged),
+                                          state=self.routing, layers=self._layers)
+
+    def route(self, rows: Sequence[Any] | None = None, *, task: Any = None,
+              names: Sequence[str | None] | None = None, spans: Sequence[Any] | None = None) -> Any:
+        """Per-call routing, as a context manager: ``with model.route([...]): host(**batch)``.
+
+        Args:
+            rows: one composition per row of the batch (a module name, a Stack of
+                names, or None for the host alone); replaces the active composition
+                inside the block. Rows are grouped once per call and every site
+                reuses the grouping (batched gather + bmm for LoRA).
+            task: task ids for task-level routers (``TaskRouter``, ``Polytropon``):
+                one id for the batch or one per row.
+            names: module names per row for ``ExampleRouter``.
+            spans: per row, ``(start, end, name)`` token spans for ``SpanRouter``.
+
+        Raises:
+            UnknownModuleError: a row names a module that is not attached.
+            CompositionError: a row is not a name, a Stack of names or None.
+            StateError: modules are merged into the host (they would act on every row).
+        """
+        return self.routing.route(self, rows, task, names, spans)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of the routers' auxiliary losses (load balancing, z-loss) of the last forward, or None.
+
+        Add it to the task loss before ``backward()``; the coefficients are the routers' own.
+        """
+        return self.routing.aux_loss()
+
+    def routing_stats(self) -> dict[str, dict[str, Any]]:
+        """Each active router's load per module, entropy and dropped tokens (accumulated until reset)."""
+        return self.routing.stats()
 
     def _layer(self, site: str) -> nn.Module:
         """The host module at ``site``: a layer, or for an input site the module whose call it is."""
@@ -349,6 +386,7 @@ class Modular(nn.Module):
         for handle in self._hooks.values():
             handle.remove()
         self._hooks.clear()
+        self.routing.uninstall()
         self._active = None
         self._plan = {}
         for name in list(self.library):
@@ -358,12 +396,22 @@ class Modular(nn.Module):
         return self.host
 
     def trainable_parameters(self, names: list[str] | None = None) -> Iterator[nn.Parameter]:
-        """Parameters requiring grad of the named modules (default: every attached module)."""
+        """Parameters requiring grad of the named modules (default: every attached module and active router)."""
         for name in names if names is not None else list(self.library):
             yield from (p for p in self[name].parameters() if p.requires_grad)
+        if names is None:
+            yield from (p for p in self.routing.parameters() if p.requires_grad)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Call the host's own forward (hooks apply the active composition)."""
+        """Call the host's own forward (hooks apply the active composition).
+
+        With a ``Parallel`` composition active this returns one output per branch;
+        with ``Mix(..., aggregate="output")`` the ensemble of the candidates' logits.
+        """
+        if self.routing.root is not None:
+            from polymod.aggregation.output import run_root
+
+            return run_root(self, self.routing.root, args, kwargs)
         return self.host(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:

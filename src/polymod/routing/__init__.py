@@ -1,1 +1,35 @@
-"""polymod.routing (see DESIGN.md)."""
+"""Routing functions (survey §4): which modules act on an input, with what weight.
+
+One file per router, each registering itself for composition JSON:
+:mod:`~polymod.routing.fixed` (Static, TaskRouter, ExampleRouter, SpanRouter),
+:mod:`~polymod.routing.softmax` (SoftmaxGate), :mod:`~polymod.routing.polytropon`
+(Polytropon / MHR), :mod:`~polymod.routing.topk` (TopK), :mod:`~polymod.routing.hash`
+(HashRouter), :mod:`~polymod.routing.attention` (AttentionFusion).
+"""
+
+from polymod.routing.attention import AttentionFusion
+from polymod.routing.base import Router, RouterStats, register_router, registered_routers, router_from_json
+from polymod.routing.fixed import ExampleRouter, SpanRouter, Static, TaskRouter
+from polymod.routing.groups import RowGroups
+from polymod.routing.hash import HashRouter
+from polymod.routing.polytropon import Polytropon
+from polymod.routing.softmax import SoftmaxGate
+from polymod.routing.topk import TopK
+
+__all__ = [
+    "AttentionFusion",
+    "ExampleRouter",
+    "HashRouter",
+    "Polytropon",
+    "Router",
+    "RouterStats",
+    "RowGroups",
+    "SoftmaxGate",
+    "SpanRouter",
+    "Static",
+    "TaskRouter",
+    "TopK",
+    "register_router",
+    "registered_routers",
+    "router_from_json",
+]

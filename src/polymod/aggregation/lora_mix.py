@@ -1,0 +1,128 @@
+"""Batched LoRA mixing: many LoRA modules at one site, in a few GEMMs.
+
+Δyᵢ = sᵢ Bᵢ Aᵢ x for E modules of rank r. Two formulations, chosen by the
+routing (measured in ``benchmarks/lora_formulations.py``):
+
+* **gather + bmm** for one module per row (per-example routing, ``RowGroups``):
+  stack A as (E+1, r, D_in) and sᵢBᵢᵀ as (E+1, r, D_out) — slot E is zero, for
+  host-only rows — gather one slice per row and run two batched matmuls, the
+  second fused with the addition (``baddbmm``). Cost: one rank-r LoRA per row,
+  whatever E is.
+* **concatenated rank** for dense weights (soft / top-k / task mixtures): one
+  GEMM against A stacked as (E·r, D_in), scale each module's r columns by its
+  weight, one GEMM against the stacked sᵢBᵢᵀ (E·r, D_out) fused with the
+  addition (``addmm``). Cost: one rank-E·r LoRA — right for a few experts.
+
+A third option, segment matmul (sort rows by module, one GEMM per module), is
+a loop over E at every site; it lost to gather + bmm at every E measured.
+
+When every row uses the same module the module's own fused ``add_into`` runs
+(no gather). Stacks are cached across forwards at inference
+(:class:`~polymod.aggregation.representation.StackCache`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from polymod.aggregation.representation import StackCache, Weights, expand, register_mixer
+from polymod.modules.lora import LoRAPart
+from polymod.routing.groups import RowGroups
+
+
+def _tensors(parts: Sequence[LoRAPart]) -> list[torch.Tensor]:
+    return [t for p in parts for t in (p.A, p.B)]
+
+
+def _stacked(parts: Sequence[LoRAPart], key: Hashable, cache: StackCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """A as (E+1, r, D_in) and sB ᵀ as (E+1, r, D_out), slot E zero."""
+
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.stack([p.A for p in parts] + [torch.zeros_like(parts[0].A)])  # (E+1, r, D_in)
+        b = torch.stack([p.B.t() * p.scaling for p in parts] + [torch.zeros_like(parts[0].B.t())])  # (E+1, r, D_out)
+        return a, b
+
+    return cache.get((key, "stack"), _tensors(parts), build)
+
+
+def _embedding_table(parts: Sequence[LoRAPart], key: Hashable, cache: StackCache) -> torch.Tensor:
+    """Aᵀ of every module, rows stacked: ((E+1)·V, r), the last V rows zero."""
+
+    def build() -> torch.Tensor:
+        return torch.cat([p.A.t() for p in parts] + [torch.zeros_like(parts[0].A.t())])  # ((E+1)·V, r)
+
+    return cache.get((key, "table"), _tensors(parts), build)
+
+
+def _concatenated(parts: Sequence[LoRAPart], key: Hashable, cache: StackCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """A as (E·r, D_in) and sBᵀ as (E·r, D_out)."""
+
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.cat([p.A for p in parts])  # (E·r, D_in)
+        b = torch.cat([p.B.t() * p.scaling for p in parts])  # (E·r, D_out)
+        return a, b
+
+    return cache.get((key, "cat"), _tensors(parts), build)
+
+
+def _dropout(parts: Sequence[LoRAPart], x: torch.Tensor) -> torch.Tensor | None:
+    """x after the parts' shared dropout; None when the parts' dropouts differ."""
+    rates = {getattr(p.dropout, "p", 0.0) for p in parts}
+    if len(rates) > 1:
+        return None
+    rate = rates.pop()
+    if rate > 0 and parts[0].dropout.training and parts[0].site_kind != "embedding":
+        return F.dropout(x, rate, training=True)
+    return x
+
+
+def lora_mixer(parts: Sequence[LoRAPart], x: torch.Tensor, y: torch.Tensor, w: Weights, key: Hashable,
+               cache: StackCache) -> torch.Tensor | None:
+    """y + Σᵢ wᵢ sᵢ Bᵢ Aᵢ x for LoRA parts of one rank and site kind (None: use the generic mixer)."""
+    p0 = parts[0]
+    if any(p.rank != p0.rank or p.site_kind != p0.site_kind for p in parts):
+        return None
+    if isinstance(w, RowGroups) and w.single is not None:
+        return parts[w.single].add_into(x, y)
+    x = _dropout(parts, x)
+    if x is None:
+        return None
+    if isinstance(w, RowGroups):
+        return _gather_bmm(parts, x, y, w, key, cache)
+    return _concat_rank(parts, x, y, w, key, cache)
+
+
+def _gather_bmm(parts: Sequence[LoRAPart], x: torch.Tensor, y: torch.Tensor, w: RowGroups, key: Hashable,
+                cache: StackCache) -> torch.Tensor:
+    rows, d_out = y.shape[0], y.shape[-1]
+    idx = w.padded_index()  # (B,) module per row, E for host-only rows
+    a, bt = _stacked(parts, key, cache)
+    if parts[0].site_kind == "embedding":
+        vocab = parts[0].A.shape[1]
+        table = _embedding_table(parts, key, cache)
+        h = F.embedding(x + idx.view(-1, *([1] * (x.dim() - 1))) * vocab, table)  # (B, T, r)
+        h = h.reshape(rows, -1, parts[0].rank)  # (B, T, r)
+    else:
+        x3 = x.reshape(rows, -1, x.shape[-1])  # (B, T, D_in)
+        h = torch.bmm(x3, a.index_select(0, idx).transpose(1, 2))  # (B, T, r)
+    out = torch.baddbmm(y.reshape(rows, -1, d_out), h, bt.index_select(0, idx))  # (B, T, D_out)
+    return out.view(y.shape)
+
+
+def _concat_rank(parts: Sequence[LoRAPart], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, key: Hashable,
+                 cache: StackCache) -> torch.Tensor:
+    a, bt = _concatenated(parts, key, cache)
+    if parts[0].site_kind == "embedding":
+        h = F.embedding(x, a.t())  # (B, T, E·r)
+    else:
+        h = F.linear(x, a)  # (…, E·r)
+    we = expand(w.to(h.dtype), y).repeat_interleave(parts[0].rank, dim=-1)  # (…, E·r)
+    h = h * we
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), bt)  # (N, D_out)
+    return out.view(y.shape)
+
+
+register_mixer(LoRAPart, lora_mixer)
