@@ -15,7 +15,7 @@ from polymod.hub.errors import InvalidNameError
 from polymod.hub.names import Ref, SemVer, check_name, check_owner, check_version
 from polymod.hub.package import card_bytes, parse_card
 
-FAST = int(os.environ.get("POLYMOD_FUZZ_EXAMPLES", "200"))
+FAST = int(os.environ.get("POLYMOD_FUZZ_EXAMPLES", "100"))
 
 
 @pytest.mark.parametrize("bad", ["..", "../etc", "a/b", "a..b", ".hidden", "a\x00b", "a\nb", "a b", "", "x" * 101,
