@@ -236,3 +236,15 @@ def test_composition_package_push_pull_attach(tmp_path, store):
     manual.use(pm.Stack("en", "senti"))
     assert torch.equal(logits(host, batch), logits(reference, batch))
     assert a.sha256 == package.card.lineage.parents[0].sha256
+
+
+def test_pull_refuses_hostile_file_names(tmp_path, store):
+    from polymod.hub.client import materialize
+
+    info = hub.push(make_package(tmp_path / "a"), "alice/m@1.0.0", hub=store)
+    evil = hub.VersionInfo(**{**info.to_dict(), "files": {**info.files, "../../escape.txt": info.files["module.json"]}})
+    with pytest.raises(hub.IntegrityError, match="only"):
+        materialize(evil, store.iter_blob, tmp_path / "out")
+    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "out").exists()
+    with pytest.raises(hub.InvalidNameError):
+        materialize(hub.VersionInfo(**{**info.to_dict(), "name": ".."}), store.iter_blob, tmp_path / "out")

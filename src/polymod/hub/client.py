@@ -78,6 +78,13 @@ def materialize(info: VersionInfo, read: Callable[[str], Iterator[bytes]], dest:
     """
     import hashlib
 
+    from polymod.hub.package import PACKAGE_FILES
+
+    # What a (possibly hostile) hub says is checked before it names a path: no traversal through file names.
+    names.check_owner(info.owner), names.check_name(info.name), names.check_version(info.version)
+    if not set(info.files) <= set(PACKAGE_FILES) or CARD_FILE not in info.files:
+        raise IntegrityError(f"{info.ref}: the hub lists files {sorted(info.files)[:5]!r:.200}; a package holds "
+                             f"{CARD_FILE} and only {PACKAGE_FILES}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
