@@ -1,0 +1,185 @@
+"""E7 — a multi-task fine-tuned host vs a frozen host with task modules and routing, at equal budget.
+
+Claim (survey §7/§8): instead of fine-tuning the whole host on a multi-task
+mixture (the instruction-tuning recipe), one can keep the host frozen, train
+one module per task and route among them; the modular system matches the
+multi-task host on its training tasks without interference and reuses its
+modules on held-out tasks.
+
+Design: host all-MiniLM-L6-v2. Training tasks: Rotten Tomatoes sentiment, BBC
+News topics, chatterbot language ID; held-out tasks: IMDB polarity and
+chatterbot topics. Equal training budget: the same examples and the same
+number of optimiser steps (batch 32) for both systems.
+
+* multi-task host: every host weight fine-tuned (lr 1e-4) on batches cycling
+  over the three tasks, each with its own new linear head (lr 3e-3);
+* modular host: the host frozen; one LoRA module per task (r = 8, queries and
+  values, lr 2e-3) with its own new head, each trained for a third of the steps;
+  on a training task the module is chosen by task id (``TaskRouter`` semantics).
+
+Held-out tasks get K = 64 labelled examples. Both systems fit a linear probe
+on their features of those 64 examples. The modular system then also learns a
+task-level router over its three frozen modules
+(``Mix(modules, router=Polytropon(n_tasks=1))``, 12 steps on the 64 examples,
+the probe fixed). The frozen host with a probe is the reference.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import common as C
+import numpy as np
+import torch
+
+import polymod as pm
+from polymod.compose import Mix
+from polymod.routing import Polytropon
+
+TRAIN, HELD_OUT = ("rt", "bbc", "lang"), ("imdb", "chat")
+
+
+def multitask_host(tasks, steps: int, seed: int):
+    C.set_seed(seed)
+    host = C.load_host()
+    host.requires_grad_(True)
+    heads = [torch.nn.Linear(host.config.hidden_size, t.classes) for t in tasks]
+    opt = torch.optim.AdamW([{"params": list(host.parameters()), "lr": 1e-4},
+                             {"params": [p for h in heads for p in h.parameters()], "lr": 3e-3}], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / steps)
+    streams = [itertools.cycle(list(t.train.batches(32, seed=seed))) for t in tasks]
+    start = time.perf_counter()
+    for step in range(steps):
+        i = step % len(tasks)
+        ids, mask, y = next(streams[i])
+        loss = torch.nn.functional.cross_entropy(heads[i](host(ids, mask)), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    host.requires_grad_(False)
+    return host, heads, time.perf_counter() - start
+
+
+def modular_host(tasks, steps: int, seed: int):
+    host = C.load_host()
+    model = pm.Modular(host)
+    heads, seconds = [], 0.0
+    per_task = steps // len(tasks)
+    for t in tasks:
+        C.set_seed(seed)
+        head = torch.nn.Linear(host.config.hidden_size, t.classes)
+        model.add(t.name, pm.LoRA(rank=8, sites="attn.q|attn.v"))
+        model.use(t.name)
+        stats = C.train_loop([{"params": list(model.trainable_parameters([t.name])), "lr": 2e-3},
+                              {"params": list(head.parameters()), "lr": 3e-3}], C.headed(host, head), t.train,
+                             per_task / -(-len(t.train) // 32), 2e-3, seed=seed)
+        model[t.name].requires_grad_(False)
+        head.requires_grad_(False)
+        heads.append(head)
+        seconds += stats["seconds"]
+    model.use(None)
+    return model, heads, seconds
+
+
+def held_out_modular(model, task, seed: int, router_steps: int) -> tuple[float, float]:
+    """(probe on the frozen host, probe + learned Polytropon mix of the modules) accuracy."""
+    model.use(None)
+    head = C.probe(model.host, task, seed)
+    plain = C.accuracy(C.headed(model.host, head), task.test)
+    router = Polytropon(n_tasks=1)
+    model.use(Mix(list(TRAIN), router=router))
+    C.set_seed(seed)
+    opt = torch.optim.AdamW(router.parameters(), lr=5e-2, weight_decay=0.0)
+    router.train()
+    batches = itertools.cycle(list(task.train.batches(32, seed=seed)))
+    for _ in range(router_steps):
+        ids, mask, y = next(batches)
+        with model.route(task=0):
+            loss = torch.nn.functional.cross_entropy(head(model.host(ids, mask)), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    router.eval()
+    with model.route(task=0):
+        routed = C.accuracy(C.headed(model.host, head), task.test)
+    model.use(None)
+    return plain, routed
+
+
+def run_seed(seed: int, n_train: int, n_test: int, shots: int, epochs: float, router_steps: int) -> dict:
+    tasks = [C.load_task(t, n_train, n_test, seed) for t in TRAIN]
+    held = [C.load_task(t, shots, n_test, seed) for t in HELD_OUT]
+    steps = round(epochs * sum(-(-len(t.train) // 32) for t in tasks))
+    mt, mt_heads, mt_seconds = multitask_host(tasks, steps, seed)
+    model, heads, mod_seconds = modular_host(tasks, steps, seed)
+    r = {"steps": steps, "mt_seconds": mt_seconds, "mod_seconds": mod_seconds}
+    for t, h_mt, h_mod in zip(tasks, mt_heads, heads):
+        r[f"mt/{t.name}"] = C.accuracy(C.headed(mt, h_mt), t.test)
+        model.use(t.name)
+        r[f"modular/{t.name}"] = C.accuracy(C.headed(model.host, h_mod), t.test)
+    model.use(None)
+    for t in held:
+        r[f"mt/{t.name}"] = C.accuracy(C.headed(mt, C.probe(mt, t, seed)), t.test)
+        r[f"frozen/{t.name}"], r[f"modular/{t.name}"] = held_out_modular(model, t, seed, router_steps)
+    return r
+
+
+def main(argv=None) -> dict:
+    args = C.setup(__doc__.splitlines()[0], argv)
+    started = time.perf_counter()
+    if args.quick:
+        seeds, n_train, n_test, shots, epochs, router_steps = (0,), 128, 120, 64, 2.0, 6
+    else:
+        seeds, n_train, n_test, shots, epochs, router_steps = (0, 1, 2), 320, 200, 64, 2.0, 12
+    runs = [run_seed(s, n_train, n_test, shots, epochs, router_steps) for s in seeds]
+
+    def ms(key):
+        return C.mean_std([r[key] for r in runs])
+
+    rows = [[f"{t} (training task)", "", ms(f"mt/{t}"), ms(f"modular/{t}")] for t in TRAIN]
+    rows += [[f"{t} (held out, K = {shots})", ms(f"frozen/{t}"), ms(f"mt/{t}"), ms(f"modular/{t}")] for t in HELD_OUT]
+    mean = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
+    train_mt = float(np.mean([mean[f"mt/{t}"] for t in TRAIN]))
+    train_mod = float(np.mean([mean[f"modular/{t}"] for t in TRAIN]))
+    held_mt = float(np.mean([mean[f"mt/{t}"] for t in HELD_OUT]))
+    held_mod = float(np.mean([mean[f"modular/{t}"] for t in HELD_OUT]))
+    held_frozen = float(np.mean([mean[f"frozen/{t}"] for t in HELD_OUT]))
+    rows.append(["mean, training tasks", "", f"{train_mt:.3f}", f"{train_mod:.3f}"])
+    rows.append(["mean, held-out tasks", f"{held_frozen:.3f}", f"{held_mt:.3f}", f"{held_mod:.3f}"])
+    table = C.markdown_table(["task", "frozen host + probe", "multi-task fine-tuned host", "frozen host + modules"],
+                             rows)
+    verdict = (f"Training tasks: multi-task host {train_mt:.3f} vs modular {train_mod:.3f}. Held-out tasks "
+               f"(K = {shots}): multi-task host {held_mt:.3f} vs modular with a learned router {held_mod:.3f} "
+               f"(frozen host alone {held_frozen:.3f}). Training time at equal steps: multi-task "
+               f"{mean['mt_seconds']:.0f} s vs modular {mean['mod_seconds']:.0f} s.")
+
+    plt = C.pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = [*TRAIN, *HELD_OUT]
+    x = np.arange(len(names))
+    ax.bar(x - 0.27, [mean.get(f"frozen/{t}", np.nan) for t in names], 0.27, label="frozen host + probe", color="C7")
+    ax.bar(x, [mean[f"mt/{t}"] for t in names], 0.27, label="multi-task fine-tuned host", color="C3")
+    ax.bar(x + 0.27, [mean[f"modular/{t}"] for t in names], 0.27, label="frozen host + modules/routing", color="C0")
+    ax.axvline(len(TRAIN) - 0.5, color="k", lw=0.8)
+    ax.set_xticks(x, [*TRAIN, *[f"{t}\n(held out)" for t in HELD_OUT]])
+    ax.set(ylabel="test accuracy", ylim=(0, 1), title=f"equal budget: {runs[0]['steps']} steps of 32")
+    ax.legend(fontsize=8, loc="lower left")
+    body = f"""{__doc__.split(chr(10), 1)[1].strip()}
+
+Seeds {list(seeds)}; {n_train} training / {n_test} test examples per task, {runs[0]['steps']} optimiser steps in
+total for each system ({epochs:g} epochs of the mixture), max length {C.MAX_LENGTH}. Mean ± std over seeds.
+
+{table}
+
+**Outcome.** {verdict}
+"""
+    C.write_report(args, "e7_multitask_vs_modular", "E7 — multi-task fine-tuned host vs modular host", body, fig,
+                   started)
+    return {"mean": mean, "train_mt": train_mt, "train_mod": train_mod, "held_mt": held_mt, "held_mod": held_mod,
+            "held_frozen": held_frozen}
+
+
+if __name__ == "__main__":
+    main()
