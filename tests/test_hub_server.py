@@ -143,7 +143,6 @@ def test_tampered_blob_on_server_is_rejected_on_pull(tmp_path, server):
     assert not (tmp_path / "out").exists() and not client.cache.has_blob(info.files[WEIGHTS_FILE]["sha256"])
 
 
-@pytest.mark.slow
 def test_fifty_concurrent_pushes_all_present_none_corrupt(tmp_path, server):
     url, store, tokens = server
     packages = [make_package(tmp_path / f"p{i}", seed=i, rank=1 + i % 3) for i in range(10)]
@@ -177,7 +176,6 @@ def _start_upload(port: int, token: str, declared: int, sent: int) -> socket.soc
     return sock
 
 
-@pytest.mark.slow
 def test_server_killed_during_upload_leaves_no_partial_version(tmp_path):
     root, port = tmp_path / "server", free_port()
     store = hub.Store(root)
