@@ -201,7 +201,7 @@ def test_a_router_serves_one_mix():
 def test_mix_of_compositions_combines_their_contributions():
     host, model = _model()
     batch = make_batch("llama")
-    base = logits(host.eval(), batch) if False else _run(host, model, None, batch)
+    base = _run(host, model, None, batch)
     ab, c = _run(host, model, Stack("a", "b"), batch), _run(host, model, "c", batch)
     mixed = _run(host, model, Mix([Stack("a", "b"), "c"], router=Static([1.0, 1.0])), batch)
     assert not torch.allclose(mixed, ab, atol=1e-4) and not torch.allclose(mixed, base, atol=1e-4)

@@ -221,8 +221,6 @@ def _spec(method: str, weights: Sequence[float] | None, n: int, seed: int, param
         raise ConfigError(f"weights must be a list with one number per module ({n}), got {weights!r}")
     per_input = {k: tuple(v) if isinstance(v, Sequence) else (v,) * n
                  for k, v in params.items() if k in ("density", "gamma")}
-    if params.get("trim") == "global" and sparsify != "magnitude":
-        raise ConfigError(f"trim='global' applies to magnitude trimming (ties, magnitude_prune), not {method}")
     return MergeSpec(method, tuple(weights), seed=seed, **per_input,
                      **{k: v for k, v in params.items() if k not in per_input})
 

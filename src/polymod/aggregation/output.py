@@ -93,9 +93,8 @@ def _logits(out: Any) -> torch.Tensor:
 def combine(outputs: Sequence[Any], weights: torch.Tensor) -> Any:
     """Σᵢ wᵢ logitsᵢ for outputs of one call and weights (R, E); the first output's type, logits only."""
     stacked = torch.stack([_logits(o) for o in outputs])  # (E, B, …, V)
-    w = weights.to(stacked.dtype)
-    w = w.view(w.shape[0], *([1] * (stacked.dim() - 2)), w.shape[-1])  # (R, 1, …, E)
-    logits = torch.einsum("eb...v,b...e->b...v", stacked, w.expand(*stacked.shape[1:-1], w.shape[-1]))
+    w = weights.to(stacked.dtype)  # (R, E), R = 1 or B
+    logits = sum(w[:, e].view(-1, *([1] * (stacked.dim() - 2))) * stacked[e] for e in range(stacked.shape[0]))
     first = outputs[0]
     return logits if isinstance(first, torch.Tensor) else type(first)(logits=logits)
 

@@ -78,7 +78,7 @@ class ParameterMixOp:
         tensors = [t for p in self.parts for t in p.parameters()]
         deltas = self.state.cache.get(self.key, tensors, lambda: torch.stack(
             [p.delta_weight(self.layer) for p in self.parts]))  # (E, *W.shape)
-        dw = torch.einsum("re,e...->r...", w.to(deltas.dtype), deltas)  # (R, *W.shape)
+        dw = torch.einsum("ne,e...->n...", w.to(deltas.dtype), deltas)  # (R, *W.shape)
         out = y + _apply_weight(self.kind, x, dw, y.shape)
         biases = [p.delta_bias(self.layer) if hasattr(p, "delta_bias") else None for p in self.parts]
         if any(b is not None for b in biases):
@@ -92,14 +92,14 @@ class ParameterMixOp:
         if w.dim() == 3:  # MHR: (R, H, E), block h of A's input and B's output mixed by head h
             heads = w.shape[1]
             e, r, d_in = a.shape
-            a = torch.einsum("rhe,eihd->rihd", w, a.view(e, r, heads, d_in // heads))  # (R, r, H, D_in/H)
+            a = torch.einsum("nhe,eihd->nihd", w, a.view(e, r, heads, d_in // heads))  # (R, r, H, D_in/H)
             a = a.reshape(-1, r, d_in)  # (R, r, D_in)
             d_out = b.shape[1]
-            b = torch.einsum("rhe,ehor->rhor", w, b.view(e, heads, d_out // heads, r))  # (R, H, D_out/H, r)
+            b = torch.einsum("nhe,ehor->nhor", w, b.view(e, heads, d_out // heads, r))  # (R, H, D_out/H, r)
             b = b.reshape(-1, d_out, r)  # (R, D_out, r)
         else:
-            a = torch.einsum("re,eid->rid", w, a)  # (R, r, D_in)
-            b = torch.einsum("re,eor->ror", w, b)  # (R, D_out, r)
+            a = torch.einsum("ne,eid->nid", w, a)  # (R, r, D_in)
+            b = torch.einsum("ne,eor->nor", w, b)  # (R, D_out, r)
         if self.kind == "embedding":
             h = _embed_rows(x, a.transpose(1, 2))  # (B, T, r)
         else:
