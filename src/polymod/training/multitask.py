@@ -18,7 +18,7 @@ trainer restores the previously active composition afterwards.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ import numpy as np
 
 from polymod.errors import ConfigError
 from polymod.training.data import EpochStream, as_dataset
-from polymod.training.evaluate import Metric
+from polymod.training.evaluate import Metric, evaluate
 
 Route = Any  # a composition (str, Stack, Mix, ...) or a callable returning a context manager
 
@@ -141,6 +141,35 @@ def as_tasks(data: Any, eval_data: Any = None) -> dict[str | None, Task]:
     return {None: Task(train=data, eval=eval_data)}
 
 
-def route_of(tasks: Mapping[str | None, Task]) -> Callable[[str | None], Route]:
-    """Look-up of a task's route."""
-    return lambda name: tasks[name].route
+def evaluate_tasks(model: Any, tasks: Mapping[str | None, Task], *, metrics: Mapping[str, Metric] | None = None,
+                   batch_size: int = 32, **evaluate_args: Any) -> dict[str, float]:
+    """Evaluate every task that has evaluation data, each under its own routing.
+
+    Args:
+        model: the modular model.
+        tasks: name → :class:`Task` (the name ``None`` for a single unnamed task).
+        metrics: default metrics (a task's own ``metrics`` replace them).
+        batch_size: examples per forward pass.
+        evaluate_args: passed to :func:`~polymod.training.evaluate.evaluate` (``loss_fn``, ``device``, ``autocast``).
+
+    Returns:
+        ``{metric: value}`` for the unnamed task; ``{"<task>/<metric>": value}`` plus
+        ``{"mean/<metric>": value}`` (the unweighted mean over tasks) when there are several.
+    """
+    out: dict[str, float] = {}
+    per_task: dict[str, dict[str, float]] = {}
+    for name, task in tasks.items():
+        if task.eval is None:
+            continue
+        with routing(model, task.route):
+            result = evaluate(model, task.eval, metrics=task.metrics or metrics, batch_size=batch_size,
+                              **evaluate_args)
+        if name is None:
+            out.update(result)
+        else:
+            per_task[name] = result
+            out.update({f"{name}/{k}": v for k, v in result.items()})
+    if len(per_task) > 1:
+        shared = set.intersection(*(set(r) for r in per_task.values()))
+        out.update({f"mean/{k}": sum(r[k] for r in per_task.values()) / len(per_task) for k in sorted(shared)})
+    return out

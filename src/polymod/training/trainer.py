@@ -39,9 +39,9 @@ from polymod.training import checkpoint
 from polymod.training import distributed as ddp
 from polymod.training.config import TrainConfig
 from polymod.training.data import fetch, host_inputs, tokens_of
-from polymod.training.evaluate import METRICS, LossFn, Metric, evaluate, host_loss
+from polymod.training.evaluate import METRICS, LossFn, Metric, host_loss
 from polymod.training.host import HostGuard, resolve_trainables
-from polymod.training.multitask import TaskStream, as_tasks, routing
+from polymod.training.multitask import TaskStream, as_tasks, evaluate_tasks, routing
 from polymod.training.optim import autocast_dtype, autocast_factory, build_optimizer, grad_scaler
 from polymod.training.progress import MetricsLog, ProgressBar
 
@@ -181,30 +181,10 @@ class Trainer:
         return result
 
     def evaluate(self) -> dict[str, float]:
-        """Evaluate every task that has evaluation data, under its routing.
-
-        Returns:
-            ``{metric: value}`` for a single task; ``{"<task>/<metric>": value}`` plus
-            ``{"mean/<metric>": value}`` (the unweighted mean over tasks) for several.
-        """
-        out: dict[str, float] = {}
-        per_task: dict[str, dict[str, float]] = {}
-        size = self.config.eval_batch_size or self.config.batch_size
-        for name, task in self.tasks.items():
-            if task.eval is None:
-                continue
-            with routing(self.model, task.route):
-                result = evaluate(self.model, task.eval, metrics=task.metrics or self.metrics, batch_size=size,
-                                  loss_fn=self.loss_fn, device=self.device, autocast=self.autocast)
-            if name is None:
-                out.update(result)
-            else:
-                per_task[name] = result
-                out.update({f"{name}/{k}": v for k, v in result.items()})
-        if len(per_task) > 1:
-            shared = set.intersection(*(set(r) for r in per_task.values()))
-            out.update({f"mean/{k}": float(np.mean([r[k] for r in per_task.values()])) for k in sorted(shared)})
-        return out
+        """Evaluate every task that has evaluation data, under its routing (see :func:`evaluate_tasks`)."""
+        return evaluate_tasks(self.model, self.tasks, metrics=self.metrics, loss_fn=self.loss_fn,
+                              batch_size=self.config.eval_batch_size or self.config.batch_size,
+                              device=self.device, autocast=self.autocast)
 
     # -- one step --------------------------------------------------------------------------
 
@@ -259,8 +239,8 @@ class Trainer:
         record = {"kind": "eval", "step": state.step, **results}
         state.history.append(record)
         log.write(record)
-        key = cfg.monitor if cfg.monitor in results else f"mean/{cfg.monitor}"  # several tasks: their mean
-        if key not in results:
+        key = _monitored(cfg.monitor, results)
+        if key is None:
             raise ConfigError(f"monitor {cfg.monitor!r} is not an evaluation result; "
                               f"results are: {', '.join(sorted(results))}")
         value = results[key]
@@ -335,6 +315,16 @@ class Trainer:
                                                                     early["bad_evals"])
         state.history, state.window, state.best_weights = meta["history"], meta["window"], ckpt["best"]
         log.truncate_after(state.step)
+
+
+def _monitored(monitor: str, results: Mapping[str, float]) -> str | None:
+    """The result key ``monitor`` means: itself, else the mean over tasks, else the one task's value."""
+    if monitor in results:
+        return monitor
+    if f"mean/{monitor}" in results:
+        return f"mean/{monitor}"
+    ends = [k for k in results if k.endswith(f"/{monitor}")]
+    return ends[0] if len(ends) == 1 else None
 
 
 def _aux_loss(model: nn.Module) -> torch.Tensor | None:
