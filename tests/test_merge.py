@@ -10,26 +10,10 @@ import torch
 import polymod as pm
 from polymod.aggregation.merge import merge, weights_sha256
 from polymod.aggregation.sparsify import dare_mask, mask_seed
-from polymod.modules.contract import Module
-from polymod.modules.delta import Delta
 from polymod.modules.ia3 import IA3
 from polymod.modules.sparse import SparseFT
-from polymod.sites import Site
 from tests.hosts import logits, make_batch, make_host, randomize
-
-
-def delta_module(tensors: dict[str, list[list[float]]], name: str | None = None) -> Module:
-    """A dense delta module with hand-made ΔW at made-up linear sites (rows = D_out)."""
-    sites = [Site(s, "linear", len(t[0]), len(t)) for s, t in tensors.items()]
-    spec = Delta(sites="|".join(tensors))
-    parts = [spec.build_part(s, None) for s in sites]
-    with torch.no_grad():
-        for p, t in zip(parts, tensors.values()):
-            p.weight.copy_(torch.tensor(t))
-    module = Module(spec, sites, parts)
-    module.card.name = name
-    return module
-
+from tests.merge_helpers import delta_module, one_thread  # noqa: F401 - one_thread is an autouse fixture
 
 T1 = [[1.0, -2.0, 0.5], [3.0, -0.1, 0.2]]
 T2 = [[-1.5, 1.0, 0.4], [2.0, 0.3, -4.0]]

@@ -21,6 +21,7 @@ from polymod.aggregation.shards import Checkpoint
 from polymod.cli import app
 from polymod.sites import named_layers
 from tests.hosts import logits, make_batch, make_host
+from tests.merge_helpers import one_thread  # noqa: F401 - an autouse fixture
 
 SPECS = [
     MergeSpec("ties", (1.0, 0.5, 0.8), (0.2, 0.3, 0.5)),
