@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(PY) -m polymod.demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks experiments
+	$(VENV)/bin/ruff check .
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q
