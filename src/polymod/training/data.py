@@ -50,7 +50,7 @@ class Columns:
     def take(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """The batch of rows ``indices``."""
         idx = torch.as_tensor(indices, dtype=torch.long)
-        return {k: v.index_select(0, idx) for k, v in self.columns.items()}
+        return {k: v.index_select(0, idx.to(v.device)) for k, v in self.columns.items()}
 
 
 def as_dataset(data: Any) -> Any:

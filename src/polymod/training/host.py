@@ -8,6 +8,7 @@ tensors are compared, by sha256, with what they were on entry.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -78,11 +79,15 @@ def resolve_trainables(model: nn.Module, train: Any) -> dict[str, nn.Module]:
     return out
 
 
-def host_digests(host: nn.Module) -> dict[str, str]:
-    """sha256 of every parameter and buffer of ``host``."""
-    from polymod.hub.format import tensor_sha256
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes, read in place for contiguous CPU tensors (no copy, so no memory peak)."""
+    raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)  # (bytes,)
+    return hashlib.sha256(raw.numpy()).hexdigest()
 
-    return {name: tensor_sha256(t) for name, t in host.state_dict(keep_vars=True).items()
+
+def host_digests(host: nn.Module) -> dict[str, str]:
+    """sha256 of every parameter and buffer of ``host`` (each tied tensor once per name)."""
+    return {name: tensor_digest(t) for name, t in host.state_dict(keep_vars=True).items()
             if isinstance(t, torch.Tensor)}
 
 
