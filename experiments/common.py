@@ -120,6 +120,11 @@ class Data:
             yield self.ids[idx, :width], mask[:, :width], self.labels[idx]
 
 
+def subset(data: Data, idx: torch.Tensor) -> Data:
+    """The rows ``idx`` of ``data``."""
+    return Data(data.ids[idx], data.mask[idx], data.labels[idx])
+
+
 def encode(split: assets.TextSplit, max_length: int = MAX_LENGTH) -> Data:
     """Tokenise a split once."""
     enc = tokenizer()(split.texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
@@ -128,12 +133,17 @@ def encode(split: assets.TextSplit, max_length: int = MAX_LENGTH) -> Data:
 
 @dataclass
 class Task:
-    """A classification task: name, class count, train and test data."""
+    """A classification task: name, class count, train and test data, and an optional probe split.
+
+    The probe split (disjoint from train and test) is where a fixed linear head is fitted: a head
+    fitted on the training examples themselves would leave a module trained through it no loss to reduce.
+    """
 
     name: str
     classes: int
     train: Data
     test: Data
+    probe: Data | None = None
 
 
 def _balanced(data: assets.TextSplit, per_class: int, seed: int) -> assets.TextSplit:
@@ -177,29 +187,34 @@ def raw_task(name: str) -> tuple[assets.TextSplit, int]:
 _RAW: dict[str, tuple[assets.TextSplit, int]] = {}
 
 
-def load_task(name: str, train: int, test: int, seed: int = 0, max_length: int = MAX_LENGTH) -> Task:
-    """A class-balanced task with about ``train`` training and ``test`` test examples (seeded, disjoint).
+def load_task(name: str, train: int, test: int, seed: int = 0, max_length: int = MAX_LENGTH,
+              probe: int = 0) -> Task:
+    """A class-balanced task with about ``train`` training, ``test`` test and ``probe`` probe examples.
 
-    Classes smaller than their share give what they have (chatterbot topics are imbalanced).
+    The three splits are seeded and disjoint. Classes smaller than their share give what they have
+    (chatterbot topics are imbalanced), in the same proportions.
     """
     if name not in _RAW:
         _RAW[name] = raw_task(name)
     data, classes = _RAW[name]
-    per_class = -(-(train + test) // classes)
+    total = train + test + probe
+    per_class = -(-total // classes)
     pool = _balanced(data, per_class, seed)
     by_class: dict[int, list[int]] = {}
     for i, y in enumerate(pool.labels):
         by_class.setdefault(y, []).append(i)
-    tr_idx, te_idx = [], []
-    for idx in by_class.values():  # the same train:test ratio inside every class
-        cut = round(len(idx) * train / (train + test))
+    tr_idx, te_idx, pr_idx = [], [], []
+    for idx in by_class.values():  # the same train:test:probe ratio inside every class
+        cut, cut2 = round(len(idx) * train / total), round(len(idx) * (train + test) / total)
         tr_idx += idx[:cut]
-        te_idx += idx[cut:]
+        te_idx += idx[cut:cut2]
+        pr_idx += idx[cut2:]
 
     def take(idx: list[int]) -> assets.TextSplit:
         return assets.TextSplit([pool.texts[i] for i in idx], [pool.labels[i] for i in idx])
 
-    return Task(name, classes, encode(take(tr_idx), max_length), encode(take(te_idx), max_length))
+    return Task(name, classes, encode(take(tr_idx), max_length), encode(take(te_idx), max_length),
+                encode(take(pr_idx), max_length) if probe else None)
 
 
 # -- training and evaluation --------------------------------------------------------------
@@ -353,8 +368,9 @@ def pyplot():
 
 
 def probe(host: nn.Module, task: Task, seed: int = 0) -> nn.Linear:
-    """A frozen linear probe for ``task`` on the (frozen, module-free) host's features."""
-    return fit_probe(features(host, task.train), task.train.labels, task.classes, seed=seed)
+    """A frozen linear probe for ``task`` on the host's features of its probe split (else its training split)."""
+    data = task.probe if task.probe is not None else task.train
+    return fit_probe(features(host, data), data.labels, task.classes, seed=seed)
 
 
 def headed(host: nn.Module, head: nn.Module) -> Callable:
@@ -362,7 +378,7 @@ def headed(host: nn.Module, head: nn.Module) -> Callable:
     return lambda ids, mask: head(host(ids, mask))
 
 
-def train_module(model, name: str, spec, task: Task, head: nn.Module, epochs: float = 2.0, lr: float = 2e-3,
+def train_module(model, name: str, spec, task: Task, head: nn.Module, epochs: float = 2.0, lr: float = 4e-3,
                  seed: int = 0) -> dict[str, float]:
     """Attach ``spec`` as ``name``, train it alone on ``task`` through the fixed ``head``; leaves nothing active."""
     set_seed(seed)
@@ -374,7 +390,7 @@ def train_module(model, name: str, spec, task: Task, head: nn.Module, epochs: fl
     return stats
 
 
-def accuracy_of(model, module, task: Task, head: nn.Module, name: str = "_eval") -> float:
+def accuracy_of(model, module, task: Task, head: nn.Module, name: str = "eval-tmp") -> float:
     """Test accuracy of the host with ``module`` merged into its weights (None: the bare host)."""
     if module is None:
         return accuracy(headed(model.host, head), task.test)

@@ -7,8 +7,9 @@ both specialists. A random direction of the same norm per weight is the control
 for "any perturbation this large hurts".
 
 Design: host all-MiniLM-L6-v2 (frozen). For each task a linear probe is fitted
-on the frozen host's features and then *fixed*; a LoRA module (r = 8 on the
-attention queries and values) is trained through that fixed head. Every edited
+on the frozen host's features of a separate probe split and then *fixed*; a
+LoRA module (r = 8 on the attention queries and values) is trained through that
+fixed head on the training split. Every edited
 model is therefore evaluated with the same heads, so accuracy changes come from
 the task vectors alone. Edits are made with ``pm.merge`` (task arithmetic with
 negative or positive weights) and merged into the host for evaluation.
@@ -33,8 +34,8 @@ SCALES = (0.5, 1.0, 2.0)
 
 def random_like(model: pm.Modular, module: pm.Module, seed: int) -> pm.Module:
     """A LoRA of the same rank and sites whose ΔW has, per site, the same Frobenius norm as ``module``'s."""
-    model.add("_rand", pm.LoRA(rank=module.spec.rank, sites=module.spec.sites))
-    rand = model.remove("_rand")
+    model.add("random-direction", pm.LoRA(rank=module.spec.rank, sites=module.spec.sites))
+    rand = model.remove("random-direction")
     gen = torch.Generator().manual_seed(seed)
     target = module.delta()
     with torch.no_grad():
@@ -45,22 +46,23 @@ def random_like(model: pm.Modular, module: pm.Module, seed: int) -> pm.Module:
     return rand
 
 
-def run_seed(seed: int, n_train: int, n_test: int, epochs: float) -> dict[str, float]:
+def run_seed(seed: int, n_train: int, n_test: int, n_probe: int, epochs: float) -> dict[str, float]:
     C.set_seed(seed)
     host = C.load_host()
     model = pm.Modular(host)
-    a, b = C.load_task("rt", n_train, n_test, seed), C.load_task("lang", n_train, n_test, seed)
+    a, b = (C.load_task(t, n_train, n_test, seed, probe=n_probe) for t in ("rt", "lang"))
     heads = {t.name: C.probe(host, t, seed) for t in (a, b)}
     spec = pm.LoRA(rank=8, sites="attn.q|attn.v")
+    r: dict[str, float] = {}
     for t in (a, b):
-        C.train_module(model, t.name, spec, t, heads[t.name], epochs=epochs, seed=seed)
+        stats = C.train_module(model, t.name, spec, t, heads[t.name], epochs=epochs, seed=seed)
+        r[f"loss first/{t.name}"], r[f"loss last/{t.name}"] = stats["loss_first"], stats["loss_last"]
     tau = {t.name: model.remove(t.name) for t in (a, b)}
     rand = random_like(model, tau["rt"], seed)
 
     def acc(module, task):
         return C.accuracy_of(model, module, task, heads[task.name])
 
-    r: dict[str, float] = {}
     for t in (a, b):
         r[f"host/{t.name}"] = acc(None, t)
         r[f"specialist/{t.name}"] = acc(tau[t.name], t)
@@ -82,8 +84,9 @@ def run_seed(seed: int, n_train: int, n_test: int, epochs: float) -> dict[str, f
 def main(argv=None) -> dict:
     args = C.setup(__doc__.splitlines()[0], argv)
     started = time.perf_counter()
-    seeds, n_train, n_test, epochs = ((0,), 160, 160, 2.0) if args.quick else ((0, 1, 2), 600, 300, 2.0)
-    runs = [run_seed(s, n_train, n_test, epochs) for s in seeds]
+    seeds, n_train, n_test, n_probe, epochs = ((0,), 320, 160, 128, 2.0) if args.quick else \
+        ((0, 1, 2), 640, 300, 256, 2.0)
+    runs = [run_seed(s, n_train, n_test, n_probe, epochs) for s in seeds]
     m = {k: [r[k] for r in runs] for k in runs[0]}
 
     def cell(k):
@@ -137,9 +140,11 @@ def main(argv=None) -> dict:
     axes[1].legend(fontsize=8)
     body = f"""{__doc__.split(chr(10), 1)[1].strip()}
 
-Seeds: {list(seeds)} (probe, module training and random direction); {n_train} training / {n_test} test
-examples per task (class-balanced), LoRA trained {epochs:g} epochs with AdamW (lr 2e-3, linear decay), max length
-{C.MAX_LENGTH} tokens. Cells: mean ± std over seeds.
+Seeds: {list(seeds)} (probe, module training and random direction); {n_train} training / {n_test} test /
+{n_probe} probe examples per task (class-balanced), LoRA trained {epochs:g} epochs with AdamW (lr 4e-3, linear
+decay, batch 32), max length {C.MAX_LENGTH} tokens. Cells: mean ± std over seeds. Training loss (mean of the first
+/ last 10 steps): RT {cell("loss first/rt")} → {cell("loss last/rt")}, lang-ID {cell("loss first/lang")} →
+{cell("loss last/lang")}.
 
 {table}
 

