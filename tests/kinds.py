@@ -29,7 +29,8 @@ KINDS: dict[str, tuple[Callable[[str], Any], bool]] = {
     "sparse-random": (lambda family: SparseFT(density=0.05), True),
     "sparse-magnitude-embed": (lambda family: SparseFT(density=0.1, mask="magnitude", sites="embed|ffn.out"), True),
     "delta": (lambda family: Delta(sites="attn.q|ffn.out"), True),
-    "delta-bias-embed": (lambda family: Delta(bias=True, sites="embed|attn.v|attn.o"), True),
+    "delta-bias-embed": (  # Llama and T5 attention layers have no bias
+        lambda family: Delta(bias=True, sites="embed|attn.v|attn.o") if family in ("bert", "gpt2") else None, True),
     "adapter-pfeiffer": (lambda family: Adapter(), True),
     "adapter-houlsby-norms": (lambda family: Adapter(placement="houlsby", norm_before=True, norm_after=True), True),
     "adapter-parallel": (lambda family: Adapter(placement="parallel", reduction=4), True),

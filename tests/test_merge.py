@@ -10,6 +10,7 @@ import torch
 import polymod as pm
 from polymod.aggregation.merge import merge, weights_sha256
 from polymod.aggregation.sparsify import dare_mask, mask_seed
+from polymod.modules.delta import Delta
 from polymod.modules.ia3 import IA3
 from polymod.modules.sparse import SparseFT
 from tests.hosts import logits, make_batch, make_host, randomize
@@ -234,3 +235,9 @@ def test_bad_arguments_are_config_errors(llama_loras):
     model.add("p", PromptTuning(length=2))
     with pytest.raises(pm.StateError, match="has no weight delta"):
         merge({"a": a, "p": model["p"]})
+
+
+def test_a_delta_with_bias_needs_host_biases():
+    model = pm.Modular(make_host("llama"))
+    with pytest.raises(pm.IncompatibleHostError, match="has no bias; use Delta.bias=False."):
+        model.add("d", Delta(bias=True, sites="attn.v"))

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polymod.errors import ConfigError
+from polymod.errors import ConfigError, IncompatibleHostError
 from polymod.modules.contract import register
 from polymod.sites import Site
 
@@ -46,7 +46,9 @@ class Delta:
     """Configuration of a dense delta module.
 
     Args:
-        bias: also hold a bias change Δb at linear and Conv1D sites (an embedding has no bias).
+        bias: also hold a bias change Δb at linear and Conv1D sites (an embedding has no bias);
+            attaching it to a layer without a bias is refused. Merged modules built without a
+            host hold a zero Δb where no input changed the bias.
         sites: site selection (roles, globs, ``re:`` regexes); see :mod:`polymod.sites`.
     """
 
@@ -64,7 +66,11 @@ class Delta:
         return None
 
     def build_part(self, site: Site, layer: nn.Module | None) -> DeltaPart:
-        part = DeltaPart(site.kind, weight_layout(site), self.bias and site.kind != "embedding")
+        bias = self.bias and site.kind != "embedding"
+        if bias and layer is not None and not isinstance(getattr(layer, "bias", None), torch.Tensor):
+            raise IncompatibleHostError(f"Delta(bias=True) changes biases, but {site.name} has no bias; "
+                                        "use Delta(bias=False) or select layers with a bias")
+        part = DeltaPart(site.kind, weight_layout(site), bias)
         if layer is not None:
             part.to(device=layer.weight.device, dtype=layer.weight.dtype)
         return part
