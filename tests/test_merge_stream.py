@@ -223,3 +223,10 @@ def test_cli_errors_exit_1_without_a_traceback(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "merge_method is 'slerp'" in proc.stderr and "models must be a non-empty list" in proc.stderr
+
+
+def test_streaming_refuses_global_trimming(checkpoints, tmp_path):
+    root, _, _ = checkpoints
+    spec = MergeSpec("ties", (1.0,), (0.2,), trim="global")
+    with pytest.raises(pm.ConfigError, match="a streaming merge trims each tensor"):
+        merge_checkpoints(root / "base", [root / "ft0"], spec, tmp_path / "out")

@@ -100,6 +100,9 @@ def merge_checkpoints(base: str | os.PathLike | None, models: list[str | os.Path
     Raises:
         ConfigError: the checkpoints do not share tensor names and shapes (every mismatch listed).
     """
+    if spec.trim == "global" and spec.sparsify == "magnitude":
+        raise ConfigError("a streaming merge trims each tensor (trim='tensor'); trim='global' needs every "
+                          "tensor of a checkpoint at once — use pm.merge on task-vector modules for it")
     ckpts = [Checkpoint(p) for p in models]
     ref_ck = Checkpoint(base) if base is not None else ckpts[0]
     threads = torch.get_num_threads()

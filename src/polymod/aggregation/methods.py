@@ -26,12 +26,11 @@ thing in both tools: ``normalize`` is on for TIES only.
 
 The work is split so that whole checkpoints can be merged in bounded memory:
 :meth:`TensorMerge.observe` sees one input's full task vector at a time and
-keeps only small statistics (magnitude thresholds, L1 norms), then
-:meth:`TensorMerge.__call__` combines consecutive *chunks* (row blocks) of all
-inputs elementwise. Chunking never changes a bit of the result: the kernel is
-elementwise, sums run in a fixed order, and the random masks come from a
-generator per (seed, tensor name, input) whose draws do not depend on chunk
-sizes.
+keeps only small statistics (magnitude trims, L1 norms), then
+:meth:`TensorMerge.__call__` combines any flat range of all inputs elementwise.
+Chunking never changes a bit of the result: the kernel is elementwise, sums
+over inputs run in a fixed order, and DARE's masks (:mod:`.sparsify`) do not
+depend on how the tensor is cut.
 """
 
 from __future__ import annotations
@@ -101,9 +100,13 @@ class MergeSpec:
             raise ConfigError(f"unknown merge method {self.method!r}; expected one of {', '.join(METHODS)}")
         if n == 0:
             raise ConfigError("a merge needs at least one input")
-        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
-        object.__setattr__(self, "density", tuple(float(d) for d in self.density) or (1.0,) * n)
-        object.__setattr__(self, "gamma", tuple(float(g) for g in self.gamma) or (0.01,) * n)
+        try:
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+            object.__setattr__(self, "density", tuple(float(d) for d in self.density) or (1.0,) * n)
+            object.__setattr__(self, "gamma", tuple(float(g) for g in self.gamma) or (0.01,) * n)
+            object.__setattr__(self, "lam", float(self.lam))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{self.method}: weights, density, gamma and lambda must be numbers: {exc}") from exc
         if self.normalize is None:
             object.__setattr__(self, "normalize", METHODS[self.method][2])
         bad = []

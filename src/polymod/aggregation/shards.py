@@ -207,7 +207,7 @@ class ShardedWriter:
         header["__metadata__"] = {"format": "pt"}
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # pad so that the data starts 8-byte aligned
-        self._file = open(self.out_dir / (name + ".tmp"), "wb")  # noqa: SIM115 - closed in _open/close
+        self._file = open(self.out_dir / (name + ".tmp"), "wb")  # closed by the next _open or close()
         self._file.write(struct.pack("<Q", len(raw)) + raw)
         self._shard = index
 
