@@ -78,6 +78,8 @@ def merge(modules: Sequence[Module] | Mapping[str, Module], method: str = "linea
         IncompatibleHostError: the inputs differ in host, sites or shapes.
         StateError: an input has no weight delta.
     """
+    if result not in ("auto", "dense", "sparse"):
+        raise ConfigError(f"result must be 'auto', 'dense' or 'sparse', got {result!r}")
     names, mods = _named(modules)
     check_compatible(names, mods)
     spec = _spec(method, weights, len(mods), seed, params)
@@ -302,8 +304,6 @@ def _svd_module(ref: Module, mixed: dict[str, torch.Tensor], rank: int) -> tuple
 
 def _delta_module(mods: list[Module], mixed_w: dict[str, torch.Tensor], mixed_b: dict[str, torch.Tensor],
                   result: str) -> Module:
-    if result not in ("auto", "dense", "sparse"):
-        raise ConfigError(f"result must be 'auto', 'dense' or 'sparse', got {result!r}")
     sparse = result == "sparse" or (result == "auto" and all(m.kind == "sparse" for m in mods))
     sites = _sites(mods[0])
     if sparse:
