@@ -220,8 +220,9 @@ def run_recipe(recipe: Recipe, out_dir: str | os.PathLike, *, shard_bytes: int =
         out = merge_checkpoints(recipe.base, list(recipe.models), recipe.spec, out_dir, dtype=recipe.dtype,
                                 shard_bytes=shard_bytes,
                                 progress=lambda name, n: bar.update(task, advance=n, tensor=name))
+    dtype = str(recipe.dtype).removeprefix("torch.") if recipe.dtype else None
     lineage = {"base_model": str(recipe.base) if recipe.base else None, "models": [str(m) for m in recipe.models],
-               "recipe": recipe_of(recipe.spec), "dtype": str(recipe.dtype).removeprefix("torch.")}
+               "recipe": recipe_of(recipe.spec), "dtype": dtype}
     (out / "merge_recipe.json").write_text(json.dumps(lineage, indent=2) + "\n")
     return out
 
