@@ -81,7 +81,7 @@ def test_rows_are_grouped_once_and_reuse_cached_stacks():
     with torch.no_grad(), model.route(rows):
         first = host(**batch).logits
     plan = model.routing.row_plan(model, rows, None)
-    groups = {id(g) for op in plan.values() for _, g, _ in op.stages}
+    groups = {id(stage[1]) for op in plan.values() for stage in op.stages}
     assert len(groups) == 1, "every site shares one grouping of the rows"
     with torch.no_grad():  # an in-place update must invalidate the cached stacked weights
         for p in model["c"].parameters():

@@ -163,6 +163,7 @@ class MixOp:
         self.index = torch.tensor(present, dtype=torch.long)
         self.router, self.aggregate, self.state = mix.router, mix.aggregate, state
         self.key = (site, tuple(id(p) for p in parts)) if parts is not None else None
+        self.fast = rep.mixer_for(parts) if parts is not None else None
         self.input_site = inputs.is_input_site(site)
 
     def _restrict(self, w: Any) -> Any:
@@ -182,7 +183,7 @@ class MixOp:
         if self.aggregate == "mean":
             w = rep.mean_weights(w)
         if self.parts is not None:
-            return rep.mix(self.parts, x, y, w, self.key, self.state.cache)
+            return rep.mix(self.parts, x, y, w, self.key, self.state.cache, self.fast)
         return rep.mix_ops(self.ops, x, y, w)
 
     def _fuse(self, x: Any, y: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
@@ -237,6 +238,7 @@ def compile_rows(rows: Sequence[Composition | None], env: Env, device: torch.dev
     distinct stage and shared by every site with the same modules.
     """
     chains = [row_chain(r, env) for r in rows]
+    order = {n: i for i, n in enumerate(env.library)}
     used = list(dict.fromkeys(n for c in chains for n in c))
     sites_of = {n: set(env.library[n].sites) for n in used}
     groups: dict[tuple, tuple[list[str], RowGroups]] = {}
@@ -250,7 +252,7 @@ def compile_rows(rows: Sequence[Composition | None], env: Env, device: torch.dev
             for j in range(max(len(s) for s in seqs)):
                 key = tuple(s[j] if j < len(s) else None for s in seqs)
                 if key not in groups:
-                    names = list(dict.fromkeys(n for n in key if n is not None))
+                    names = sorted({n for n in key if n is not None}, key=order.get)  # stable: reuses stacks
                     pos = {n: i for i, n in enumerate(names)}
                     groups[key] = (names, RowGroups.from_list([pos.get(n, -1) for n in key], len(names), device))
                 stages.append(groups[key])
@@ -265,13 +267,12 @@ class RowsOp:
 
     def __init__(self, site: str, stages: list[tuple[list[nn.Module], RowGroups]], state: Any):
         self.site = site
-        self.stages = [(parts, g, (site, tuple(id(p) for p in parts))) for parts, g in stages]
+        self.stages = [(parts, g, (site, tuple(id(p) for p in parts)), rep.mixer_for(parts)) for parts, g in stages]
         self.cache = state.cache
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        for parts, groups, key in self.stages:
-            groups.check_rows(y.shape[0], f"site {self.site!r}")
-            y = rep.mix(parts, x, y, groups, key, self.cache)
+        for parts, groups, key, fast in self.stages:
+            y = rep.mix(parts, x, y, groups, key, self.cache, fast)
         return y
 
 
@@ -279,6 +280,6 @@ class InputRowsOp(RowsOp):
     """A per-example op at an input site: each stage selects each row's call from its module's."""
 
     def __call__(self, module: nn.Module, call: dict) -> dict:
-        for parts, groups, _ in self.stages:
+        for parts, groups, _, _ in self.stages:
             call = calls.mix_rows([p.add_into for p in parts], module, call, groups)
         return call

@@ -33,31 +33,41 @@ from polymod.modules.lora import LoRAPart
 from polymod.routing.groups import RowGroups
 
 
-def _tensors(parts: Sequence[LoRAPart]) -> list[torch.Tensor]:
-    return [t for p in parts for t in (p.A, p.B)]
+class _Group:
+    """Static facts about LoRA parts mixed at one site (computed once per site and parts)."""
+
+    __slots__ = ("tensors", "rank", "kind", "rate", "vocab")
+
+    def __init__(self, parts: Sequence[LoRAPart]):
+        self.tensors = tuple(t for p in parts for t in (p.A, p.B))
+        self.rank, self.kind, self.vocab = parts[0].rank, parts[0].site_kind, parts[0].A.shape[1]
+        rates = {float(getattr(p.dropout, "p", 0.0)) for p in parts}
+        self.rate = rates.pop() if len(rates) == 1 else None
+
+    @classmethod
+    def of(cls, parts: Sequence[LoRAPart]) -> _Group | None:
+        """The group, or None when the parts differ in rank or site kind (generic mixer)."""
+        p0 = parts[0]
+        if any(p.rank != p0.rank or p.site_kind != p0.site_kind for p in parts):
+            return None
+        group = cls(parts)
+        return group if group.rate is not None else None
 
 
-def _stacked(parts: Sequence[LoRAPart], key: Hashable, cache: StackCache) -> tuple[torch.Tensor, torch.Tensor]:
-    """A as (E+1, r, D_in) and sB ᵀ as (E+1, r, D_out), slot E zero."""
+def _stacked(parts: Sequence[LoRAPart], g: _Group, key: Hashable, cache: StackCache) -> tuple[torch.Tensor, ...]:
+    """A as (E+1, r, D_in) and sBᵀ as (E+1, r, D_out), slot E zero (and Aᵀ rows ((E+1)·V, r) at embeddings)."""
 
-    def build() -> tuple[torch.Tensor, torch.Tensor]:
+    def build() -> tuple[torch.Tensor, ...]:
         a = torch.stack([p.A for p in parts] + [torch.zeros_like(parts[0].A)])  # (E+1, r, D_in)
         b = torch.stack([p.B.t() * p.scaling for p in parts] + [torch.zeros_like(parts[0].B.t())])  # (E+1, r, D_out)
-        return a, b
+        if g.kind != "embedding":
+            return a, b
+        return a, b, a.transpose(1, 2).reshape(-1, g.rank)  # ((E+1)·V, r): row lookup of every Aᵀ
 
-    return cache.get((key, "stack"), _tensors(parts), build)
-
-
-def _embedding_table(parts: Sequence[LoRAPart], key: Hashable, cache: StackCache) -> torch.Tensor:
-    """Aᵀ of every module, rows stacked: ((E+1)·V, r), the last V rows zero."""
-
-    def build() -> torch.Tensor:
-        return torch.cat([p.A.t() for p in parts] + [torch.zeros_like(parts[0].A.t())])  # ((E+1)·V, r)
-
-    return cache.get((key, "table"), _tensors(parts), build)
+    return cache.get((key, "stack"), lambda: g.tensors, build)
 
 
-def _concatenated(parts: Sequence[LoRAPart], key: Hashable, cache: StackCache) -> tuple[torch.Tensor, torch.Tensor]:
+def _concatenated(parts: Sequence[LoRAPart], g: _Group, key: Hashable, cache: StackCache) -> tuple[torch.Tensor, ...]:
     """A as (E·r, D_in) and sBᵀ as (E·r, D_out)."""
 
     def build() -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,61 +75,44 @@ def _concatenated(parts: Sequence[LoRAPart], key: Hashable, cache: StackCache) -
         b = torch.cat([p.B.t() * p.scaling for p in parts])  # (E·r, D_out)
         return a, b
 
-    return cache.get((key, "cat"), _tensors(parts), build)
-
-
-def _dropout(parts: Sequence[LoRAPart], x: torch.Tensor) -> torch.Tensor | None:
-    """x after the parts' shared dropout; None when the parts' dropouts differ."""
-    rates = {getattr(p.dropout, "p", 0.0) for p in parts}
-    if len(rates) > 1:
-        return None
-    rate = rates.pop()
-    if rate > 0 and parts[0].dropout.training and parts[0].site_kind != "embedding":
-        return F.dropout(x, rate, training=True)
-    return x
+    return cache.get((key, "cat"), lambda: g.tensors, build)
 
 
 def lora_mixer(parts: Sequence[LoRAPart], x: torch.Tensor, y: torch.Tensor, w: Weights, key: Hashable,
                cache: StackCache) -> torch.Tensor | None:
-    """y + Σᵢ wᵢ sᵢ Bᵢ Aᵢ x for LoRA parts of one rank and site kind (None: use the generic mixer)."""
-    p0 = parts[0]
-    if any(p.rank != p0.rank or p.site_kind != p0.site_kind for p in parts):
+    """y + Σᵢ wᵢ sᵢ Bᵢ Aᵢ x for LoRA parts of one rank, site kind and dropout (None: use the generic mixer)."""
+    g = cache.meta((key, "lora"), lambda: _Group.of(parts))
+    if g is None:
         return None
     if isinstance(w, RowGroups) and w.single is not None:
         return parts[w.single].add_into(x, y)
-    x = _dropout(parts, x)
-    if x is None:
-        return None
+    if g.rate > 0 and g.kind != "embedding" and parts[0].dropout.training:
+        x = F.dropout(x, g.rate, training=True)  # one mask shared by the modules of a row
     if isinstance(w, RowGroups):
-        return _gather_bmm(parts, x, y, w, key, cache)
-    return _concat_rank(parts, x, y, w, key, cache)
+        return _gather_bmm(parts, g, x, y, w, key, cache)
+    return _concat_rank(parts, g, x, y, w, key, cache)
 
 
-def _gather_bmm(parts: Sequence[LoRAPart], x: torch.Tensor, y: torch.Tensor, w: RowGroups, key: Hashable,
-                cache: StackCache) -> torch.Tensor:
+def _gather_bmm(parts: Sequence[LoRAPart], g: _Group, x: torch.Tensor, y: torch.Tensor, w: RowGroups,
+                key: Hashable, cache: StackCache) -> torch.Tensor:
     rows, d_out = y.shape[0], y.shape[-1]
     idx = w.padded_index()  # (B,) module per row, E for host-only rows
-    a, bt = _stacked(parts, key, cache)
-    if parts[0].site_kind == "embedding":
-        vocab = parts[0].A.shape[1]
-        table = _embedding_table(parts, key, cache)
-        h = F.embedding(x + idx.view(-1, *([1] * (x.dim() - 1))) * vocab, table)  # (B, T, r)
-        h = h.reshape(rows, -1, parts[0].rank)  # (B, T, r)
+    stacks = _stacked(parts, g, key, cache)
+    if g.kind == "embedding":
+        offset = idx.view(-1, *([1] * (x.dim() - 1))) * g.vocab  # (B, 1): each row reads its module's rows
+        h = F.embedding(x + offset, stacks[2]).reshape(rows, -1, g.rank)  # (B, T, r)
     else:
         x3 = x.reshape(rows, -1, x.shape[-1])  # (B, T, D_in)
-        h = torch.bmm(x3, a.index_select(0, idx).transpose(1, 2))  # (B, T, r)
-    out = torch.baddbmm(y.reshape(rows, -1, d_out), h, bt.index_select(0, idx))  # (B, T, D_out)
+        h = torch.bmm(x3, stacks[0].index_select(0, idx).transpose(1, 2))  # (B, T, r)
+    out = torch.baddbmm(y.reshape(rows, -1, d_out), h, stacks[1].index_select(0, idx))  # (B, T, D_out)
     return out.view(y.shape)
 
 
-def _concat_rank(parts: Sequence[LoRAPart], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, key: Hashable,
-                 cache: StackCache) -> torch.Tensor:
-    a, bt = _concatenated(parts, key, cache)
-    if parts[0].site_kind == "embedding":
-        h = F.embedding(x, a.t())  # (B, T, E·r)
-    else:
-        h = F.linear(x, a)  # (…, E·r)
-    we = expand(w.to(h.dtype), y).repeat_interleave(parts[0].rank, dim=-1)  # (…, E·r)
+def _concat_rank(parts: Sequence[LoRAPart], g: _Group, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+                 key: Hashable, cache: StackCache) -> torch.Tensor:
+    a, bt = _concatenated(parts, g, key, cache)
+    h = F.embedding(x, a.t()) if g.kind == "embedding" else F.linear(x, a)  # (…, E·r)
+    we = expand(w.to(h.dtype), y).repeat_interleave(g.rank, dim=-1)  # (…, E·r): each module's weight on its r
     h = h * we
     out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), bt)  # (N, D_out)
     return out.view(y.shape)

@@ -75,7 +75,7 @@ class ParameterMixOp:
         w = self._weights(x, y)
         if self.aggregate == "factors":
             return self._factors(x, y, w)
-        tensors = [t for p in self.parts for t in p.parameters()]
+        tensors = lambda: [t for p in self.parts for t in p.parameters()]  # noqa: E731
         deltas = self.state.cache.get(self.key, tensors, lambda: torch.stack(
             [p.delta_weight(self.layer) for p in self.parts]))  # (E, *W.shape)
         dw = torch.einsum("ne,e...->n...", w.to(deltas.dtype), deltas)  # (R, *W.shape)

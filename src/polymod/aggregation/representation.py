@@ -82,11 +82,16 @@ def mean_weights(w: Weights) -> Weights:
 
 
 def mix(parts: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, w: Weights, key: Hashable,
-        cache: StackCache) -> torch.Tensor:
-    """y + Σᵢ wᵢ Δyᵢ for parts of one or several kinds (batched mixer when registered)."""
+        cache: StackCache, fast: Mixer | None | bool = True) -> torch.Tensor:
+    """y + Σᵢ wᵢ Δyᵢ for parts of one or several kinds (batched mixer when registered).
+
+    ``fast`` is the parts' mixer when the caller resolved it once (:func:`mixer_for`),
+    None for the generic mixer, or True to look it up here.
+    """
     if isinstance(w, RowGroups):
         w.check_rows(y.shape[0], "this site")
-    fast = mixer_for(parts)
+    if fast is True:
+        fast = mixer_for(parts)
     if fast is not None:
         out = fast(parts, x, y, w, key, cache)
         if out is not None:
@@ -140,30 +145,42 @@ class StackCache:
     While gradients flow to the parts (training) the stack is rebuilt every
     forward so autograd sees it; otherwise it is rebuilt only when a part's
     tensors changed (``Tensor._version``, bumped by every in-place update such as
-    an optimiser step or ``load_state_dict``).
+    an optimiser step or ``load_state_dict``). Keys name the parts by identity;
+    replacing a part's ``Parameter`` object (rather than updating it) is not seen.
     """
 
     def __init__(self, limit: int = 4096):
         self.limit = limit
-        self._store: dict[Hashable, tuple[tuple, tuple, Any]] = {}
+        self._store: dict[Hashable, list] = {}  # key -> [tensors, versions, value]
+        self._meta: dict[Hashable, Any] = {}
 
-    def get(self, key: Hashable, tensors: Sequence[torch.Tensor], build: Callable[[], Any]) -> Any:
-        """The cached value of ``build()`` for ``key`` while ``tensors`` are unchanged."""
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return build()
-        stamp = tuple((id(t), t._version) for t in tensors)
+    def get(self, key: Hashable, tensors: Callable[[], Sequence[torch.Tensor]], build: Callable[[], Any]) -> Any:
+        """The cached value of ``build()`` for ``key`` while the tensors it reads are unchanged."""
         hit = self._store.get(key)
-        if hit is not None and hit[0] == stamp:
+        held = hit[0] if hit is not None else tuple(tensors())
+        if torch.is_grad_enabled() and any(t.requires_grad for t in held):
+            return build()
+        versions = [t._version for t in held]
+        if hit is not None and hit[1] == versions:
             return hit[2]
         if len(self._store) >= self.limit:
             self._store.clear()
         value = build()
-        self._store[key] = (stamp, tuple(tensors), value)  # holding the tensors keeps their ids unique
+        self._store[key] = [held, versions, value]  # holding the tensors keeps their ids unique
         return value
+
+    def meta(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """Static facts about ``key``'s parts (ranks, rates), computed once."""
+        if key not in self._meta:
+            if len(self._meta) >= self.limit:
+                self._meta.clear()
+            self._meta[key] = build()
+        return self._meta[key]
 
     def clear(self) -> None:
         """Drop every cached stack."""
         self._store.clear()
+        self._meta.clear()
 
 
 # Built-in batched mixers register themselves on import.
