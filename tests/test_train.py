@@ -101,6 +101,18 @@ def test_early_stopping_and_restore_best():
     assert torch.equal(restored, three), "restore_best puts back the step-3 weights"
 
 
+def test_lr_scale_gives_a_trained_name_its_own_rate(tmp_path):
+    _, model = _bert_model("attn.q")
+    model.add("u", pm.LoRA(rank=2, sites="attn.v"))
+    model.use(pm.Stack("t", "u"))
+    cfg = TrainConfig(steps=3, batch_size=8, lr=1e-3, lr_scale={"u": 10.0}, **FAST)
+    trainer = Trainer(model, ["t", "u"], classification_data(16), config=cfg)
+    groups = trainer._param_groups()
+    assert sorted(g["lr"] for g in groups) == pytest.approx([1e-3, 1e-2])
+    assert {id(p) for g in groups if g["lr"] > 5e-3 for p in g["params"]} == {id(p) for p in model["u"].parameters()}
+    trainer.fit()
+
+
 def test_bf16_autocast_on_cpu_trains():
     _, model = _bert_model("attn.q|attn.v")
     data = classification_data(32)
@@ -143,6 +155,8 @@ def test_errors_name_the_problem(tmp_path):
         Trainer(model, ["t"], data, metrics=["bleu"])
     with pytest.raises(ConfigError, match="checkpoint_every needs an output_dir"):
         Trainer(model, ["t"], data, config=TrainConfig(checkpoint_every=5))
+    with pytest.raises(ConfigError, match=r"lr_scale names \['router'\], which are not trained; trained: t"):
+        Trainer(model, ["t"], data, config=TrainConfig(steps=1, batch_size=8, lr_scale={"router": 10.0}, **FAST)).fit()
     with pytest.raises(ConfigError, match="returned no loss"):
         Trainer(model, ["t"], {k: v for k, v in data.items() if k != "labels"},
                 config=TrainConfig(steps=1, batch_size=8, **FAST)).fit()

@@ -17,7 +17,7 @@ Defaults and where they come from:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from polymod.errors import ConfigError
@@ -38,6 +38,7 @@ class TrainConfig:
         batch_size: examples per micro-batch (the *global* micro-batch under data parallelism).
         grad_accum: micro-batches whose gradients are summed before one optimiser step.
         lr: peak learning rate of AdamW.
+        lr_scale: per trained name (as in ``train=``), a multiplier on ``lr`` (e.g. a router learning faster).
         weight_decay: AdamW's decoupled weight decay.
         betas: AdamW's (β₁, β₂).
         eps: AdamW's ε.
@@ -64,6 +65,7 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 3e-4
+    lr_scale: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -109,6 +111,9 @@ class TrainConfig:
         need(is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "an integer ≥ 1")
         need(is_int(self.grad_accum) and self.grad_accum >= 1, "grad_accum", "an integer ≥ 1")
         need(is_num(self.lr) and self.lr > 0, "lr", "a positive number")
+        need(isinstance(self.lr_scale, dict) and all(isinstance(k, str) and is_num(v) and v > 0
+                                                     for k, v in self.lr_scale.items()),
+             "lr_scale", "a mapping of trained names to positive multipliers")
         need(is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number ≥ 0")
         need(isinstance(self.betas, tuple) and len(self.betas) == 2 and all(is_num(b) and 0 <= b < 1
                                                                              for b in self.betas),
@@ -146,6 +151,7 @@ class TrainConfig:
         """A JSON-ready dict of every field."""
         out = dataclasses.asdict(self)
         out["betas"] = list(self.betas)
+        out["lr_scale"] = dict(self.lr_scale)
         return out
 
     @classmethod
@@ -173,6 +179,6 @@ def config_problems(data: Any) -> list[str]:
         known["betas"] = tuple(known["betas"])
     probe = object.__new__(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        default = f.default if f.default is not dataclasses.MISSING else None
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         object.__setattr__(probe, f.name, known.get(f.name, default))
     return out + probe.problems()

@@ -40,8 +40,8 @@ class LRMultiplier:
         return 1.0 - progress
 
 
-def build_optimizer(params: Sequence[torch.nn.Parameter], config: TrainConfig):
-    """AdamW over ``params`` and its LambdaLR schedule.
+def build_optimizer(params: Sequence[torch.nn.Parameter] | Sequence[dict], config: TrainConfig):
+    """AdamW over ``params`` (or parameter groups, each with its own ``lr``) and its LambdaLR schedule.
 
     Returns:
         (optimizer, scheduler).

@@ -140,7 +140,7 @@ class Trainer:
         """
         cfg = self.config
         _seed_everything(cfg.seed + self.rank)
-        optimizer, scheduler = build_optimizer(self.params, cfg)
+        optimizer, scheduler = build_optimizer(self._param_groups(), cfg)
         log = MetricsLog(self.output_dir / "metrics.jsonl" if self.output_dir and self.rank == 0 else None)
         state = _Progress()
         stopped = False
@@ -185,6 +185,21 @@ class Trainer:
         return evaluate_tasks(self.model, self.tasks, metrics=self.metrics, loss_fn=self.loss_fn,
                               batch_size=self.config.eval_batch_size or self.config.batch_size,
                               device=self.device, autocast=self.autocast)
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """One AdamW group per distinct learning rate (``config.lr_scale`` by trained name)."""
+        unknown = sorted(set(self.config.lr_scale) - set(self.trainables))
+        if unknown:
+            raise ConfigError(f"lr_scale names {unknown}, which are not trained; trained: {', '.join(self.trainables)}")
+        trained, seen = {id(p) for p in self.params}, set()
+        groups: dict[float, list[nn.Parameter]] = {}
+        for name, module in self.trainables.items():
+            scale = float(self.config.lr_scale.get(name, 1.0))
+            for p in module.parameters():
+                if id(p) in trained and id(p) not in seen:
+                    seen.add(id(p))
+                    groups.setdefault(scale, []).append(p)
+        return [{"params": ps, "lr": self.config.lr * scale} for scale, ps in groups.items()]
 
     # -- one step --------------------------------------------------------------------------
 
