@@ -240,7 +240,7 @@ def compile_rows(rows: Sequence[Composition | None], env: Env, device: torch.dev
     chains = [row_chain(r, env) for r in rows]
     order = {n: i for i, n in enumerate(env.library)}
     used = list(dict.fromkeys(n for c in chains for n in c))
-    sites_of = {n: set(env.library[n].sites) for n in used}
+    sites_of = {n: env.state.parts_of(n, env.library[n]) for n in used}
     groups: dict[tuple, tuple[list[str], RowGroups]] = {}
     stages_of: dict[tuple[str, ...], list[tuple[list[str], RowGroups]]] = {}
     ops: dict[str, SiteOp] = {}
@@ -257,7 +257,7 @@ def compile_rows(rows: Sequence[Composition | None], env: Env, device: torch.dev
                     groups[key] = (names, RowGroups.from_list([pos.get(n, -1) for n in key], len(names), device))
                 stages.append(groups[key])
             stages_of[here] = stages
-        stages = [([env.library[n].part(site) for n in names], g) for names, g in stages_of[here]]
+        stages = [([sites_of[n][site] for n in names], g) for names, g in stages_of[here]]
         ops[site] = (InputRowsOp if inputs.is_input_site(site) else RowsOp)(site, stages, env.state)
     return ops
 

@@ -186,12 +186,20 @@ class RoutingState(nn.Module):
         return plan
 
     def sync_library(self, library: Any) -> None:
-        """Drop cached stacks and row plans when the attached modules changed."""
+        """Drop cached stacks, parts tables and row plans when the attached modules changed."""
         token = tuple((n, id(m)) for n, m in library.items())
         if token != getattr(self, "_library", None):
             self._library = token
             self.cache.clear()
             self._rows.clear()
+            self._parts: dict[str, dict[str, nn.Module]] = {}
+
+    def parts_of(self, name: str, module: Any) -> dict[str, nn.Module]:
+        """``{site: part}`` of an attached module, built once per library state."""
+        table = self.__dict__.setdefault("_parts", {})
+        if name not in table:
+            table[name] = dict(module.items())
+        return table[name]
 
 
 def _device(host: nn.Module) -> torch.device | None:
