@@ -146,3 +146,24 @@ def test_only_input_sites_are_accepted():
         model.add("p", PromptTuning(sites="attn.q"))
     with pytest.raises(pm.SiteNotFoundError, match="does not exist"):
         model.add("p", PromptTuning(sites="nowhere.<input>"))
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix", "hyper"])
+def test_per_example_rows_equal_each_row_alone(kind):
+    from polymod.modules.hyper import HyperLoRA
+    from polymod.modules.prefix import PrefixTuning
+
+    make = {"prompt": lambda: PromptTuning(length=2), "prefix": lambda: PrefixTuning(length=2),
+            "hyper": lambda: HyperLoRA(rank=2, embedding_dim=4, hidden=8)}[kind]
+    host = make_host("llama")
+    model = pm.Modular(host)
+    for name in ("a", "b"):
+        model.add(name, make())
+        randomize(model[name], std=0.3)
+    batch, rows = make_batch("llama"), ["a", "b", "a"]
+    with model.route(rows):
+        routed = host(**batch).logits
+    for i, name in enumerate(rows):
+        model.use(name)
+        alone = host(**{k: v[i:i + 1] for k, v in batch.items()}).logits
+        torch.testing.assert_close(routed[i:i + 1], alone, rtol=1e-5, atol=1e-6)
