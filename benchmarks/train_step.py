@@ -17,8 +17,8 @@ runs. The trainer's step is timed around its whole optimiser step (forward,
 backward, clipping, AdamW, schedule); its end-to-end time also includes its
 setup (host hashing before and after, seeding).
 
-Run: ``python benchmarks/train_step.py [--rounds 3] [--steps 12] [--device cpu]``;
-writes ``benchmarks/results/train_step.json``.
+Run: ``python benchmarks/train_step.py [--rounds 3] [--steps 12] [--threads 2] [--device cpu]``;
+writes ``benchmarks/results/train_step.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -218,6 +218,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=str(RESULTS / "train_step.json"), help="where to write the JSON")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -228,7 +229,7 @@ def main() -> None:
         work = Path(tmp)
         sources = prepare(work, args)
         runs: dict[str, list[dict]] = {c: [] for c in CONTENDERS}
-        passthrough = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("contender", "work", "rounds")]
+        passthrough = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("contender", "work", "rounds", "out")]
         for r in range(args.rounds):
             order = CONTENDERS[r % len(CONTENDERS):] + CONTENDERS[:r % len(CONTENDERS)]
             for name in order:
@@ -257,10 +258,11 @@ def main() -> None:
     agree = max(sums) - min(sums) <= 1e-4 * max(sums)
     print(f"trained LoRA weights agree across contenders (Σ|w| within 1e-4 relative): {agree}")
     RESULTS.mkdir(exist_ok=True)
-    out = {"benchmark": "train_step", "config": {k: v for k, v in vars(args).items() if k not in ("contender", "work")},
+    out = {"benchmark": "train_step",
+           "config": {k: v for k, v in vars(args).items() if k not in ("contender", "work", "out")},
            **sources, "rows": rows, "weights_agree": agree, "torch": torch.__version__, "machine": platform.machine(),
            "when": time.strftime("%Y-%m-%d %H:%M:%S")}
-    (RESULTS / "train_step.json").write_text(json.dumps(out, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
