@@ -9,6 +9,7 @@ import polymod as pm
 from polymod.aggregation.output import ensemble
 from polymod.compose import Mix
 from polymod.modules.adapter import Adapter
+from polymod.modules.prefix import PrefixTuning
 from polymod.modules.prompt import PromptTuning
 from polymod.routing import Polytropon, Static, TaskRouter, TopK
 from tests.hosts import make_batch, make_host, randomize
@@ -168,3 +169,16 @@ def test_representation_mix_at_input_sites_of_adapters():
     gate = TopK(k=1)
     out = _logits(host, model, Mix(["a", "b"], router=gate), batch)
     assert out.shape == one_hot.shape and gate.stats.summary()["units"] > 0
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_input_aggregation_concatenates_prefixes(family):
+    host, model = _model(PrefixTuning(length=2), names=("p1", "p2"), family=family)
+    model.add("both", PrefixTuning(length=4))
+    with torch.no_grad():  # keys and values carry no position: the order of prefixes does not matter
+        model["both"].part("<input>").prefix.copy_(
+            torch.cat([model["p2"].part("<input>").prefix, model["p1"].part("<input>").prefix]))
+    batch = make_batch(family)
+    concat = _logits(host, model, Mix(["p1", "p2"], aggregate="input"), batch)
+    torch.testing.assert_close(concat, _logits(host, model, "both", batch), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(concat, _logits(host, model, "p1", batch), atol=1e-4)

@@ -12,6 +12,7 @@ from polymod.compose import Mix, Parallel, Stack, from_json, pretty, to_json
 from polymod.modules.ia3 import IA3
 from polymod.routing import AttentionFusion, ExampleRouter, Polytropon, SoftmaxGate, Static, TaskRouter, TopK
 from tests.hosts import logits, make_batch, make_host, randomize
+from tests.kinds import KINDS
 
 
 def _model(family: str = "llama", names=("a", "b", "c"), spec=None):
@@ -208,3 +209,32 @@ def test_mix_of_compositions_combines_their_contributions():
     one_hot = _run(host, model, Mix([Stack("a", "b"), "c"], router=Static([1.0, 0.0])), batch)
     torch.testing.assert_close(one_hot, ab, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(c, ab, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_one_hot_mix_equals_the_module_for_every_kind(kind):
+    spec = KINDS[kind][0]("gpt2")
+    if spec is None:
+        pytest.skip(f"{kind} does not apply to gpt2")
+    host, model = _model("gpt2", names=("a", "b"), spec=spec)
+    batch = make_batch("gpt2", batch=2)
+    alone = _run(host, model, "b", batch)
+    inputs_only = all(s.kind == "input" for s in model["a"].sites.values())
+    aggregate = "input" if kind.startswith(("prompt", "prefix")) else "sum"
+    assert inputs_only or aggregate == "sum"
+    fixed = _run(host, model, Mix(["a", "b"], router=Static([0.0, 1.0]), aggregate=aggregate), batch)
+    torch.testing.assert_close(fixed, alone, rtol=1e-5, atol=1e-5)
+    by_task = _run(host, model, Mix(["a", "b"], router=TaskRouter(["a", "b"]), aggregate=aggregate), batch, task=1)
+    torch.testing.assert_close(by_task, alone, rtol=1e-5, atol=1e-5)
+    gate = SoftmaxGate(level="example")
+    embeds = any(s.kind == "embedding" for s in model["a"].sites.values())
+    if aggregate == "input" or embeds:  # prompts/prefixes concatenate; embedding sites give no hidden state
+        with pytest.raises(pm.CompositionError, match="aggregate='input'|embedding site"):
+            _run(host, model, Mix(["a", "b"], router=gate, aggregate=aggregate), batch)
+        return
+    model.use(Mix(["a", "b"], router=gate))
+    with torch.no_grad():
+        for site in gate.per_site.values():
+            site.bias.copy_(torch.tensor([-60.0, 60.0]))
+        soft = host(**batch).logits
+    torch.testing.assert_close(soft, alone, rtol=1e-5, atol=1e-5)

@@ -199,7 +199,10 @@ class MixOp:
             w = self.state.routing(self.router, self.site, None, calls.probe(call))
             if isinstance(w, RowGroups):
                 return calls.mix_rows(fns, module, call, self._restrict(w))
-        key, z, deltas = calls.call_deltas(fns, module, call)  # z (…, D), Δ (E', …, D)
+        changed = calls.call_deltas(fns, module, call)
+        if changed is None:
+            return call
+        key, z, deltas = changed  # z (…, D), Δ (E', …, D)
         out = dict(call)
         if self.router.needs_outputs:
             out[key] = self._fuse(z, z, deltas)

@@ -185,8 +185,8 @@ def _merge_caches(original: Any, caches: list[Any], pick: tuple[torch.Tensor, to
 
 
 def call_deltas(fns: Sequence[CallOp], module: nn.Module,
-                call: dict[str, Any]) -> tuple[str, torch.Tensor, torch.Tensor]:
-    """The tensor argument z the candidates change and their changes: (key, z, Δ (E, …, D)).
+                call: dict[str, Any]) -> tuple[str, torch.Tensor, torch.Tensor] | None:
+    """The tensor argument z the candidates change and their changes: (key, z, Δ (E, …, D)); None if unchanged.
 
     Raises:
         CompositionError: the candidates change the call's shape or several arguments
@@ -194,6 +194,8 @@ def call_deltas(fns: Sequence[CallOp], module: nn.Module,
     """
     results = [fn(module, _fresh(call)) for fn in fns]
     changed = sorted({k for r in results for k, v in r.items() if v is not call.get(k)})
+    if not changed:  # e.g. a hypernetwork's anchor site: nothing to combine
+        return None
     if len(changed) != 1 or not all(isinstance(r[changed[0]], torch.Tensor) for r in results) or \
             any(r[changed[0]].shape != call[changed[0]].shape for r in results):
         raise CompositionError(f"these input modules change the call's {', '.join(changed) or 'nothing'} in ways a "

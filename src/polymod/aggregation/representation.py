@@ -184,4 +184,6 @@ class StackCache:
 
 
 # Built-in batched mixers register themselves on import.
+from polymod.aggregation import adapter_mix as _adapter_mix  # noqa: E402, F401
+from polymod.aggregation import ia3_mix as _ia3_mix  # noqa: E402, F401
 from polymod.aggregation import lora_mix as _lora_mix  # noqa: E402, F401
