@@ -24,8 +24,8 @@ How S is chosen (``mask``):
 
 Defaults: every linear layer but the output head (``linear``), random mask,
 density 1%. The density is polymod's choice, not the paper's: Ansell et al.
-fix the number of tuned entries K to match the parameter budget of the
-adapters they compare with; pass ``density`` (or LT-SFT's) to set a budget.
+choose the number of tuned entries K per experiment, as a parameter budget
+comparable to the adapters they compare with; pass ``density`` to set one.
 
 Cost: unmerged, Δy = ΔW x is one dense extra matrix product per site (the diff
 is scattered into a dense ΔW, which is exact and simple; sparse kernels win
