@@ -73,6 +73,19 @@ def example_level(rows: int, tokens: int, num: int, d_in: int, d_out: int, rank:
         delta = torch.cat(pieces).view(-1, tokens, d_out)  # rows in module order
         return y + torch.zeros_like(y).index_copy(0, order, delta)
 
+    size = max(int((idx == e).sum()) for e in range(num))
+    slots = torch.full((num, size), rows, dtype=torch.long)  # (E, m): rows per module, padded with a zero row
+    for e, rows_e in groups:
+        slots[e, : rows_e.numel()] = rows_e
+    where = torch.empty(rows, dtype=torch.long)
+    where[slots[slots < rows]] = (slots < rows).flatten().nonzero().squeeze(1)
+
+    def grouped_bmm():
+        xs = torch.cat([x, x.new_zeros(1, tokens, d_in)]).index_select(0, slots.flatten())  # (E·m, T, D_in)
+        h = torch.bmm(xs.view(num, -1, d_in), a[:num].transpose(1, 2))  # (E, m·T, r)
+        d = torch.bmm(h, bt[:num]).view(-1, tokens, d_out)  # (E·m, T, D_out)
+        return y + d.index_select(0, where)
+
     def peft_loop():
         out = y.clone()
         for e, rows_e in groups:
@@ -80,10 +93,10 @@ def example_level(rows: int, tokens: int, num: int, d_in: int, d_out: int, rank:
         return out
 
     ref = gather_bmm()
-    for f in (concat_rank, segment, peft_loop):
+    for f in (concat_rank, segment, peft_loop, grouped_bmm):
         torch.testing.assert_close(f(), ref, rtol=1e-4, atol=1e-5)
-    return timed({"gather+bmm": gather_bmm, "concat-rank": concat_rank, "segment": segment, "PEFT loop": peft_loop},
-                 rounds)
+    return timed({"gather+bmm": gather_bmm, "grouped bmm": grouped_bmm, "concat-rank": concat_rank,
+                  "segment": segment, "PEFT loop": peft_loop}, rounds)
 
 
 def token_topk(rows: int, tokens: int, num: int, k: int, d_in: int, d_out: int, rank: int, rounds: int) -> dict:

@@ -138,3 +138,29 @@ def test_generate_with_per_row_modules_matches_rows_alone():
         with torch.no_grad():
             alone = model.generate(**_row(batch, i), max_new_tokens=4, do_sample=False)
         assert torch.equal(out[i, : alone.shape[1]], alone[0])  # the longer row may continue past EOS
+
+
+@pytest.mark.parametrize("length", [1, 3])
+def test_few_tokens_per_row_take_the_grouped_path_and_match_rows_alone(length, monkeypatch):
+    from polymod.aggregation import lora_mix
+
+    host = make_host("llama")
+    model = pm.Modular(host)
+    for i, n in enumerate(("a", "b", "c")):
+        model.add(n, pm.LoRA(rank=8, sites="linear"))
+        torch.manual_seed(i)
+        randomize(model[n], std=0.1)
+    used = []
+    original = lora_mix._grouped_bmm
+    monkeypatch.setattr(lora_mix, "_grouped_bmm", lambda *a: used.append(1) or original(*a))
+    rows = ["a", None, "c", "a", "c"]  # uneven groups, a host-only row, module b unused
+    batch = make_batch("llama", batch=5, length=length)
+    with torch.no_grad(), model.route(rows):
+        together = host(**batch).logits
+    assert used, "2T ≤ r: rows move into per-module groups"
+    for row in dict.fromkeys(rows):
+        picked = [i for i, r in enumerate(rows) if r == row]
+        model.use(row)
+        with torch.no_grad():
+            torch.testing.assert_close(together[picked], host(**{k: v[picked] for k, v in batch.items()}).logits,
+                                       rtol=1e-5, atol=1e-5)

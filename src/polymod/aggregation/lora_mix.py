@@ -7,7 +7,10 @@ routing (measured in ``benchmarks/lora_formulations.py``):
   stack A as (E+1, r, D_in) and sᵢBᵢᵀ as (E+1, r, D_out) — slot E is zero, for
   host-only rows — gather one slice per row and run two batched matmuls, the
   second fused with the addition (``baddbmm``). Cost: one rank-r LoRA per row,
-  whatever E is.
+  whatever E is. With few tokens per row (2T ≤ r, decoding) moving the weights
+  costs more than moving the rows, so **grouped bmm** gathers the rows instead
+  into per-module groups (zero-padded to the largest group) and scatters the
+  result back.
 * **concatenated rank** for dense weights (soft / top-k / task mixtures): one
   GEMM against A stacked as (E·r, D_in), scale each module's r columns by its
   weight, one GEMM against the stacked sᵢBᵢᵀ (E·r, D_out) fused with the
@@ -96,8 +99,10 @@ def lora_mixer(parts: Sequence[LoRAPart], x: torch.Tensor, y: torch.Tensor, w: W
 def _gather_bmm(parts: Sequence[LoRAPart], g: _Group, x: torch.Tensor, y: torch.Tensor, w: RowGroups,
                 key: Hashable, cache: StackCache) -> torch.Tensor:
     rows, d_out = y.shape[0], y.shape[-1]
-    idx = w.padded_index()  # (B,) module per row, E for host-only rows
     stacks = _stacked(parts, g, key, cache)
+    if g.kind != "embedding" and 2 * (x.numel() // (rows * x.shape[-1])) <= g.rank:
+        return _grouped_bmm(parts, stacks, x, y, w)
+    idx = w.padded_index()  # (B,) module per row, E for host-only rows
     if g.kind == "embedding":
         offset = idx.view(-1, *([1] * (x.dim() - 1))) * g.vocab  # (B, 1): each row reads its module's rows
         h = F.embedding(x + offset, stacks[2]).reshape(rows, -1, g.rank)  # (B, T, r)
@@ -106,6 +111,23 @@ def _gather_bmm(parts: Sequence[LoRAPart], g: _Group, x: torch.Tensor, y: torch.
         h = torch.bmm(x3, stacks[0].index_select(0, idx).transpose(1, 2))  # (B, T, r)
     out = torch.baddbmm(y.reshape(rows, -1, d_out), h, stacks[1].index_select(0, idx))  # (B, T, D_out)
     return out.view(y.shape)
+
+
+def _grouped_bmm(parts: Sequence[LoRAPart], stacks: tuple[torch.Tensor, ...], x: torch.Tensor, y: torch.Tensor,
+                 w: RowGroups) -> torch.Tensor:
+    """Few tokens per row: move the rows (not the weights) into per-module groups, two bmm, move back."""
+    rows, d_in, d_out = y.shape[0], x.shape[-1], y.shape[-1]
+    slots, where, active, width = w.grouped()
+    a, bt = stacks[0], stacks[1]
+    if len(w.active) == len(parts):
+        a, bt = a[:-1], bt[:-1]  # (E, r, D): every module has rows
+    else:
+        a, bt = a.index_select(0, active), bt.index_select(0, active)  # (A, r, D)
+    x3 = x.reshape(rows, -1, d_in)  # (B, T, D_in)
+    xs = torch.cat([x3, x3.new_zeros(1, *x3.shape[1:])]).index_select(0, slots)  # (A·m, T, D_in), zero-padded
+    h = torch.bmm(xs.view(a.shape[0], -1, d_in), a.transpose(1, 2))  # (A, m·T, r)
+    delta = torch.bmm(h, bt).view(-1, x3.shape[1], d_out)  # (A·m, T, D_out)
+    return y + delta.index_select(0, where).view(y.shape)  # each row back from its slot
 
 
 def _concat_rank(parts: Sequence[LoRAPart], g: _Group, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,

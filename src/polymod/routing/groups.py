@@ -82,6 +82,31 @@ class RowGroups:
             self._derived["pad"] = torch.where(self.index >= 0, self.index, torch.full_like(self.index, self.num))
         return self._derived["pad"]
 
+    def grouped(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The rows laid out per active candidate, for grouped batched matmuls (cached).
+
+        Returns:
+            ``slots`` (A·m,): the row in each of m slots of the A active candidates
+            (B: an appended zero row pads short groups and serves host-only rows);
+            ``where`` (B,): each row's slot; ``active`` (A,) as a tensor; m.
+        """
+        if "grouped" not in self._derived:
+            device, rows = self.index.device, self.size
+            width = max((r.numel() for r in self.rows), default=0) + (1 if self.none_rows.numel() else 0)
+            slots = torch.full((len(self.active), width), rows, dtype=torch.long, device=device)  # (A, m)
+            where = torch.empty(rows, dtype=torch.long, device=device)  # (B,)
+            spare = None
+            for i, r in enumerate(self.rows):
+                slots[i, : r.numel()] = r
+                where[r] = i * width + torch.arange(r.numel(), device=device)
+                if r.numel() < width and spare is None:
+                    spare = i * width + r.numel()  # a padded slot: it computes a zero row
+            if self.none_rows.numel():
+                where[self.none_rows] = spare
+            active = torch.tensor(self.active, dtype=torch.long, device=device)
+            self._derived["grouped"] = (slots.flatten(), where, active, width)
+        return self._derived["grouped"]
+
     def restrict(self, present: tuple[int, ...]) -> RowGroups:
         """The same assignment over a subset of candidates (others become host-only), cached."""
         if present == tuple(range(self.num)):

@@ -110,21 +110,22 @@ class TopK(Router):
         top_p, top_i = probs.topk(self.k, dim=-1)  # (N, k)
         if self.normalize:
             top_p = top_p / top_p.sum(-1, keepdim=True)
-        chosen = F.one_hot(top_i, num).to(probs.dtype)  # (N, k, E)
-        kept, dropped = self._capacity(chosen)
-        if self.overflow == "renormalize" and self.capacity_factor is not None:
+        aux = torch.is_grad_enabled() and (self.balance_coef > 0 or self.z_coef > 0)
+        chosen = F.one_hot(top_i, num).to(probs.dtype) if aux or self.capacity_factor is not None else None  # (N, k, E)
+        dropped: Any = 0
+        if self.capacity_factor is not None:
+            kept, dropped = self._capacity(chosen)  # (N, k)
             top_p = top_p * kept
-            top_p = top_p / top_p.sum(-1, keepdim=True).clamp_min(1e-9)
-        w = torch.einsum("nk,nke->ne", top_p * kept, chosen)  # (N, E)
-        if self.training or torch.is_grad_enabled():
+            if self.overflow == "renormalize":
+                top_p = top_p / top_p.sum(-1, keepdim=True).clamp_min(1e-9)
+        w = torch.zeros_like(probs).scatter(-1, top_i, top_p)  # (N, E): the kept top-k weights, zero elsewhere
+        if aux:
             self._aux(logits, probs, chosen)
-        self.stats.update(w, dropped, assigned=chosen.shape[0] * self.k)
+        self.stats.update(w, dropped, assigned=w.shape[0] * self.k)
         return w.reshape(*lead, num).to(y.dtype)  # (…, E)
 
     def _capacity(self, chosen: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """Which of the (N, k) assignments fit each expert's capacity; and how many were dropped."""
-        if self.capacity_factor is None:
-            return torch.ones(chosen.shape[:2], dtype=chosen.dtype, device=chosen.device), 0
         n, k, num = chosen.shape
         capacity = math.ceil(self.capacity_factor * n * k / num)
         order = chosen.transpose(0, 1).reshape(k * n, num)  # (k·N, E): all first choices, then second, …
