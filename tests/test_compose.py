@@ -10,7 +10,17 @@ import torch
 import polymod as pm
 from polymod.compose import Mix, Parallel, Stack, from_json, pretty, to_json
 from polymod.modules.ia3 import IA3
-from polymod.routing import AttentionFusion, ExampleRouter, Polytropon, SoftmaxGate, Static, TaskRouter, TopK
+from polymod.routing import (
+    AttentionFusion,
+    ExampleRouter,
+    HashRouter,
+    Polytropon,
+    SoftmaxGate,
+    SpanRouter,
+    Static,
+    TaskRouter,
+    TopK,
+)
 from tests.hosts import logits, make_batch, make_host, randomize
 from tests.kinds import KINDS
 
@@ -226,6 +236,14 @@ def test_one_hot_mix_equals_the_module_for_every_kind(kind):
     torch.testing.assert_close(fixed, alone, rtol=1e-5, atol=1e-5)
     by_task = _run(host, model, Mix(["a", "b"], router=TaskRouter(["a", "b"]), aggregate=aggregate), batch, task=1)
     torch.testing.assert_close(by_task, alone, rtol=1e-5, atol=1e-5)
+    if aggregate == "sum":  # token-level fixed routing: hash == the same assignment given as spans
+        router = HashRouter()
+        hashed = _run(host, model, Mix(["a", "b"], router=router), batch)
+        experts = router.expert_of(batch["input_ids"])
+        spans = [[(t, t + 1, "ab"[int(e)]) for t, e in enumerate(row)] for row in experts]
+        spanned = _run(host, model, Mix(["a", "b"], router=SpanRouter()), batch, spans=spans)
+        torch.testing.assert_close(hashed, spanned, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(hashed, alone, atol=1e-6) or bool((experts == 1).all())
     gate = SoftmaxGate(level="example")
     embeds = any(s.kind == "embedding" for s in model["a"].sites.values())
     if aggregate == "input" or embeds:  # prompts/prefixes concatenate; embedding sites give no hidden state
