@@ -145,8 +145,10 @@ class StackCache:
     While gradients flow to the parts (training) the stack is rebuilt every
     forward so autograd sees it; otherwise it is rebuilt only when a part's
     tensors changed (``Tensor._version``, bumped by every in-place update such as
-    an optimiser step or ``load_state_dict``). Keys name the parts by identity;
-    replacing a part's ``Parameter`` object (rather than updating it) is not seen.
+    an optimiser step or ``load_state_dict``; ``data_ptr``, changed by ``.to()``),
+    and when leaving ``torch.inference_mode`` (its tensors cannot enter autograd).
+    Keys name the parts by identity; replacing a part's ``Parameter`` object
+    (rather than updating it) is not seen.
     """
 
     def __init__(self, limit: int = 4096):
@@ -160,7 +162,8 @@ class StackCache:
         held = hit[0] if hit is not None else tuple(tensors())
         if torch.is_grad_enabled() and any(t.requires_grad for t in held):
             return build()
-        versions = [t._version for t in held]
+        # in-place updates bump _version; .to() / .data swaps move data_ptr; inference tensors stay in inference
+        versions = [(t._version, t.data_ptr()) for t in held] + [torch.is_inference_mode_enabled()]
         if hit is not None and hit[1] == versions:
             return hit[2]
         if len(self._store) >= self.limit:
