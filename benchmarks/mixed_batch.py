@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--distinct", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--workloads", nargs="+", default=["prefill", "decode"], choices=["prefill", "decode"])
     parser.add_argument("--no-sequential", action="store_true", help="skip the per-row sequential contender")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -122,7 +123,7 @@ def main() -> None:
 
     results = []
     with torch.inference_mode():
-        for workload, length in (("prefill", args.prefill), ("decode", 1)):
+        for workload, length in [(w, args.prefill if w == "prefill" else 1) for w in args.workloads]:
             ids = torch.randint(0, args.vocab, (args.rows, length), generator=torch.Generator().manual_seed(1))
             for n in args.distinct:
                 rows = [names[i % n] for i in range(args.rows)]

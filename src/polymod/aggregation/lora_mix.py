@@ -117,17 +117,21 @@ def _grouped_bmm(parts: Sequence[LoRAPart], stacks: tuple[torch.Tensor, ...], x:
                  w: RowGroups) -> torch.Tensor:
     """Few tokens per row: move the rows (not the weights) into per-module groups, two bmm, move back."""
     rows, d_in, d_out = y.shape[0], x.shape[-1], y.shape[-1]
-    slots, where, active, width = w.grouped()
+    slots, where, active, width, padded = w.grouped()
     a, bt = stacks[0], stacks[1]
     if len(w.active) == len(parts):
         a, bt = a[:-1], bt[:-1]  # (E, r, D): every module has rows
     else:
         a, bt = a.index_select(0, active), bt.index_select(0, active)  # (A, r, D)
     x3 = x.reshape(rows, -1, d_in)  # (B, T, D_in)
-    xs = torch.cat([x3, x3.new_zeros(1, *x3.shape[1:])]).index_select(0, slots)  # (A·m, T, D_in), zero-padded
+    if padded:
+        x3 = torch.cat([x3, x3.new_zeros(1, *x3.shape[1:])])  # (B+1, T, D_in): row B is the zero row
+    xs = x3.index_select(0, slots)  # (A·m, T, D_in) rows grouped by module
     h = torch.bmm(xs.view(a.shape[0], -1, d_in), a.transpose(1, 2))  # (A, m·T, r)
     delta = torch.bmm(h, bt).view(-1, x3.shape[1], d_out)  # (A·m, T, D_out)
-    return y + delta.index_select(0, where).view(y.shape)  # each row back from its slot
+    if padded:
+        return y + delta.index_select(0, where).view(y.shape)  # each row back from its slot
+    return y.reshape(rows, -1, d_out).index_add(0, slots, delta).view(y.shape)  # (B, T, D_out)
 
 
 def _concat_rank(parts: Sequence[LoRAPart], g: _Group, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,

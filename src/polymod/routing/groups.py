@@ -82,29 +82,38 @@ class RowGroups:
             self._derived["pad"] = torch.where(self.index >= 0, self.index, torch.full_like(self.index, self.num))
         return self._derived["pad"]
 
-    def grouped(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    def grouped(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, bool]:
         """The rows laid out per active candidate, for grouped batched matmuls (cached).
 
         Returns:
             ``slots`` (A·m,): the row in each of m slots of the A active candidates
             (B: an appended zero row pads short groups and serves host-only rows);
-            ``where`` (B,): each row's slot; ``active`` (A,) as a tensor; m.
+            ``where`` (B,): each row's slot; ``active`` (A,) as a tensor; m; and
+            whether any slot is padding.
         """
         if "grouped" not in self._derived:
-            device, rows = self.index.device, self.size
-            width = max((r.numel() for r in self.rows), default=0) + (1 if self.none_rows.numel() else 0)
-            slots = torch.full((len(self.active), width), rows, dtype=torch.long, device=device)  # (A, m)
-            where = torch.empty(rows, dtype=torch.long, device=device)  # (B,)
-            spare = None
-            for i, r in enumerate(self.rows):
-                slots[i, : r.numel()] = r
-                where[r] = i * width + torch.arange(r.numel(), device=device)
-                if r.numel() < width and spare is None:
-                    spare = i * width + r.numel()  # a padded slot: it computes a zero row
-            if self.none_rows.numel():
-                where[self.none_rows] = spare
-            active = torch.tensor(self.active, dtype=torch.long, device=device)
-            self._derived["grouped"] = (slots.flatten(), where, active, width)
+            assignment = self.index.tolist()
+            members: dict[int, list[int]] = {c: [] for c in self.active}
+            for row, c in enumerate(assignment):
+                if c >= 0:
+                    members[c].append(row)
+            rows = len(assignment)
+            width = max((len(m) for m in members.values()), default=0) + (1 if self.none_rows.numel() else 0)
+            slots, where, spare = [], [0] * rows, None
+            for i, c in enumerate(self.active):
+                for j, row in enumerate(members[c]):
+                    where[row] = i * width + j
+                if spare is None and len(members[c]) < width:
+                    spare = i * width + len(members[c])  # a padded slot computes a zero row
+                slots += members[c] + [rows] * (width - len(members[c]))
+            for row, c in enumerate(assignment):
+                if c < 0:
+                    where[row] = spare
+            device = self.index.device
+            self._derived["grouped"] = (torch.tensor(slots, dtype=torch.long, device=device),
+                                        torch.tensor(where, dtype=torch.long, device=device),
+                                        torch.tensor(self.active, dtype=torch.long, device=device),
+                                        width, rows in slots)
         return self._derived["grouped"]
 
     def restrict(self, present: tuple[int, ...]) -> RowGroups:
