@@ -400,3 +400,44 @@ def accuracy_of(model, module, task: Task, head: nn.Module, name: str = "eval-tm
         return accuracy(headed(model.host, head), task.test)
     finally:
         model.remove(name)  # unmerges first: the host is restored bit for bit
+
+
+# -- zero-shot heads (fixed, like CLIP's class-prompt heads in Ilharco et al.) --------------
+
+PROMPTS = {
+    "rt": ("a negative movie review", "a positive movie review"),
+    "imdb": ("a negative movie review", "a positive movie review"),
+    "bbc": tuple(f"a news article about {t}" for t in ("business", "entertainment", "politics", "sport",
+                                                       "technology")),
+    "bbc_tech": ("a news article about business, politics, sport or entertainment",
+                 "a news article about technology"),
+    "chat": ("a conversation about artificial intelligence", "a conversation about programming",
+             "a conversation about emotions and feelings", "a conversation about psychology",
+             "a conversation about computer technical support", "trivia questions and answers"),
+    "lang": ("This sentence is in English.", "Esta frase está en español.", "Dieser Satz ist auf Deutsch.",
+             "Cette phrase est en français.", "Questa frase è in italiano.", "Esta frase está em português."),
+}
+
+
+class ZeroShotHead(nn.Module):
+    """logits = s · cos(f(x), e_c): fixed class embeddings e_c of class prompts, s = ``scale``.
+
+    The sentence-encoder analogue of CLIP's zero-shot head, which Ilharco et al. keep frozen while
+    fine-tuning the encoder, so that task vectors carry all of the task and heads never change.
+    """
+
+    def __init__(self, classes: torch.Tensor, scale: float = 20.0):
+        super().__init__()
+        self.register_buffer("classes", nn.functional.normalize(classes, dim=-1))  # (C, D)
+        self.scale = scale
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.scale * nn.functional.normalize(f, dim=-1) @ self.classes.t()  # (B, C)
+
+
+@torch.no_grad()
+def zero_shot_head(host: nn.Module, task: str, scale: float = 20.0) -> ZeroShotHead:
+    """The zero-shot head of ``task`` from its class prompts (:data:`PROMPTS`), embedded by ``host`` as it is now."""
+    prompts = PROMPTS[task.removesuffix("-l2")]
+    enc = tokenizer()(list(prompts), padding=True, return_tensors="pt")
+    return ZeroShotHead(host(enc["input_ids"], enc["attention_mask"]), scale)

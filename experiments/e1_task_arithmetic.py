@@ -6,12 +6,12 @@ within a few points, and adding two (θ + λ(τ_A + τ_B)) gives one model close
 both specialists. A random direction of the same norm per weight is the control
 for "any perturbation this large hurts".
 
-Design: host all-MiniLM-L6-v2 (frozen). For each task a linear probe is fitted
-on the frozen host's features of a separate probe split and then *fixed*; a
+Design: host all-MiniLM-L6-v2 (frozen). As in Ilharco et al., every task has
+a fixed zero-shot head — cosine similarity (× 20) to the host's embeddings of
+class prompts such as "a positive movie review" (``common.PROMPTS``) — and a
 LoRA module (r = 8 on the attention queries and values) is trained through that
-fixed head on the training split. Every edited
-model is therefore evaluated with the same heads, so accuracy changes come from
-the task vectors alone. Edits are made with ``pm.merge`` (task arithmetic with
+frozen head. Every edited model is therefore evaluated with the same heads, so
+accuracy changes come from the task vectors alone. Edits are made with ``pm.merge`` (task arithmetic with
 negative or positive weights) and merged into the host for evaluation.
 Tasks: A = Rotten Tomatoes sentiment (negated), B = language ID over six
 chatterbot-corpus languages (control, and the second task for addition).
@@ -46,12 +46,12 @@ def random_like(model: pm.Modular, module: pm.Module, seed: int) -> pm.Module:
     return rand
 
 
-def run_seed(seed: int, n_train: int, n_test: int, n_probe: int, epochs: float) -> dict[str, float]:
+def run_seed(seed: int, n_train: int, n_test: int, epochs: float) -> dict[str, float]:
     C.set_seed(seed)
     host = C.load_host()
     model = pm.Modular(host)
-    a, b = (C.load_task(t, n_train, n_test, seed, probe=n_probe) for t in ("rt", "lang"))
-    heads = {t.name: C.probe(host, t, seed) for t in (a, b)}
+    a, b = (C.load_task(t, n_train, n_test, seed) for t in ("rt", "lang"))
+    heads = {t.name: C.zero_shot_head(host, t.name) for t in (a, b)}
     spec = pm.LoRA(rank=8, sites="attn.q|attn.v")
     r: dict[str, float] = {}
     for t in (a, b):
@@ -84,9 +84,8 @@ def run_seed(seed: int, n_train: int, n_test: int, n_probe: int, epochs: float) 
 def main(argv=None) -> dict:
     args = C.setup(__doc__.splitlines()[0], argv)
     started = time.perf_counter()
-    seeds, n_train, n_test, n_probe, epochs = ((0,), 320, 160, 128, 2.0) if args.quick else \
-        ((0, 1, 2), 640, 300, 256, 2.0)
-    runs = [run_seed(s, n_train, n_test, n_probe, epochs) for s in seeds]
+    seeds, n_train, n_test, epochs = ((0,), 320, 160, 2.0) if args.quick else ((0, 1, 2), 640, 300, 2.0)
+    runs = [run_seed(s, n_train, n_test, epochs) for s in seeds]
     m = {k: [r[k] for r in runs] for k in runs[0]}
 
     def cell(k):
@@ -95,7 +94,7 @@ def main(argv=None) -> dict:
     def norm(k, task):  # accuracy normalised by the task's specialist, per seed
         return C.mean_std([x / s for x, s in zip(m[f"{k}/{task}"], m[f"specialist/{task}"])])
 
-    rows = [["host (probes only)", cell("host/rt"), cell("host/lang"), norm("host", "rt"), norm("host", "lang")],
+    rows = [["host (zero-shot heads)", cell("host/rt"), cell("host/lang"), norm("host", "rt"), norm("host", "lang")],
             ["specialist τ_rt", cell("specialist/rt"), cell("specialist/rt-on-lang"), "1", ""],
             ["specialist τ_lang", cell("specialist/lang-on-rt"), cell("specialist/lang"), "", "1"]]
     for lam in SCALES:
@@ -140,8 +139,8 @@ def main(argv=None) -> dict:
     axes[1].legend(fontsize=8)
     body = f"""{__doc__.split(chr(10), 1)[1].strip()}
 
-Seeds: {list(seeds)} (probe, module training and random direction); {n_train} training / {n_test} test /
-{n_probe} probe examples per task (class-balanced), LoRA trained {epochs:g} epochs with AdamW (lr 4e-3, linear
+Seeds: {list(seeds)} (module training and random direction); {n_train} training / {n_test} test examples per
+task (class-balanced), LoRA trained {epochs:g} epochs with AdamW (lr 4e-3, linear
 decay, batch 32), max length {C.MAX_LENGTH} tokens. Cells: mean ± std over seeds. Training loss (mean of the first
 / last 10 steps): RT {cell("loss first/rt")} → {cell("loss last/rt")}, lang-ID {cell("loss first/lang")} →
 {cell("loss last/lang")}.

@@ -7,8 +7,8 @@ experts, and with the Switch Transformer's balancing loss (Fedus et al., 2022,
 coefficient 0.01) the load evens out at similar accuracy.
 
 Design (host all-MiniLM-L6-v2, frozen; tasks Rotten Tomatoes sentiment, BBC
-News topics, chatterbot language ID, each with a linear probe fitted on the
-frozen host's features of a separate probe split and then fixed):
+News topics, chatterbot language ID, each with a fixed zero-shot head: cosine
+similarity × 20 to the host's embeddings of class prompts, ``common.PROMPTS``):
 
 (a) one LoRA module per task (r = 8, queries and values) is trained through
 its task's head; the three are then frozen and only a
@@ -125,15 +125,15 @@ def main(argv=None) -> dict:
     args = C.setup(__doc__.splitlines()[0], argv)
     started = time.perf_counter()
     if args.quick:
-        seeds, n_train, n_test, n_probe, epochs, router_steps, topk_steps = (0,), 256, 120, 128, 2.0, 15, 24
+        seeds, n_train, n_test, epochs, router_steps, topk_steps = (0,), 256, 120, 2.0, 15, 24
     else:
-        seeds, n_train, n_test, n_probe, epochs, router_steps, topk_steps = (0, 1, 2), 320, 200, 256, 2.0, 30, 36
+        seeds, n_train, n_test, epochs, router_steps, topk_steps = (0, 1, 2), 320, 200, 2.0, 30, 36
     poly, topk = [], {0.0: [], 0.01: []}
     for seed in seeds:
         C.set_seed(seed)
         host = C.load_host()
-        tasks = [C.load_task(t, n_train, n_test, seed, probe=n_probe) for t in TASKS]
-        heads = [C.probe(host, t, seed) for t in tasks]
+        tasks = [C.load_task(t, n_train, n_test, seed) for t in TASKS]
+        heads = [C.zero_shot_head(host, t.name) for t in tasks]
         poly.append(polytropon_part(seed, tasks, heads, host, epochs, router_steps))
         for balance in topk:
             topk[balance].append(topk_part(seed, tasks, heads, balance, topk_steps))
@@ -180,9 +180,9 @@ def main(argv=None) -> dict:
     axes[1].legend(fontsize=8)
     body = f"""{__doc__.split(chr(10), 1)[1].strip()}
 
-Seeds {list(seeds)}; {n_train} training / {n_test} test / {n_probe} probe examples per task; task modules
-trained {epochs:g} epochs (lr 4e-3); the Polytropon router {router_steps} steps (AdamW lr 5e-2, relaxed
-Bernoulli τ = 1 in training); the top-k experts and gates {topk_steps} steps (lr 3e-3). Batch 32, max length
+Seeds {list(seeds)}; {n_train} training / {n_test} test examples per task; task modules trained {epochs:g}
+epochs (lr 4e-3); the Polytropon router {router_steps} steps (AdamW lr 5e-2, relaxed Bernoulli τ = 1 in training);
+the top-k experts and gates {topk_steps} steps (lr 3e-3). Batch 32, max length
 {C.MAX_LENGTH}. Mean ± std over seeds.
 
 (a) Polytropon: share of each task's weight on each module, and accuracy.

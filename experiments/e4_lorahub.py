@@ -6,15 +6,16 @@ with a gradient-free optimiser on a handful of examples of an unseen task beats
 both the host alone and the uniform average of the modules.
 
 Design: host all-MiniLM-L6-v2 (frozen). Upstream LoRA modules (r = 8, queries
-and values) are trained on four tasks, each through a linear probe fitted on
-the frozen host (on a separate probe split) and then fixed: Rotten Tomatoes sentiment, BBC News topics,
-chatterbot topics, chatterbot language ID. The unseen task is IMDB review
-polarity (first 96 tokens) with K = 64 labelled examples (32 per class): a
-linear probe is fitted on the frozen host's features of half of them and fixed
-for every contender; the search's loss is measured on the other half (a probe
-fits its own examples almost perfectly, which would leave nothing to search for):
+and values) are trained on four tasks, each through a fixed zero-shot head
+(cosine similarity × 20 to the host's embeddings of class prompts,
+``common.PROMPTS``): Rotten Tomatoes sentiment, BBC News topics, chatterbot
+topics, chatterbot language ID. The unseen task is IMDB review
+polarity (first 96 tokens) with K = 32 labelled examples (16 per class); its
+head is its own zero-shot head ("a negative/positive movie review" — the same
+prompts as Rotten Tomatoes, as LoraHub shares the LM head and verbaliser across
+tasks), fixed for every contender:
 
-* host: the probe alone;
+* host: the zero-shot head alone;
 * uniform: the four modules merged with equal weights 1/4 — ΔW-wise
   (``pm.merge(..., lora="cat")``, the exact average of the updates) and
   factor-wise (``lora="ab"``, LoraHub's own composition at its starting point);
@@ -76,13 +77,14 @@ def run(seeds, n_upstream: int, n_test: int, shots: int, evaluations: int, epoch
     model = pm.Modular(host)
     modules = {}
     for t in UPSTREAM:  # upstream modules are trained once; seeds vary the few-shot sample and the search
-        task = C.load_task(t, n_upstream, 50, seed=0, probe=256)
-        C.train_module(model, t, pm.LoRA(rank=8, sites="attn.q|attn.v"), task, C.probe(host, task), epochs=epochs)
+        task = C.load_task(t, n_upstream, 50, seed=0)
+        C.train_module(model, t, pm.LoRA(rank=8, sites="attn.q|attn.v"), task, C.zero_shot_head(host, t),
+                       epochs=epochs)
         modules[t] = model.remove(t)
     out = []
     for seed in seeds:
-        imdb = C.load_task("imdb", shots // 2, n_test, seed=seed, max_length=96, probe=shots // 2)
-        head = C.probe(host, imdb, seed)
+        imdb = C.load_task("imdb", shots, n_test, seed=seed, max_length=96)
+        head = C.zero_shot_head(host, "imdb")
         ids, mask, y = next(imdb.train.batches(len(imdb.train)))
 
         def few_shot_loss(combo, head=head, ids=ids, mask=mask, y=y) -> float:
@@ -128,9 +130,9 @@ def main(argv=None) -> dict:
     args = C.setup(__doc__.splitlines()[0], argv)
     started = time.perf_counter()
     if args.quick:
-        seeds, n_upstream, n_test, shots, evaluations, epochs = (0,), 256, 150, 64, 16, 2.0
+        seeds, n_upstream, n_test, shots, evaluations, epochs = (0,), 256, 150, 32, 16, 2.0
     else:
-        seeds, n_upstream, n_test, shots, evaluations, epochs = (0, 1, 2, 3, 4), 400, 400, 64, 40, 2.0
+        seeds, n_upstream, n_test, shots, evaluations, epochs = (0, 1, 2, 3, 4), 400, 400, 32, 40, 2.0
     runs = run(seeds, n_upstream, n_test, shots, evaluations, epochs)
     contenders = ("host", "uniform ΔW (cat)", "uniform A/B (ab)", "LoraHub")
     rows = [[c, C.mean_std([r[c] for r in runs])] for c in contenders]
@@ -158,7 +160,7 @@ def main(argv=None) -> dict:
     body = f"""{__doc__.split(chr(10), 1)[1].strip()}
 
 Upstream: {n_upstream} training examples per task, {epochs:g} epochs (lr 4e-3), seed 0. Few-shot seeds
-{list(seeds)} (each: its own {shots} examples, probe and search); {evaluations} objective evaluations per search, by
+{list(seeds)} (each: its own {shots} examples and search); {evaluations} objective evaluations per search, by
 {"polymod's lorahub (CMA-ES)" if LORAHUB is not None else "the in-script evolution strategy"}. The search curve
 plots the best few-shot loss{"" if LORAHUB is not None else " + L1"} so far.
 

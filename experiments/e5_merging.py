@@ -5,9 +5,10 @@ grows; the interference-aware methods (TIES: trim, elect signs, disjoint mean �
 Yadav et al., 2023; DARE: random drop and rescale — Yu et al., 2024) lose less
 than plain weight averaging and task arithmetic (Ilharco et al., 2023).
 
-Design: host all-MiniLM-L6-v2 (frozen); six real tasks, each with a linear
-probe fitted on the frozen host (on a separate probe split) and then fixed, and
-a LoRA module (r = 8, attention queries and values) trained through that head: Rotten Tomatoes and
+Design: host all-MiniLM-L6-v2 (frozen); six real tasks, each with a fixed
+zero-shot head (cosine similarity × 20 to the host's embeddings of class
+prompts, ``common.PROMPTS``, as CLIP heads in Ilharco et al.) and a LoRA module
+(r = 8, attention queries and values) trained through that frozen head: Rotten Tomatoes and
 IMDB sentiment, BBC News topics (5), BBC tech-vs-rest, chatterbot topics (6),
 chatterbot language ID (6). For N = 2 … 6 the first N tasks of a per-seed task
 order are merged with ``pm.merge`` and the one merged module is evaluated on
@@ -47,16 +48,15 @@ def merged(modules: dict, recipe: dict, seed: int) -> pm.Module:
     return merge(modules, weights=weights, seed=seed, **recipe)
 
 
-def run_seed(seed: int, n_train: int, n_test: int, n_probe: int, epochs: float,
-             tasks: tuple[str, ...]) -> dict[str, float]:
+def run_seed(seed: int, n_train: int, n_test: int, epochs: float, tasks: tuple[str, ...]) -> dict[str, float]:
     order = list(tasks)
     if seed:
         random.Random(seed).shuffle(order)
     C.set_seed(seed)
     host = C.load_host()
     model = pm.Modular(host)
-    data = {t: C.load_task(t, n_train, n_test, seed, probe=n_probe) for t in order}
-    heads = {t: C.probe(host, data[t], seed) for t in order}
+    data = {t: C.load_task(t, n_train, n_test, seed) for t in order}
+    heads = {t: C.zero_shot_head(host, t) for t in order}
     modules = {}
     for t in order:
         C.train_module(model, t, pm.LoRA(rank=8, sites="attn.q|attn.v"), data[t], heads[t], epochs=epochs, seed=seed)
@@ -80,10 +80,10 @@ def main(argv=None) -> dict:
     args = C.setup(__doc__.splitlines()[0], argv)
     started = time.perf_counter()
     if args.quick:
-        seeds, n_train, n_test, n_probe, epochs, tasks = (0,), 320, 100, 128, 2.0, TASKS[:3]
+        seeds, n_train, n_test, epochs, tasks = (0,), 320, 100, 2.0, TASKS[:3]
     else:
-        seeds, n_train, n_test, n_probe, epochs, tasks = (0, 1, 2), 400, 150, 256, 2.0, TASKS
-    runs = [run_seed(s, n_train, n_test, n_probe, epochs, tasks) for s in seeds]
+        seeds, n_train, n_test, epochs, tasks = (0, 1, 2), 400, 150, 2.0, TASKS
+    runs = [run_seed(s, n_train, n_test, epochs, tasks) for s in seeds]
     ns = list(range(2, len(tasks) + 1))
     rows = []
     for name in ("host", *METHODS):
@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
     table = C.markdown_table(["method \\ N merged", *[str(n) for n in ns]], rows)
     spec_rows = [[t, C.mean_std([r[f"host/{t}"] for r in runs]), C.mean_std([r[f"specialist/{t}"] for r in runs])]
                  for t in tasks]
-    spec_table = C.markdown_table(["task", "host + fixed probe", "own LoRA module"], spec_rows)
+    spec_table = C.markdown_table(["task", "host, zero-shot head", "own LoRA module"], spec_rows)
     mean = {f"{name}/N={n}": float(np.mean([r[f"{name}/N={n}"] for r in runs])) for name in ("host", *METHODS)
             for n in ns}
     last = ns[-1]
@@ -115,8 +115,8 @@ def main(argv=None) -> dict:
     orders = "; ".join(f"seed {s}: {r['order']}" for s, r in zip(seeds, runs))
     body = f"""{__doc__.split(chr(10), 1)[1].strip()}
 
-Seeds {list(seeds)} (each: its own task order, probes, modules and DARE masks); {n_train} training / {n_test}
-test / {n_probe} probe examples per task, LoRA trained {epochs:g} epochs (AdamW, lr 4e-3, batch 32), max length
+Seeds {list(seeds)} (each: its own task order, modules and DARE masks); {n_train} training / {n_test}
+test examples per task, LoRA trained {epochs:g} epochs (AdamW, lr 4e-3, batch 32), max length
 {C.MAX_LENGTH} tokens.
 Task orders — {orders}. Cells: mean ± std over seeds.
 
