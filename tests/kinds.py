@@ -25,7 +25,6 @@ KINDS: dict[str, tuple[Callable[[str], Any], bool]] = {
     "lora-linear-rs": (lambda family: pm.LoRA(rank=2, alpha=4, rslora=True, init="gaussian", sites="linear"), True),
     "lora-embed": (lambda family: pm.LoRA(rank=3, sites="embed|ffn.out"), True),
     "ia3": (lambda family: IA3(), True),
-    "ia3-q-o-input": (lambda family: IA3(sites="attn.q|attn.o", feedforward="attn.o"), True),
     "sparse-random": (lambda family: SparseFT(density=0.05), True),
     "sparse-magnitude-embed": (lambda family: SparseFT(density=0.1, mask="magnitude", sites="embed|ffn.out"), True),
     "delta": (lambda family: Delta(sites="attn.q|ffn.out"), True),
