@@ -5,11 +5,18 @@ The public API (see the README)::
     import polymod as pm
     model = pm.Modular(host)
     model.add("task", pm.LoRA(rank=8, sites="attn.q|attn.v"))
-    model.use("task")
+    model.use("task")                                   # or pm.Stack / pm.Mix / pm.Parallel
+    with model.route(["a", "b", "a"]):                  # one composition per row
+        host(**batch)
+    merged = pm.merge([model["a"], model["b"]], method="ties", density=0.2)
 """
 
+from polymod import hub
+from polymod.aggregation.checkpoint import merge_checkpoints, task_vector
+from polymod.aggregation.lorahub import few_shot_loss, lorahub
+from polymod.aggregation.merge import merge
 from polymod.card import Card, Lineage, Parent
-from polymod.compose import Stack
+from polymod.compose import Mix, Parallel, Stack
 from polymod.errors import (
     CompositionError,
     ConfigError,
@@ -21,35 +28,93 @@ from polymod.errors import (
     StateError,
     UnknownModuleError,
 )
+from polymod.hub.errors import HubError
 from polymod.hub.format import load, save
+from polymod.interop import read_adapters, read_peft, write_peft
 from polymod.modular import AttachReport, Modular
-from polymod.modules import LoRA, Module, registered_kinds
+from polymod.modules import (
+    IA3,
+    Adapter,
+    Delta,
+    HyperLoRA,
+    Invertible,
+    LoRA,
+    Module,
+    PrefixTuning,
+    PromptTuning,
+    SparseFT,
+    registered_kinds,
+)
+from polymod.routing import (
+    AttentionFusion,
+    ExampleRouter,
+    HashRouter,
+    Polytropon,
+    SoftmaxGate,
+    SpanRouter,
+    Static,
+    TaskRouter,
+    TopK,
+)
 from polymod.sites import Site, SiteSelector, select
+from polymod.training import Task, TrainConfig, Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adapter",
     "AttachReport",
+    "AttentionFusion",
     "Card",
     "CompositionError",
     "ConfigError",
+    "Delta",
+    "ExampleRouter",
+    "few_shot_loss",
     "FormatError",
+    "HashRouter",
     "HostMismatchWarning",
+    "hub",
+    "HubError",
+    "HyperLoRA",
+    "IA3",
     "IncompatibleHostError",
+    "Invertible",
     "Lineage",
+    "load",
     "LoRA",
+    "lorahub",
+    "merge",
+    "merge_checkpoints",
+    "Mix",
     "Modular",
     "Module",
+    "Parallel",
     "Parent",
     "PolymodError",
-    "Site",
-    "SiteNotFoundError",
-    "SiteSelector",
-    "Stack",
-    "StateError",
-    "UnknownModuleError",
-    "load",
+    "Polytropon",
+    "PrefixTuning",
+    "PromptTuning",
+    "read_adapters",
+    "read_peft",
     "registered_kinds",
     "save",
     "select",
+    "Site",
+    "SiteNotFoundError",
+    "SiteSelector",
+    "SoftmaxGate",
+    "SpanRouter",
+    "SparseFT",
+    "Stack",
+    "StateError",
+    "Static",
+    "Task",
+    "task_vector",
+    "TaskRouter",
+    "TopK",
+    "TrainConfig",
+    "Trainer",
+    "UnknownModuleError",
+    "write_peft",
 ]
