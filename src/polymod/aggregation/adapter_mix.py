@@ -37,7 +37,8 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(tensors + [torch.zeros_like(tensors[0])])  # (E+1, …), slot E zero
 
 
-def _stacks(parts: Sequence[AdapterPart], key: Hashable, cache: StackCache) -> dict[str, torch.Tensor]:
+def _stacks(parts: Sequence[AdapterPart], key: Hashable, cache: StackCache,
+            like: torch.Tensor) -> dict[str, torch.Tensor]:
     def build() -> dict[str, torch.Tensor]:
         out = {"down": _stack([p.down.weight for p in parts]).transpose(1, 2),  # (E+1, D_in, r)
                "down_b": _stack([p.down.bias for p in parts]).unsqueeze(1),  # (E+1, 1, r)
@@ -49,7 +50,7 @@ def _stacks(parts: Sequence[AdapterPart], key: Hashable, cache: StackCache) -> d
                 out[name + "_b"] = _stack([getattr(p, name).bias for p in parts]).unsqueeze(1)  # (E+1, 1, D)
         return out
 
-    return cache.get((key, "adapter"), lambda: [t for p in parts for t in p.parameters()], build)
+    return cache.get((key, "adapter"), lambda: [t for p in parts for t in p.parameters()], build, like)
 
 
 def _norm(h: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -67,7 +68,7 @@ def adapter_mixer(parts: Sequence[AdapterPart], x: torch.Tensor, y: torch.Tensor
     if w.single is not None:
         return parts[w.single].add_into(x, y)
     p0 = parts[0]
-    s = _stacks(parts, key, cache)
+    s = _stacks(parts, key, cache, y)
     idx = w.padded_index()  # (B,)
     rows = y.shape[0]
     h = (x if p0.reads_input else y).reshape(rows, -1, y.shape[-1] if not p0.reads_input else x.shape[-1])

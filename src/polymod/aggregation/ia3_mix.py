@@ -23,14 +23,14 @@ from polymod.modules.ia3 import IA3Part
 from polymod.routing.groups import RowGroups
 
 
-def _scales(parts: Sequence[IA3Part], key: Hashable, cache: StackCache) -> torch.Tensor:
+def _scales(parts: Sequence[IA3Part], key: Hashable, cache: StackCache, like: torch.Tensor) -> torch.Tensor:
     """(l − 1) of every part, stacked (E+1, D), the last row zero."""
 
     def build() -> torch.Tensor:
         s = torch.stack([p.scale - 1 for p in parts])  # (E, D)
         return torch.cat([s, torch.zeros_like(s[:1])])  # (E+1, D)
 
-    return cache.get((key, "ia3"), lambda: [p.scale for p in parts], build)
+    return cache.get((key, "ia3"), lambda: [p.scale for p in parts], build, like)
 
 
 def ia3_mixer(parts: Sequence[IA3Part], x: torch.Tensor, y: torch.Tensor, w: Weights, key: Hashable,
@@ -41,7 +41,7 @@ def ia3_mixer(parts: Sequence[IA3Part], x: torch.Tensor, y: torch.Tensor, w: Wei
         return None
     if isinstance(w, RowGroups) and w.single is not None:
         return parts[w.single].add_into(x, y)
-    stacked = _scales(parts, key, cache)  # (E+1, D)
+    stacked = _scales(parts, key, cache, y)  # (E+1, D)
     if isinstance(w, RowGroups):
         s = stacked.index_select(0, w.padded_index())  # (B, D)
         s = s.view(s.shape[0], *([1] * (y.dim() - 2)), s.shape[-1])  # (B, 1, …, D)

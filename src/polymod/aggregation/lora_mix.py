@@ -57,7 +57,8 @@ class _Group:
         return group if group.rate is not None else None
 
 
-def _stacked(parts: Sequence[LoRAPart], g: _Group, key: Hashable, cache: StackCache) -> tuple[torch.Tensor, ...]:
+def _stacked(parts: Sequence[LoRAPart], g: _Group, key: Hashable, cache: StackCache,
+             like: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """A as (E+1, r, D_in) and sBᵀ as (E+1, r, D_out), slot E zero (and Aᵀ rows ((E+1)·V, r) at embeddings)."""
 
     def build() -> tuple[torch.Tensor, ...]:
@@ -67,10 +68,11 @@ def _stacked(parts: Sequence[LoRAPart], g: _Group, key: Hashable, cache: StackCa
             return a, b
         return a, b, a.transpose(1, 2).reshape(-1, g.rank)  # ((E+1)·V, r): row lookup of every Aᵀ
 
-    return cache.get((key, "stack"), lambda: g.tensors, build)
+    return cache.get((key, "stack"), lambda: g.tensors, build, like)
 
 
-def _concatenated(parts: Sequence[LoRAPart], g: _Group, key: Hashable, cache: StackCache) -> tuple[torch.Tensor, ...]:
+def _concatenated(parts: Sequence[LoRAPart], g: _Group, key: Hashable, cache: StackCache,
+                  like: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """A as (E·r, D_in) and sBᵀ as (E·r, D_out)."""
 
     def build() -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +80,7 @@ def _concatenated(parts: Sequence[LoRAPart], g: _Group, key: Hashable, cache: St
         b = torch.cat([p.B.t() * p.scaling for p in parts])  # (E·r, D_out)
         return a, b
 
-    return cache.get((key, "cat"), lambda: g.tensors, build)
+    return cache.get((key, "cat"), lambda: g.tensors, build, like)
 
 
 def lora_mixer(parts: Sequence[LoRAPart], x: torch.Tensor, y: torch.Tensor, w: Weights, key: Hashable,
@@ -99,7 +101,7 @@ def lora_mixer(parts: Sequence[LoRAPart], x: torch.Tensor, y: torch.Tensor, w: W
 def _gather_bmm(parts: Sequence[LoRAPart], g: _Group, x: torch.Tensor, y: torch.Tensor, w: RowGroups,
                 key: Hashable, cache: StackCache) -> torch.Tensor:
     rows, d_out = y.shape[0], y.shape[-1]
-    stacks = _stacked(parts, g, key, cache)
+    stacks = _stacked(parts, g, key, cache, y)
     if g.kind != "embedding" and 2 * (x.numel() // (rows * x.shape[-1])) <= g.rank:
         return _grouped_bmm(parts, stacks, x, y, w)
     idx = w.padded_index()  # (B,) module per row, E for host-only rows
@@ -136,7 +138,7 @@ def _grouped_bmm(parts: Sequence[LoRAPart], stacks: tuple[torch.Tensor, ...], x:
 
 def _concat_rank(parts: Sequence[LoRAPart], g: _Group, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
                  key: Hashable, cache: StackCache) -> torch.Tensor:
-    a, bt = _concatenated(parts, g, key, cache)
+    a, bt = _concatenated(parts, g, key, cache, y)
     h = F.embedding(x, a.t()) if g.kind == "embedding" else F.linear(x, a)  # (…, E·r)
     we = expand(w.to(h.dtype), y).repeat_interleave(g.rank, dim=-1)  # (…, E·r): each module's weight on its r
     h = h * we

@@ -75,9 +75,10 @@ class ParameterMixOp:
         w = self._weights(x, y)
         if self.aggregate == "factors":
             return self._factors(x, y, w)
-        tensors = lambda: [t for p in self.parts for t in p.parameters()]  # noqa: E731
+        host = [self.layer.weight] if isinstance(getattr(self.layer, "weight", None), torch.Tensor) else []
+        tensors = lambda: [t for p in self.parts for t in p.parameters()] + host  # noqa: E731  (IA³'s ΔW reads W)
         deltas = self.state.cache.get(self.key, tensors, lambda: torch.stack(
-            [p.delta_weight(self.layer) for p in self.parts]))  # (E, *W.shape)
+            [p.delta_weight(self.layer) for p in self.parts]), y)  # (E, *W.shape)
         dw = torch.einsum("ne,e...->n...", w.to(deltas.dtype), deltas)  # (R, *W.shape)
         out = y + _apply_weight(self.kind, x, dw, y.shape)
         biases = [p.delta_bias(self.layer) if hasattr(p, "delta_bias") else None for p in self.parts]

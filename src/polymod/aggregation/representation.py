@@ -145,8 +145,9 @@ class StackCache:
     While gradients flow to the parts (training) the stack is rebuilt every
     forward so autograd sees it; otherwise it is rebuilt only when a part's
     tensors changed (``Tensor._version``, bumped by every in-place update such as
-    an optimiser step or ``load_state_dict``; ``data_ptr``, changed by ``.to()``),
-    and when leaving ``torch.inference_mode`` (its tensors cannot enter autograd).
+    an optimiser step or ``load_state_dict``), moved (``.to()``: another device or
+    dtype than the site input), and when leaving ``torch.inference_mode`` (its
+    tensors cannot enter autograd).
     Keys name the parts by identity; replacing a part's ``Parameter`` object
     (rather than updating it) is not seen.
     """
@@ -156,20 +157,26 @@ class StackCache:
         self._store: dict[Hashable, list] = {}  # key -> [tensors, versions, value]
         self._meta: dict[Hashable, Any] = {}
 
-    def get(self, key: Hashable, tensors: Callable[[], Sequence[torch.Tensor]], build: Callable[[], Any]) -> Any:
-        """The cached value of ``build()`` for ``key`` while the tensors it reads are unchanged."""
+    def get(self, key: Hashable, tensors: Callable[[], Sequence[torch.Tensor]], build: Callable[[], Any],
+            like: torch.Tensor | None = None) -> Any:
+        """The cached value of ``build()`` for ``key`` while the tensors it reads are unchanged.
+
+        ``like`` (the site input) catches modules moved to another device or dtype.
+        """
         hit = self._store.get(key)
-        held = hit[0] if hit is not None else tuple(tensors())
-        if torch.is_grad_enabled() and any(t.requires_grad for t in held):
+        if hit is not None and like is not None and (hit[3].device != like.device or hit[3].dtype != like.dtype):
+            hit = None  # the module moved (.to()): read its tensors afresh
+        held = hit[0] if hit is not None else tuple(t.detach() for t in tensors())  # aliases share _version
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors()):
             return build()
-        # in-place updates bump _version; .to() / .data swaps move data_ptr; inference tensors stay in inference
-        versions = [(t._version, t.data_ptr()) for t in held] + [torch.is_inference_mode_enabled()]
+        versions = [t._version for t in held]
+        versions.append(torch.is_inference_mode_enabled())  # inference tensors cannot enter autograd later
         if hit is not None and hit[1] == versions:
             return hit[2]
         if len(self._store) >= self.limit:
             self._store.clear()
         value = build()
-        self._store[key] = [held, versions, value]  # holding the tensors keeps their ids unique
+        self._store[key] = [held, versions, value, held[0]]
         return value
 
     def meta(self, key: Hashable, build: Callable[[], Any]) -> Any:
