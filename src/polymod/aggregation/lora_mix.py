@@ -140,8 +140,8 @@ def _concat_rank(parts: Sequence[LoRAPart], g: _Group, x: torch.Tensor, y: torch
                  key: Hashable, cache: StackCache) -> torch.Tensor:
     a, bt = _concatenated(parts, g, key, cache, y)
     h = F.embedding(x, a.t()) if g.kind == "embedding" else F.linear(x, a)  # (…, E·r)
-    we = expand(w.to(h.dtype), y).repeat_interleave(g.rank, dim=-1)  # (…, E·r): each module's weight on its r
-    h = h * we
+    we = expand(w.to(h.dtype), y).unsqueeze(-1)  # (…, E, 1): each module's weight on its r columns
+    h = (h.unflatten(-1, (-1, g.rank)) * we).flatten(-2)  # (…, E, r) → (…, E·r)
     out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), bt)  # (N, D_out)
     return out.view(y.shape)
 
