@@ -2,13 +2,15 @@
 
 Host: a Llama-like model built from a config (hidden 512, 8 layers, 8 heads,
 intermediate 1408, vocab 32000), fp32, 2 threads, a batch of 8 rows × 64 tokens.
-Modules: IA³ on its default sites (keys, values, the input of the FFN output
-projection — PEFT's Llama defaults) and LoRA r=8 on the query and value
-projections; polymod's and PEFT's modules hold the same weights, and the
-script checks their logits agree. Two more polymod rows: IA³ merged into the
-host, and IA³'s *up-form* — on a gated FFN, down(act(gate x) ⊙ up x), scaling
-up_proj's output is the same function as scaling down_proj's input, without
-the extra matrix product a forward hook needs for an input scaling.
+Modules: IA³ on its default sites (keys, values and the FFN intermediate
+activation) and LoRA r=8 on the query and value projections; polymod's and
+PEFT's modules hold the same weights, and the script checks their logits
+agree. On this gated FFN, down(act(gate x) ⊙ up x), polymod scales the
+intermediate activation at up_proj's output and PEFT at down_proj's input —
+the same vector, the same function. Two more polymod rows: IA³ merged into the
+host, and IA³ with PEFT's placement (``gated_ffn="down"``), which pays one
+extra matrix product per layer because a forward hook sees down_proj's input
+only after the layer ran.
 
 * forward: ``host(input_ids).logits`` under ``torch.inference_mode``;
 * training step: forward with ``labels`` (causal-LM loss), backward, AdamW step
@@ -74,21 +76,34 @@ def polymod_model(bare: torch.nn.Module, spec: object) -> tuple[torch.nn.Module,
     return host, model["m"], model
 
 
+def peft_site(site: str, scales_input: bool) -> tuple[str, bool]:
+    """PEFT's default placement of one polymod IA³ site: (site, is_feedforward).
+
+    polymod puts a gated FFN's vector at ``up_proj``'s output, PEFT at ``down_proj``'s input:
+    the same vector and the same function, down(act(gate x) ⊙ up x).
+    """
+    if not scales_input and site.endswith(".mlp.up_proj"):
+        return site.removesuffix("up_proj") + "down_proj", True
+    return site, scales_input
+
+
 def peft_twin(bare: torch.nn.Module, ours: pm.Module) -> torch.nn.Module:
-    """A PEFT model on a copy of ``bare`` holding exactly ``ours``'s weights (IA³ or LoRA)."""
+    """A PEFT model on a copy of ``bare`` holding exactly ``ours``'s weights (IA³ at PEFT's placement, or LoRA)."""
     import peft
 
     if ours.kind == "ia3":
-        cfg = peft.IA3Config(target_modules=list(ours.sites),
-                             feedforward_modules=[s for s, p in ours.items() if p.scales_input])
+        where = {site: peft_site(site, p.scales_input) for site, p in ours.items()}
+        cfg = peft.IA3Config(target_modules=[s for s, _ in where.values()],
+                             feedforward_modules=[s for s, ff in where.values() if ff])
     else:
+        where = {site: (site, False) for site in ours.sites}
         part = next(iter(ours.parts.values()))
         cfg = peft.LoraConfig(r=part.rank, lora_alpha=part.rank * part.scaling, target_modules=list(ours.sites),
                               lora_dropout=0.0)
     twin = peft.get_peft_model(copy.deepcopy(bare), cfg).eval()
     with torch.no_grad():
         for site, p in ours.items():
-            layer = twin.base_model.model.get_submodule(site)
+            layer = twin.base_model.model.get_submodule(where[site][0])
             if ours.kind == "ia3":
                 layer.ia3_l["default"].copy_(p.scale.view(layer.ia3_l["default"].shape))
             else:
@@ -133,7 +148,7 @@ def interleaved(contenders: dict[str, Callable[[], object]], rounds: int) -> dic
     return times
 
 
-PEERS = {"polymod IA3": "PEFT IA3", "polymod IA3 up-form": "PEFT IA3", "polymod LoRA": "PEFT LoRA"}
+PEERS = {"polymod IA3": "PEFT IA3", "polymod IA3 down": "PEFT IA3", "polymod LoRA": "PEFT LoRA"}
 
 
 def summarise(times: dict[str, dict[str, list[float]]]) -> list[dict[str, object]]:
@@ -184,13 +199,12 @@ def main() -> None:
         hosts[f"PEFT {label}"] = twin
         trainable[f"PEFT {label}"] = [p for p in twin.parameters() if p.requires_grad]
         modules[label] = module
-    # IA³ in its gated-FFN form: l_ff at up_proj's output is the same function as at down_proj's input,
-    # because the FFN computes down(act(gate x) ⊙ up x); same vectors, no extra matrix product.
-    up_host, up_module, _ = polymod_model(bare, IA3(sites="attn.k|attn.v|*.mlp.up_proj", feedforward=""))
+    # IA³ with PEFT's placement on the gated FFN: the input of down_proj, the same vectors.
+    down_host, down_module, _ = polymod_model(bare, IA3(gated_ffn="down"))
     with torch.no_grad():
-        for site, part in up_module.items():
-            part.scale.copy_(modules["IA3"].part(site.replace("up_proj", "down_proj")).scale)
-    hosts["polymod IA3 up-form"], trainable["polymod IA3 up-form"] = up_host, list(up_module.parameters())
+        for site, part in down_module.items():
+            part.scale.copy_(modules["IA3"].part(site.replace("down_proj", "up_proj")).scale)
+    hosts["polymod IA3 down"], trainable["polymod IA3 down"] = down_host, list(down_module.parameters())
     merged_host = copy.deepcopy(bare)  # a fresh copy: a deep copy of a hooked host would copy its hooks too
     merged = pm.Modular(merged_host)
     merged.add("m", copy.deepcopy(modules["IA3"]))
@@ -200,7 +214,7 @@ def main() -> None:
         logits = {k: h(input_ids=ids).logits for k, h in hosts.items()}
         logits["polymod IA3 merged"] = merged_host(input_ids=ids).logits
     diffs = {"IA3 vs PEFT": (logits["polymod IA3"] - logits["PEFT IA3"]).abs().max().item(),
-             "IA3 up-form vs PEFT": (logits["polymod IA3 up-form"] - logits["PEFT IA3"]).abs().max().item(),
+             "IA3 down vs PEFT": (logits["polymod IA3 down"] - logits["PEFT IA3"]).abs().max().item(),
              "IA3 merged vs unmerged": (logits["polymod IA3"] - logits["polymod IA3 merged"]).abs().max().item(),
              "LoRA vs PEFT": (logits["polymod LoRA"] - logits["PEFT LoRA"]).abs().max().item()}
     del logits

@@ -107,7 +107,8 @@ def test_weighted_add_into_equals_weighted_delta():
     [
         ("bert", ["bert.encoder.layer.0.output.dense"], ["bert.encoder.layer.0.attention.self.key"]),
         ("gpt2", ["transformer.h.0.mlp.c_proj"], ["transformer.h.0.attn.c_attn"]),
-        ("llama", ["model.layers.0.mlp.down_proj"], ["model.layers.0.self_attn.k_proj"]),
+        # gated FFN: the intermediate activation is scaled at up_proj's output (gated_ffn="up")
+        ("llama", [], ["model.layers.0.self_attn.k_proj", "model.layers.0.mlp.up_proj"]),
         ("t5", ["encoder.block.0.layer.1.DenseReluDense.wo"], ["decoder.block.0.layer.1.EncDecAttention.v"]),
     ],
 )
@@ -119,21 +120,56 @@ def test_default_sites_per_family(family, inputs, outputs):
         assert module.part(site).scales_input, site
     for site in outputs:
         assert not module.part(site).scales_input, site
-    assert not any(".attention.output.dense" in s or s.endswith(".q_proj") for s in report.sites)
+    assert not any(".attention.output.dense" in s or s.endswith((".q_proj", "down_proj")) for s in report.sites)
     if family == "gpt2":  # fused q, k, v: the vector has 3·D entries and the report says so
         assert module.part("transformer.h.0.attn.c_attn").scale.numel() == 3 * 32
         assert any("fuses q, k and v" in n for n in report.notes)
-    if family == "llama":  # down_proj's input is the intermediate activation (48 wide)
-        assert module.part("model.layers.0.mlp.down_proj").scale.numel() == 48
+    if family == "llama":  # the intermediate activation is 48 wide
+        assert module.part("model.layers.0.mlp.up_proj").scale.numel() == 48
 
 
-def test_load_rederives_which_sites_scale_their_input(tmp_path):
+def _gated_t5() -> torch.nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.T5Config(d_model=32, num_layers=1, num_decoder_layers=1, num_heads=4, d_kv=8, d_ff=48, vocab_size=96,
+                      feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return tf.T5ForConditionalGeneration(cfg).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "t5-gated"])
+def test_gated_ffn_up_and_down_placements_are_the_same_function(family):
+    """down(act(gate x) ⊙ (l ⊙ up x)) = down(l ⊙ (act(gate x) ⊙ up x)): same vectors, same logits."""
+    ffn = "mlp" if family == "llama" else "DenseReluDense"
+    out_name, up_name = (f"{ffn}.down_proj", f"{ffn}.up_proj") if family == "llama" else (f"{ffn}.wo", f"{ffn}.wi_1")
+    logits = {}
+    for placement in ("down", "up"):
+        host = make_host("llama") if family == "llama" else _gated_t5()
+        model = pm.Modular(host)
+        report = model.add("m", IA3(gated_ffn=placement))
+        assert any(s.endswith(out_name if placement == "down" else up_name) for s in report.sites)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for _, part in sorted(model["m"].items(), key=lambda kv: kv[0].replace(up_name, out_name)):
+                part.scale.copy_(0.5 + torch.rand(part.scale.shape, generator=g))
+        model.use("m")
+        batch = make_batch("t5" if family != "llama" else "llama")
+        with torch.no_grad():
+            logits[placement] = host(**batch).logits
+        assert sum(p.scales_input for _, p in model["m"].items()) == (0 if placement == "up" else len(
+            [s for s in report.sites if s.endswith(out_name)]))
+    torch.testing.assert_close(logits["up"], logits["down"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gated_ffn,inputs", [("up", 0), ("down", 2)])
+def test_load_rederives_which_sites_scale_their_input(tmp_path, gated_ffn, inputs):
     model = pm.Modular(make_host("llama"))
-    model.add("m", IA3())
+    model.add("m", IA3(gated_ffn=gated_ffn))
     pm.save(model["m"], tmp_path / "m")
     loaded = pm.load(tmp_path / "m")
+    assert list(loaded.sites) == list(model["m"].sites)
     assert {s: p.scales_input for s, p in loaded.items()} == {s: p.scales_input for s, p in model["m"].items()}
-    assert sum(p.scales_input for _, p in loaded.items()) == 2  # one down_proj per layer
+    assert sum(p.scales_input for _, p in loaded.items()) == inputs  # one down_proj per layer with "down"
 
 
 def test_errors():
@@ -144,6 +180,8 @@ def test_errors():
         IA3(feedforward="linear")
     with pytest.raises(pm.ConfigError, match="feedforward must be a selection string"):
         IA3(feedforward=None)
+    with pytest.raises(pm.ConfigError, match="gated_ffn must be 'up' or 'down', got 'mid'"):
+        IA3(gated_ffn="mid")
     part = IA3().build_part(pm.Site("x.mlp.down_proj", "linear", 4, 3), None)
     with pytest.raises(pm.StateError, match="not attached to a host layer"):
         part.delta_weight()
@@ -159,5 +197,5 @@ def test_identity_at_init_on_a_host_and_trainable_budget():
     model.use("m")
     with torch.no_grad():
         assert torch.equal(host(**batch).logits, before)  # l = 1 exactly: y·1 and W·0 add nothing
-    # k, v: 2 KV heads × 8 = 16 each; down_proj input: 48; two layers
+    # k, v: 2 KV heads × 8 = 16 each; the FFN intermediate activation (at up_proj): 48; two layers
     assert report.trainable_parameters == 2 * (16 + 16 + 48)

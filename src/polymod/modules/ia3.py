@@ -23,32 +23,42 @@ and "columns" swap between them; :meth:`IA3Part.delta_weight` returns ΔW in the
 host's own layout, and merging is exact (the original weights are restored on
 unmerge).
 
-Defaults: keys, values and the FFN output projection's input, as in Liu et al.
-(T-Few) and PEFT's per-architecture table. Two deliberate notes: GPT-2's fused
+Defaults: keys, values and the FFN intermediate activation (the FFN output
+projection's input; on gated FFNs the up projection's output, see below), as
+in Liu et al. (T-Few) and PEFT's per-architecture table. Notes: GPT-2's fused
 ``c_attn`` makes the key/value vector also scale the queries (as in PEFT);
 PEFT's BERT entry ``output.dense`` also catches the attention output
 projection, polymod's ``ffn.out`` role does not.
 
+Gated FFNs (Llama family; T5 gated-GELU) compute down(act(gate x) ⊙ up x):
+their intermediate activation is act(gate x) ⊙ up x, so scaling the output of
+``up_proj`` (``wi_1``) is the same function, with the same vector, as scaling
+the input of ``down_proj`` (``wo``). With ``gated_ffn="up"`` (the default)
+IA³ takes that placement there; ``gated_ffn="down"`` keeps PEFT's.
+
 Cost: an output site costs one element-wise product, as in PEFT. An input site
 costs one extra matrix product per call, because polymod's engine sees a
 site's input and output after the host layer has run (a forward hook), where
-PEFT rescales the input before it. Merging removes every overhead.
-Stacking two IA³ modules on one input site adds their effects
-(W((l_a + l_b − 1) ⊙ x)); merging both multiplies them.
+PEFT rescales the input before it — hence the up placement on gated FFNs.
+Merging removes every overhead. Stacking two IA³ modules on one input site
+adds their effects (W((l_a + l_b − 1) ⊙ x)); merging both multiplies them.
 """
 
 from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
 from polymod.errors import ConfigError, StateError
 from polymod.modules.contract import register
-from polymod.sites import Site, SiteSelector, name_matches
+from polymod.sites import Site, SiteSelector, name_matches, named_layers, select
+
+# Gated FFN layouts: output projection -> (gate, up) siblings; FFN(x) = out(act(gate x) ⊙ up x).
+_GATED = {"down_proj": ("gate_proj", "up_proj"), "wo": ("wi_0", "wi_1")}
 
 
 @register
@@ -61,17 +71,40 @@ class IA3:
         feedforward: the selected sites whose *input* is scaled (the FFN intermediate
             activation); every other site has its output scaled. Roles, globs or ``re:``
             items decidable from a site name (so that loading re-derives it); ``""`` for none.
+        gated_ffn: on a gated FFN, scale the intermediate activation at the ``up`` projection's
+            output (the same function, no extra matrix product) or at the ``down`` (output)
+            projection's input, as PEFT does.
     """
 
     kind: ClassVar[str] = "ia3"
     sites: str = "attn.k|attn.v|ffn.out"
     feedforward: str = "ffn.out"
+    gated_ffn: Literal["up", "down"] = "up"
 
     def __post_init__(self) -> None:
         if not isinstance(self.feedforward, str):
             raise ConfigError(f"IA3 feedforward must be a selection string, got {type(self.feedforward).__name__}")
         if self.feedforward.strip():
             name_matches("probe", self.feedforward)  # raises ConfigError on a malformed/undecidable selection
+        if self.gated_ffn not in ("up", "down"):
+            raise ConfigError(f"IA3 gated_ffn must be 'up' or 'down', got {self.gated_ffn!r}")
+
+    def sites_for(self, host: nn.Module) -> str | list[str]:
+        """The sites on ``host``: ``sites``, each gated FFN's feedforward site moved to its up projection.
+
+        Only with ``gated_ffn="up"``, and only where the output projection has gate and up
+        siblings (``gate_proj``/``up_proj``, T5's ``wi_0``/``wi_1``) that are not selected already.
+        """
+        if self.gated_ffn == "down" or not self.feedforward.strip():
+            return self.sites
+        chosen = [s.name for s in select(host, self.sites)]
+        layers = named_layers(host)
+        moved = []
+        for name in chosen:
+            up = _gated_up(name, layers) if self.scales_input(name) else None
+            keep = up is None or up in chosen or self.scales_input(up)
+            moved.append(name if keep else up)
+        return moved if moved != chosen else self.sites
 
     def scales_input(self, site: str) -> bool:
         """Whether the module scales ``site``'s input (a feedforward site) rather than its output."""
@@ -89,6 +122,15 @@ class IA3:
             part.to(device=layer.weight.device, dtype=layer.weight.dtype)
             part.bind(layer)
         return part
+
+
+def _gated_up(name: str, layers: dict[str, nn.Module]) -> str | None:
+    """The up projection feeding ``name`` when ``name`` is a gated FFN's output projection, else None."""
+    parent, _, leaf = name.rpartition(".")
+    if leaf not in _GATED:
+        return None
+    gate, up = (f"{parent}.{n}" if parent else n for n in _GATED[leaf])
+    return up if all(isinstance(layers.get(n), nn.Linear) for n in (gate, up)) else None
 
 
 class IA3Part(nn.Module):
