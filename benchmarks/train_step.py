@@ -11,13 +11,14 @@ reads the same batches in the same order, so their losses must agree.
 
 Each measurement is a fresh subprocess (import, load, warm-up, timed steps),
 so peak RSS (``ru_maxrss``) belongs to one contender alone. Rounds interleave
-the contenders (order rotated every round); a contender's step time is the
-median over rounds of its per-run median step, its peak RSS the median of its
-runs. The trainer's step is timed around its whole optimiser step (forward,
+the contenders (order rotated every round); a contender's step time (wall and
+process CPU) is the median over rounds of its per-run median step, its peak RSS
+the median of its runs. On a shared machine CPU time with one thread is the
+steadier number. The trainer's step is timed around its whole optimiser step (forward,
 backward, clipping, AdamW, schedule); its end-to-end time also includes its
 setup (host hashing before and after, seeding).
 
-Run: ``python benchmarks/train_step.py [--rounds 3] [--steps 12] [--threads 2] [--device cpu]``;
+Run: ``python benchmarks/train_step.py [--rounds 5] [--steps 10] [--threads 1] [--device cpu]``;
 writes ``benchmarks/results/train_step.json`` (or ``--out``).
 """
 
@@ -100,15 +101,17 @@ def run_contender(name: str, work: Path, args: argparse.Namespace) -> dict:
     stream = EpochStream(len(data["labels"]), seed=0)
     order = [stream.take(args.batch) for _ in range(total)]  # the Trainer's order for seed 0
     times: list[float] = []
+    cpu: list[float] = []  # process CPU seconds per step: less sensitive than wall time to other load
     losses: list[float] = []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def timed(step):
         sync()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         loss = step()
         sync()
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
         losses.append(loss)
 
     begin = time.perf_counter()
@@ -138,16 +141,17 @@ def run_contender(name: str, work: Path, args: argparse.Namespace) -> dict:
 
             def step_and_time(self, *a):
                 sync()
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 out = inner(self, *a)
                 sync()
                 times.append(time.perf_counter() - start)
+                cpu.append(time.process_time() - start_cpu)
                 return out
 
             Trainer._step = step_and_time
             trainer.fit()
             end_to_end = time.perf_counter() - begin
-            return _summary(name, times[args.warmup:], end_to_end, after_load, losses, params)
+            return _summary(name, times[args.warmup:], cpu[args.warmup:], end_to_end, after_load, losses, params)
         forward = model
     else:
         from peft import LoraConfig, get_peft_model
@@ -176,12 +180,13 @@ def run_contender(name: str, work: Path, args: argparse.Namespace) -> dict:
         idx = torch.as_tensor(indices, device=device)
         timed(lambda idx=idx: step(idx))
     end_to_end = time.perf_counter() - begin
-    return _summary(name, times[args.warmup:], end_to_end, after_load, losses, params)
+    return _summary(name, times[args.warmup:], cpu[args.warmup:], end_to_end, after_load, losses, params)
 
 
-def _summary(name, times, end_to_end, after_load, losses, params) -> dict:
+def _summary(name, times, cpu, end_to_end, after_load, losses, params) -> dict:
     flat = torch.cat([p.detach().float().reshape(-1).cpu() for p in params])
     return {"contender": name, "median_step_s": statistics.median(times), "steps_s": times,
+            "median_step_cpu_s": statistics.median(cpu),
             "end_to_end_s": end_to_end, "rss_after_host_mb": after_load, "peak_rss_mb": rss_mb(),
             "last_loss": losses[-1], "trained_abs_sum": float(flat.abs().sum())}
 
@@ -210,13 +215,13 @@ def prepare(work: Path, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per run")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--examples", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1: steadiest on a shared machine)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(RESULTS / "train_step.json"), help="where to write the JSON")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
@@ -241,6 +246,7 @@ def main() -> None:
     rows = []
     for name, rs in runs.items():
         rows.append({"contender": name, "step_s": statistics.median(r["median_step_s"] for r in rs),
+                     "step_cpu_s": statistics.median(r["median_step_cpu_s"] for r in rs),
                      "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
                      "rss_after_host_mb": statistics.median(r["rss_after_host_mb"] for r in rs),
                      "end_to_end_s": statistics.median(r["end_to_end_s"] for r in rs),
@@ -248,11 +254,14 @@ def main() -> None:
     peft = next(r for r in rows if r["contender"] == "PEFT + loop")
     print(f"\nLoRA r=8 (q, v) training on {sources['host']} + {sources['data']}, batch {args.batch}x{args.tokens}, "
           f"{args.device}, {args.threads} threads; median of {args.rounds} interleaved rounds x {args.steps} steps")
-    print(f"{'contender':<18} {'step s':>8} {'x PEFT':>7} {'peak RSS MB':>12} {'x PEFT':>7} {'run s':>7}")
+    print(f"{'contender':<18} {'step s':>8} {'x PEFT':>7} {'CPU s':>8} {'x PEFT':>7} {'peak RSS MB':>12} "
+          f"{'x PEFT':>7} {'run s':>7}")
     for row in rows:
         row["step_ratio_to_peft"] = row["step_s"] / peft["step_s"]
+        row["cpu_ratio_to_peft"] = row["step_cpu_s"] / peft["step_cpu_s"]
         row["rss_ratio_to_peft"] = row["peak_rss_mb"] / peft["peak_rss_mb"]
         print(f"{row['contender']:<18} {row['step_s']:>8.4f} {row['step_ratio_to_peft']:>7.3f} "
+              f"{row['step_cpu_s']:>8.4f} {row['cpu_ratio_to_peft']:>7.3f} "
               f"{row['peak_rss_mb']:>12.0f} {row['rss_ratio_to_peft']:>7.3f} {row['end_to_end_s']:>7.2f}")
     sums = [r["trained_abs_sum"] for r in rows]
     agree = max(sums) - min(sums) <= 1e-4 * max(sums)
