@@ -279,3 +279,15 @@ def test_learned_routers_refuse_token_id_inputs():
     router = _bound(SoftmaxGate())
     with pytest.raises(pm.StateError, match="takes token ids"):
         router.weights(CTX, "s", torch.tensor([[1, 2]]), torch.zeros(1, 2, 8))
+
+
+def test_hash_routing_at_t5_cross_attention_hashes_the_encoder_tokens():
+    host, model = _model(names=("a", "b"), family="t5", sites="attn.k|attn.v")
+    batch = make_batch("t5")  # encoder 7 tokens, decoder 4: cross-attention k/v see the encoder's 7
+    router = HashRouter()
+    model.use(Mix(["a", "b"], router=router))
+    with torch.no_grad():
+        host(**batch)
+    encoder, decoder = batch["input_ids"].numel(), batch["decoder_input_ids"].numel()
+    # global routing: hashed once per forward per token sequence, reused by all 12 k/v sites
+    assert router.stats.summary()["units"] == encoder + decoder

@@ -8,7 +8,9 @@ collapse. Here the hash is Knuth's multiplicative hash of the token id::
 
 It is global: computed once per forward from the token ids the host embeds
 (recorded by the input-embedding pre-hook), then reused by every site that
-sees those tokens. Hosts called with ``inputs_embeds`` have no ids to hash.
+sees those tokens — on encoder-decoder hosts the encoder's ids at sites over
+the encoder's sequence (cross-attention keys and values). Hosts called with
+``inputs_embeds`` have no ids to hash.
 
 Args:
     seed: changes the token → expert assignment.
@@ -41,18 +43,18 @@ class HashRouter(Router):
         return ((ids.long() * _KNUTH + self.seed) % (1 << 32)) % self.num
 
     def weights(self, ctx: Any, site: str | None, x: Any, y: torch.Tensor, outputs: Any = None) -> torch.Tensor:
-        ids = ctx.token_ids
-        if ids is None:
+        if ctx.token_ids is None:
             raise StateError("HashRouter hashes token ids, but the host was called without input_ids")
-        if tuple(ids.shape) != tuple(y.shape[:-1]):
-            raise StateError(f"HashRouter has token ids of shape {tuple(ids.shape)} but a site output of shape "
-                             f"{tuple(y.shape)}; hash routing needs sites that see the embedded tokens")
+        ids = ctx.ids_for(y.shape[:-1])
+        if ids is None:
+            raise StateError(f"HashRouter has token ids of shape {tuple(ctx.token_ids.shape)} but a site output of "
+                             f"shape {tuple(y.shape)}; hash routing needs sites that see the embedded tokens")
         w = torch.nn.functional.one_hot(self.expert_of(ids), self.num).to(y.dtype)  # (B, T, E)
         self.stats.update(w)
         return w
 
     def cache_key(self, ctx: Any, y: torch.Tensor) -> Any:
-        return (id(ctx.token_ids), tuple(y.shape[:-1]))
+        return (id(ctx.ids_for(y.shape[:-1])), tuple(y.shape[:-1]))
 
     def config(self) -> dict[str, Any]:
         return {"seed": self.seed}

@@ -43,6 +43,7 @@ class RoutingState(nn.Module):
         self.names: list[str | None] | None = None
         self.spans: list[Any] | None = None
         self.token_ids: torch.Tensor | None = None
+        self._ids_by_shape: dict[tuple[int, ...], torch.Tensor] = {}
         self.attention_mask: torch.Tensor | None = None
         self.root: Any = None  # a composition acting on the whole host call (Parallel, output Mix)
         self.in_root_pass = False
@@ -88,6 +89,11 @@ class RoutingState(nn.Module):
     def _embed_pre_hook(self, module: nn.Module, args: tuple) -> None:
         if args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
             self.token_ids = args[0]
+            self._ids_by_shape[tuple(args[0].shape)] = args[0]
+
+    def ids_for(self, lead: tuple[int, ...]) -> torch.Tensor | None:
+        """The most recently embedded token ids of shape ``lead`` (B, T), e.g. the encoder's at cross-attention."""
+        return self._ids_by_shape.get(tuple(lead))
 
     def begin_forward(self, training: bool) -> None:
         """Forget the last forward's global routings and auxiliary losses; follow the host's mode."""
