@@ -66,7 +66,8 @@ def test_e6_ladder_orders_cost_and_modules_learn(tmp_path):
     sizes = {k: v["trainable"] for k, v in r.items()}
     assert sizes["prompt tuning"] < sizes["LoRA r=8"] < sizes["adapter"] < sizes["full fine-tuning"]
     assert sizes["full fine-tuning"] == r["full fine-tuning"]["host"]
-    assert min(r["LoRA r=8"]["acc"]) > 0.6 and min(r["full fine-tuning"]["acc"]) > 0.6
+    assert min(r["LoRA r=8"]["acc"]) > 0.62 and min(r["full fine-tuning"]["acc"]) > 0.62  # chance is 0.5
+    assert all(v["seconds"][0] > 0 and v["peak_mb"] > 0 for v in r.values())
 
 
 def test_e7_modules_match_the_multitask_host_on_training_tasks(tmp_path):
