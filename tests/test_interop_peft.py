@@ -78,7 +78,12 @@ def test_ia3_round_trip_through_peft(tmp_path, family):
     batch = make_batch(family)
     write_peft(model["m"], tmp_path / "out")
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "IA3" and config["feedforward_modules"]
+    assert config["peft_type"] == "IA3"
+    # The FFN is scaled at an input (PEFT's feedforward modules) except on gated FFNs, where polymod scales
+    # up_proj's output instead (the same function): there PEFT gets up_proj as an output-scaled target.
+    ffn = {"bert": "dense", "gpt2": "c_proj", "llama": "up_proj"}[family]
+    assert any(t.endswith(ffn) for t in config["target_modules"])
+    assert bool(config["feedforward_modules"]) == (family != "llama")
     theirs = peft.PeftModel.from_pretrained(make_host(family), tmp_path / "out").eval()
     torch.testing.assert_close(logits(theirs, batch), logits(host, batch), rtol=0, atol=1e-5)
     with pytest.raises(pm.ConfigError, match="needs the host"):
