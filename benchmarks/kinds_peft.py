@@ -47,6 +47,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP threads
 
 import torch  # noqa: E402
+from bench_hosts import llama_host  # noqa: E402
 
 import polymod as pm  # noqa: E402
 from polymod.modules.ia3 import IA3  # noqa: E402
@@ -55,13 +56,8 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def build_host(vocab: int = 32000) -> torch.nn.Module:
-    """The Llama-like benchmark host, random weights from a fixed seed, eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-                      intermediate_size=1408, vocab_size=vocab, max_position_embeddings=256)
-    return LlamaForCausalLM(cfg).eval()
+    """The Llama-like benchmark host (see bench_hosts.llama_host)."""
+    return llama_host(vocab=vocab)
 
 
 def polymod_model(bare: torch.nn.Module, spec: object) -> tuple[torch.nn.Module, pm.Module, pm.Modular]:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_hosts import llama_host
 
 import polymod as pm
 
@@ -31,12 +32,8 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def build_host(vocab: int = 32000) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-                      intermediate_size=1408, vocab_size=vocab, max_position_embeddings=256)
-    return LlamaForCausalLM(cfg).eval()
+    """The Llama-like benchmark host (see bench_hosts.llama_host)."""
+    return llama_host(vocab=vocab)
 
 
 def peft_twin(host: torch.nn.Module, ours: pm.Module) -> torch.nn.Module:

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from bench_hosts import llama_host
 
 import polymod as pm
 from polymod.compose import Mix
@@ -47,12 +48,8 @@ MODULES = 32
 
 
 def build_host(vocab: int) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-                      intermediate_size=1408, vocab_size=vocab, max_position_embeddings=256)
-    return LlamaForCausalLM(cfg).eval()
+    """The Llama-like benchmark host (see bench_hosts.llama_host)."""
+    return llama_host(vocab=vocab)
 
 
 def peft_twin(host: torch.nn.Module, model: pm.Modular, names: list[str]) -> torch.nn.Module:

