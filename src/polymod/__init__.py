@@ -58,6 +58,7 @@ from polymod.routing import (
 )
 from polymod.sites import Site, SiteSelector, select
 from polymod.training import Task, TrainConfig, Trainer
+from polymod.training.lt_sft import lt_sft
 
 __version__ = "0.1.0"
 
@@ -84,6 +85,7 @@ __all__ = [
     "load",
     "LoRA",
     "lorahub",
+    "lt_sft",
     "merge",
     "merge_checkpoints",
     "Mix",
