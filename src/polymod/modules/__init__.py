@@ -11,5 +11,5 @@ from polymod.modules.prefix import PrefixTuning
 from polymod.modules.prompt import PromptTuning
 from polymod.modules.sparse import SparseFT
 
-__all__ = ["Module", "ModuleSpec", "register", "registered_kinds", "LoRA", "IA3", "SparseFT", "Adapter", "Invertible", "Delta",
-           "PromptTuning", "PrefixTuning", "HyperLoRA"]
+__all__ = ["Module", "ModuleSpec", "register", "registered_kinds", "LoRA", "IA3", "SparseFT", "Adapter", "Invertible",
+           "Delta", "PromptTuning", "PrefixTuning", "HyperLoRA"]
