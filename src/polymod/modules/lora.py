@@ -112,15 +112,15 @@ class LoRAPart(nn.Module):
         return F.linear(self._down(x), self.B) * self.scaling  # (B, T, D_out)
 
     def add_into(self, x: torch.Tensor, y: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
-        """y + weight · s · B A x, accumulated into ``y`` by the up-projection GEMM (beta = 1).
+        """y + weight · s · B A x, with the addition fused into the up-projection GEMM (beta = 1).
 
-        ``y`` is the fresh output of a Linear, Conv1D or Embedding, whose backward
-        never reads its own output, so updating it in place is safe for autograd
-        and saves allocating (and page-faulting) a second (B·T, D_out) buffer.
+        Out of place on purpose: the engine may hand the same ``y`` to several
+        candidates (a Mix of compositions), and ``torch.addmm`` follows autocast.
         """
         h = self._down(x)  # (B, T, r)
-        y2 = y.view(-1, y.shape[-1]) if y.is_contiguous() else y.reshape(-1, y.shape[-1])  # (B·T, D_out)
-        out = y2.addmm_(h.reshape(-1, self.rank), self.B.t(), alpha=self.scaling * weight)
+        out = torch.addmm(
+            y.reshape(-1, y.shape[-1]), h.reshape(-1, self.rank), self.B.t(), alpha=self.scaling * weight
+        )  # (B·T, D_out)
         return out.view(y.shape)
 
     def delta_weight(self, layer: nn.Module | None = None) -> torch.Tensor:
