@@ -12,10 +12,14 @@ chatterbot topics. Equal training budget: the same examples and the same
 number of optimiser steps (batch 32) for both systems.
 
 * multi-task host: every host weight fine-tuned (lr 1e-4) on batches cycling
-  over the three tasks, each with its own new linear head (lr 3e-3);
+  over the three tasks;
 * modular host: the host frozen; one LoRA module per task (r = 8, queries and
-  values, lr 2e-3) with its own new head, each trained for a third of the steps;
-  on a training task the module is chosen by task id (``TaskRouter`` semantics).
+  values, lr 4e-3), each trained for a third of the steps; on a training task
+  the module is chosen by task id (``TaskRouter`` semantics).
+
+Both train through the same fixed zero-shot head per task (cosine similarity
+× 20 to the host's embeddings of class prompts, ``common.PROMPTS``), so the
+heads cannot favour either system.
 
 Held-out tasks get K = 64 labelled examples, and both systems fit a linear
 probe on their features of those 64 examples. The modular system first routes
@@ -43,10 +47,9 @@ TRAIN, HELD_OUT = ("rt", "bbc", "lang"), ("imdb", "chat")
 def multitask_host(tasks, steps: int, seed: int):
     C.set_seed(seed)
     host = C.load_host()
+    heads = [C.zero_shot_head(host, t.name) for t in tasks]  # from the pretrained host, then fixed
     host.requires_grad_(True)
-    heads = [torch.nn.Linear(host.config.hidden_size, t.classes) for t in tasks]
-    opt = torch.optim.AdamW([{"params": list(host.parameters()), "lr": 1e-4},
-                             {"params": [p for h in heads for p in h.parameters()], "lr": 3e-3}], weight_decay=0.0)
+    opt = torch.optim.AdamW(list(host.parameters()), lr=1e-4, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / steps)
     streams = [itertools.cycle(list(t.train.batches(32, seed=seed))) for t in tasks]
     start = time.perf_counter()
@@ -68,15 +71,10 @@ def modular_host(tasks, steps: int, seed: int):
     heads, seconds = [], 0.0
     per_task = steps // len(tasks)
     for t in tasks:
-        C.set_seed(seed)
-        head = torch.nn.Linear(host.config.hidden_size, t.classes)
-        model.add(t.name, pm.LoRA(rank=8, sites="attn.q|attn.v"))
-        model.use(t.name)
-        stats = C.train_loop([{"params": list(model.trainable_parameters([t.name])), "lr": 2e-3},
-                              {"params": list(head.parameters()), "lr": 3e-3}], C.headed(host, head), t.train,
-                             per_task / -(-len(t.train) // 32), 2e-3, seed=seed)
+        head = C.zero_shot_head(host, t.name)
+        stats = C.train_module(model, t.name, pm.LoRA(rank=8, sites="attn.q|attn.v"), t, head,
+                               epochs=per_task / -(-len(t.train) // 32), lr=4e-3, seed=seed)
         model[t.name].requires_grad_(False)
-        head.requires_grad_(False)
         heads.append(head)
         seconds += stats["seconds"]
     model.use(None)
