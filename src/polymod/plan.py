@@ -63,19 +63,24 @@ def compile_root(expr: Composition, env: Env) -> dict[str, SiteOp]:
         if isinstance(expr, Mix):  # an output ensemble: its router weighs whole outputs
             env.state.register(expr.router, labels(expr), [], None)
         return {}
-    return compile_node(expr, env)
+    return compile_node(expr, env, inplace=True)
 
 
-def compile_node(node: Composition, env: Env) -> dict[str, SiteOp]:
-    """Compile one node (see the module docstring)."""
+def compile_node(node: Composition, env: Env, inplace: bool = False) -> dict[str, SiteOp]:
+    """Compile one node (see the module docstring).
+
+    ``inplace`` marks nodes that own the site output they receive (the root and
+    the children of a root Stack): their parts may update it in place
+    (``add_into_``). Mix candidates share one output, so they never do.
+    """
     if isinstance(node, str):
         if node in env.skip:
             return {}
-        return {site: _apply(part) for site, part in env.library[node].items()}
+        return {site: _apply(part, inplace) for site, part in env.library[node].items()}
     if isinstance(node, Stack):
         per_site: dict[str, list[SiteOp]] = {}
         for child in node.children:
-            for site, op in compile_node(child, env).items():
+            for site, op in compile_node(child, env, inplace).items():
                 per_site.setdefault(site, []).append(op)
         return {site: ops[0] if len(ops) == 1 else _chain(ops) for site, ops in per_site.items()}
     if isinstance(node, Mix):
@@ -83,7 +88,9 @@ def compile_node(node: Composition, env: Env) -> dict[str, SiteOp]:
     raise CompositionError(f"{describe(node)} can only be the root of a composition or the last child of a root Stack")
 
 
-def _apply(part: nn.Module) -> SiteOp:
+def _apply(part: nn.Module, inplace: bool = False) -> SiteOp:
+    if inplace and hasattr(part, "add_into_"):
+        return part.add_into_
     add_into = getattr(part, "add_into", None)
     if add_into is not None:
         return add_into

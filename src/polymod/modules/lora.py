@@ -123,6 +123,19 @@ class LoRAPart(nn.Module):
         )  # (B·T, D_out)
         return out.view(y.shape)
 
+    def add_into_(self, x: torch.Tensor, y: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        """:meth:`add_into` accumulated into ``y`` itself (GEMM with beta = 1), no second output buffer.
+
+        The engine uses it only where it owns ``y`` — the fresh output of a Linear,
+        Conv1D or Embedding, whose backward never reads its own output — and
+        falls back to :meth:`add_into` when dtypes differ (autocast).
+        """
+        if self.B.dtype != y.dtype or not y.is_contiguous() or torch.is_autocast_enabled(y.device.type):
+            return self.add_into(x, y, weight)
+        h = self._down(x)  # (B, T, r)
+        y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, self.rank), self.B.t(), alpha=self.scaling * weight)
+        return y
+
     def delta_weight(self, layer: nn.Module | None = None) -> torch.Tensor:
         """ΔW = s·B A in the host layer's weight layout.
 
