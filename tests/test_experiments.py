@@ -42,11 +42,16 @@ def test_e1_negation_removes_the_task_and_addition_keeps_both(tmp_path):
 
 
 def test_e2_language_module_setup(tmp_path):
-    """The swap claim did not reproduce at quick scale (+0.01); this pins what the setup does show."""
+    """The swap claim did not reproduce (the L2 module recovers none of the renamed words in this budget).
+
+    This pins what the set-up does show: the task module learns English, the renaming breaks the task,
+    the permutation really renames (few fixed points) and the English module keeps English words in place.
+    """
     r = run("e2_language_swap", tmp_path)
     m = r["mean"]
     assert m["English test, Stack(en, task)"] > m["L2, host + zero-shot head only"] + 0.1  # L2 breaks the task
-    assert r["swap"] > r["no_swap"] - 0.05
+    assert r["recovered before"] < 0.05
+    assert r["en kept"] > 0.9
 
 
 def test_e3_router_finds_the_modules_and_balancing_spreads_the_load(tmp_path):
