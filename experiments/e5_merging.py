@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
     if args.quick:
         seeds, n_train, n_test, epochs, tasks = (0,), 320, 100, 2.0, TASKS[:3]
     else:
-        seeds, n_train, n_test, epochs, tasks = (0, 1, 2), 400, 150, 2.0, TASKS
+        seeds, n_train, n_test, epochs, tasks = (0, 1, 2), 400, 120, 2.0, TASKS
     runs = [run_seed(s, n_train, n_test, epochs, tasks) for s in seeds]
     ns = list(range(2, len(tasks) + 1))
     rows = []
