@@ -327,11 +327,16 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> s
 
 
 def load_average() -> str:
-    """The 1-minute load average and CPU count, to put the timings in context."""
+    """The 1-minute load average and CPU count, to put the timings in context.
+
+    A load above this run's own threads (plus half a CPU of slack) means other jobs shared the machine.
+    """
     try:
-        return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        load = os.getloadavg()[0]
     except OSError:
         return "load average unknown"
+    shared = " (other jobs shared the machine)" if load > torch.get_num_threads() + 0.5 else ""
+    return f"load average {load:.1f} on {os.cpu_count()} CPUs{shared}"
 
 
 def write_report(args: argparse.Namespace, name: str, title: str, body: str, figure=None,
@@ -342,7 +347,7 @@ def write_report(args: argparse.Namespace, name: str, title: str, body: str, fig
     mode = "quick" if args.quick else "full"
     elapsed = f"{time.perf_counter() - started:.0f} s" if started is not None else "n/a"
     meta = (f"_Run: {mode} mode, {elapsed} wall time, torch {torch.__version__} on {torch.get_num_threads()} "
-            f"threads, {platform.machine()}, {load_average()} at the end (other jobs shared the machine). "
+            f"threads, {platform.machine()}, {load_average()} at the end. "
             f"Command: `python experiments/{name}.py{' --quick' if args.quick else ''}`._")
     text = f"# {title}\n\n{body.strip()}\n\n{meta}\n"
     if figure is not None:
