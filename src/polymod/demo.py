@@ -8,8 +8,9 @@
 3. Publish all three to a local hub (SQLite + content-addressed blobs under
    ``out/hub``), pull the merge back by name into a second store (another
    "machine") and check it reproduces the outputs exactly.
-4. Print accuracy per composition and task, the trainable-parameter share,
-   and where the experiment plots are.
+4. Print accuracy per composition and task and the trainable-parameter share,
+   plot them to ``<out>/tour.png`` (when matplotlib is installed), and point to
+   that plot and to the experiments' plots.
 
 Run: ``python -m polymod.demo [--train N] [--test N] [--out DIR]`` (defaults
 take a few minutes on two cores).
@@ -106,6 +107,33 @@ def routed_accuracy(model: pm.Modular, tasks: dict[str, tuple[assets.TextSplit, 
     return {t: correct[t] / len(split) for t, (split, _) in tasks.items()}
 
 
+def plot(results: dict[str, dict[str, float]], out: Path) -> Path | None:
+    """Bar chart of held-out accuracy per composition and task, saved as ``out/tour.png``; None without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(results)
+    tasks = list(next(iter(results.values())))
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    width = 0.8 / len(tasks)
+    for j, task in enumerate(tasks):
+        xs = [i + (j - (len(tasks) - 1) / 2) * width for i in range(len(labels))]
+        ax.bar(xs, [results[label][task] for label in labels], width, label=task)
+    ax.axhline(0.5, color="k", lw=0.8, ls=":")
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set(ylabel="held-out accuracy", ylim=(0.3, 1.0), title="polymod tour: all-MiniLM-L6-v2 + LoRA modules")
+    ax.legend(fontsize=8)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "tour.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def publish_and_pull(model: pm.Modular, names: list[str], out: Path, host_copy) -> tuple[Path, dict]:
     """Save, push to a local hub, pull the last module into a second store and attach it to ``host_copy``."""
     hub_dir, other_dir = out / "hub", out / "hub-second-machine"
@@ -187,6 +215,11 @@ def main(argv: list[str] | None = None) -> None:
     console.print(f"trainable parameters per module: {model['rt'].num_parameters():,} ({100 * share:.2f}% of the "
                   f"host); training: {seconds['rt']:.0f} s and {seconds['imdb']:.0f} s on "
                   f"{torch.get_num_threads()} threads")
+    written = plot(results, args.out)
+    if written is not None:
+        console.print(f"plot of this tour: {written}")
+    else:
+        console.print("no plot written: matplotlib is not installed (pip install matplotlib)")
     plots = sorted(PLOTS.glob("*.png")) if PLOTS.is_dir() else []
     if plots:
         console.print(f"experiment plots ({len(plots)}): {PLOTS}/ — e.g. {plots[0].name}; "
