@@ -22,7 +22,7 @@ test: $(STAMP) lint
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/lora_overhead.py
+	$(PY) benchmarks/lora_overhead.py --rounds 21
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
