@@ -61,7 +61,7 @@ def accuracy(logits: torch.Tensor, split: assets.TextSplit) -> float:
     return (logits.argmax(-1) == torch.tensor(split.labels)).float().mean().item()
 
 
-def train(model: pm.Modular, name: str, split: assets.TextSplit, tokenizer, epochs: int = 1, lr: float = 1e-3,
+def train(model: pm.Modular, name: str, split: assets.TextSplit, tokenizer, epochs: int = 2, lr: float = 4e-3,
           batch_size: int = 32, seed: int = 0) -> list[float]:
     """Train module ``name`` alone (AdamW, rich progress bar); returns the per-step losses."""
     model.use(name)
