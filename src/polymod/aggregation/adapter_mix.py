@@ -71,7 +71,8 @@ def adapter_mixer(parts: Sequence[AdapterPart], x: torch.Tensor, y: torch.Tensor
     s = _stacks(parts, key, cache, y)
     idx = w.padded_index()  # (B,)
     rows = y.shape[0]
-    h = (x if p0.reads_input else y).reshape(rows, -1, y.shape[-1] if not p0.reads_input else x.shape[-1])
+    src = x if p0.reads_input else y
+    h = src.reshape(rows, -1, src.shape[-1])  # (B, T, D_in)
     if p0.norm_before is not None:
         h = _norm(h, s["norm_before"][idx], s["norm_before_b"][idx], p0.norm_before.eps)  # (B, T, D_in)
     z = torch.baddbmm(s["down_b"][idx], h, s["down"][idx])  # (B, T, r)

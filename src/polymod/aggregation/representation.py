@@ -166,9 +166,10 @@ class StackCache:
         hit = self._store.get(key)
         if hit is not None and like is not None and (hit[3].device != like.device or hit[3].dtype != like.dtype):
             hit = None  # the module moved (.to()): read its tensors afresh
-        held = hit[0] if hit is not None else tuple(t.detach() for t in tensors())  # aliases share _version
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors()):
+        current = tuple(tensors())
+        if torch.is_grad_enabled() and any(t.requires_grad for t in current):
             return build()
+        held = hit[0] if hit is not None else tuple(t.detach() for t in current)  # aliases share _version
         versions = [t._version for t in held]
         versions.append(torch.is_inference_mode_enabled())  # inference tensors cannot enter autograd later
         if hit is not None and hit[1] == versions:
