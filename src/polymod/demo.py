@@ -1,7 +1,8 @@
 """``make demo``: a guided tour of polymod on a real pretrained model and real text, on the CPU.
 
-1. Train two LoRA modules on all-MiniLM-L6-v2 (a 22.7M-parameter BERT):
-   ``rt`` on Rotten Tomatoes sentences and ``imdb`` on IMDB reviews (sentiment).
+1. Train two LoRA modules on all-MiniLM-L6-v2 (a 22.7M-parameter BERT) with
+   polymod's ``Trainer``: ``rt`` on Rotten Tomatoes sentences and ``imdb`` on
+   IMDB reviews (sentiment).
 2. Compose them: a uniform ``Mix`` (representation aggregation), a TIES merge
    whose card records its lineage, and a heterogeneous batch where each row is
    routed to its own task's module in one forward pass.
@@ -25,7 +26,6 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 import polymod as pm
@@ -33,6 +33,7 @@ from polymod import assets
 from polymod.aggregation.merge import merge
 from polymod.compose import Mix
 from polymod.routing import Static
+from polymod.training import TrainConfig, Trainer, TrainResult
 
 console = Console()
 PLOTS = Path(__file__).resolve().parents[2] / "experiments" / "results"
@@ -62,28 +63,16 @@ def accuracy(logits: torch.Tensor, split: assets.TextSplit) -> float:
 
 
 def train(model: pm.Modular, name: str, split: assets.TextSplit, tokenizer, epochs: int = 2, lr: float = 4e-3,
-          batch_size: int = 32, seed: int = 0) -> list[float]:
-    """Train module ``name`` alone (AdamW, rich progress bar); returns the per-step losses."""
-    model.use(name)
-    optimizer = torch.optim.AdamW(model.trainable_parameters([name]), lr=lr)
+          batch_size: int = 32, seed: int = 0) -> TrainResult:
+    """Train module ``name`` alone with polymod's :class:`~polymod.training.Trainer` (AdamW, linear decay)."""
+    enc = tokenizer(split.texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    data = {**enc, "labels": torch.tensor(split.labels)}  # columnar; the host computes the loss from labels
     steps = epochs * -(-len(split) // batch_size)
-    losses: list[float] = []
-    columns = (TextColumn("[bold]training {task.fields[name]}"), BarColumn(),
-               TextColumn("{task.completed}/{task.total}"), TextColumn("loss {task.fields[loss]:.3f}"),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("train", total=steps, name=name, loss=float("nan"))
-        for epoch in range(epochs):
-            model.train()
-            for enc, y in batches(split.texts, split.labels, tokenizer, batch_size, shuffle_seed=seed + epoch):
-                loss = torch.nn.functional.cross_entropy(model(**enc).logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-                progress.update(task, advance=1, loss=sum(losses[-20:]) / len(losses[-20:]))
+    model.use(name)
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=0, seed=seed)
+    result = Trainer(model, [name], data, config=config).fit()
     model.eval()
-    return losses
+    return result
 
 
 def routed_accuracy(model: pm.Modular, tasks: dict[str, tuple[assets.TextSplit, str]], tokenizer) -> dict[str, float]:
