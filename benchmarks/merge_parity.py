@@ -37,9 +37,9 @@ import transformers as tf
 from peft import LoraConfig, get_peft_model
 
 import polymod as pm
-from polymod.aggregation.merge import merge
-from polymod.aggregation.recipe import merge_command
-from polymod.aggregation.sparsify import dare_mask
+from polymod.merging.merge import merge
+from polymod.merging.recipe import merge_command
+from polymod.merging.sparsify import dare_mask
 from polymod.sites import named_layers
 
 ROOT = Path(__file__).resolve().parent.parent

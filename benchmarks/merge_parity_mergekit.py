@@ -22,8 +22,8 @@ from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import TensorGroup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # polymod's source, in mergekit's venv
-from polymod.aggregation.methods import MergeSpec, merge_tensor  # noqa: E402
-from polymod.aggregation.sparsify import dare_mask  # noqa: E402
+from polymod.merging.methods import MergeSpec, merge_tensor  # noqa: E402
+from polymod.merging.sparsify import dare_mask  # noqa: E402
 
 CASES = [
     ("task_arithmetic", {"weight": [1.0, -0.5, 0.7]}, {"lambda": 0.8}),

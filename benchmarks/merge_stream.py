@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from polymod.aggregation.shards import Checkpoint, ShardedWriter
+from polymod.merging.shards import Checkpoint, ShardedWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 MERGEKIT = ROOT / "benchmarks/.cache/mergekit-venv/bin/mergekit-yaml"

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import polymod as pm
-from polymod.aggregation.merge import merge
+from polymod.merging.merge import merge
 
 SCALES = (0.5, 1.0, 2.0)
 

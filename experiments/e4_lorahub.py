@@ -22,7 +22,7 @@ tasks), fixed for every contender:
 * LoraHub: weights w ∈ [−1.5, 1.5]⁴ searched to minimise the cross-entropy on
   the 32 search examples + 0.05·Σ|wᵢ| (the paper's L1 term and bounds), composing
   A = Σ wᵢ Aᵢ, B = Σ wᵢ Bᵢ (``lora="ab"``), with 40 evaluations of
-  ``polymod.aggregation.lorahub.lorahub`` (CMA-ES) where this polymod has it,
+  ``polymod.merging.lorahub.lorahub`` (CMA-ES) where this polymod has it,
   else of a small (μ/μ, λ) evolution strategy in this script (population 8,
   μ = 4, σ from 0.5 decaying); the report names the one that ran.
 
@@ -38,10 +38,10 @@ import numpy as np
 import torch
 
 import polymod as pm
-from polymod.aggregation.merge import merge
+from polymod.merging.merge import merge
 
 try:
-    from polymod.aggregation.lorahub import lorahub as LORAHUB
+    from polymod.merging.lorahub import lorahub as LORAHUB
 except ImportError:  # not in this version of polymod: the in-script search below stands in
     LORAHUB = None
 

@@ -30,7 +30,7 @@ import common as C
 import numpy as np
 
 import polymod as pm
-from polymod.aggregation.merge import merge
+from polymod.merging.merge import merge
 
 TASKS = ("rt", "bbc", "lang", "chat", "imdb", "bbc_tech")
 METHODS = {

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import polymod as pm
-from polymod.aggregation.merge import merge, weights_sha256
-from polymod.aggregation.sparsify import dare_mask, mask_seed
+from polymod.merging.merge import merge, weights_sha256
+from polymod.merging.sparsify import dare_mask, mask_seed
 from polymod.modules.delta import Delta
 from polymod.modules.ia3 import IA3
 from polymod.modules.sparse import SparseFT

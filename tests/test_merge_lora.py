@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import polymod as pm
-from polymod.aggregation.merge import merge
+from polymod.merging.merge import merge
 from tests.hosts import logits, make_batch, make_host, randomize
 from tests.merge_helpers import one_thread  # noqa: F401 - an autouse fixture
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import polymod as pm
-from polymod.aggregation.lorahub import few_shot_loss, lorahub
+from polymod.merging.lorahub import few_shot_loss, lorahub
 from tests.hosts import make_host, randomize
 from tests.merge_helpers import delta_module, one_thread  # noqa: F401 - one_thread is an autouse fixture
 

@@ -13,12 +13,12 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 import polymod as pm
-from polymod.aggregation.checkpoint import merge_checkpoints, merge_state_dicts, task_vector
-from polymod.aggregation.merge import merge
-from polymod.aggregation.methods import MergeSpec
-from polymod.aggregation.recipe import load_recipe
-from polymod.aggregation.shards import Checkpoint
 from polymod.cli import app
+from polymod.merging.merge import merge
+from polymod.merging.methods import MergeSpec
+from polymod.merging.recipe import load_recipe
+from polymod.merging.shards import Checkpoint
+from polymod.merging.streaming import merge_checkpoints, merge_state_dicts, task_vector
 from polymod.sites import named_layers
 from tests.hosts import logits, make_batch, make_host
 from tests.merge_helpers import one_thread  # noqa: F401 - an autouse fixture

@@ -12,9 +12,6 @@ The public API (see the README)::
 """
 
 from polymod import hub
-from polymod.aggregation.checkpoint import merge_checkpoints, task_vector
-from polymod.aggregation.lorahub import few_shot_loss, lorahub
-from polymod.aggregation.merge import merge
 from polymod.card import Card, Lineage, Parent
 from polymod.compose import Mix, Parallel, Stack
 from polymod.errors import (
@@ -28,9 +25,12 @@ from polymod.errors import (
     StateError,
     UnknownModuleError,
 )
+from polymod.format import load, save
 from polymod.hub.errors import HubError
-from polymod.hub.format import load, save
 from polymod.interop import read_adapters, read_peft, write_peft
+from polymod.merging.lorahub import few_shot_loss, lorahub
+from polymod.merging.merge import merge
+from polymod.merging.streaming import merge_checkpoints, task_vector
 from polymod.modular import AttachReport, Modular
 from polymod.modules import (
     IA3,

@@ -42,7 +42,7 @@ def merge(
     quiet: bool = typer.Option(False, "--quiet", help="Hide the progress bar."),
 ) -> None:
     """Merge whole safetensors checkpoints by a mergekit-style recipe, tensor by tensor."""
-    from polymod.aggregation.recipe import merge_command
+    from polymod.merging.recipe import merge_command
 
     print(merge_command(recipe, out, seed=seed, shard_size=shard_size, progress=not quiet))
 

@@ -30,8 +30,8 @@ from rich.table import Table
 
 import polymod as pm
 from polymod import assets
-from polymod.aggregation.merge import merge
 from polymod.compose import Mix
+from polymod.merging.merge import merge
 from polymod.routing import Static
 from polymod.training import TrainConfig, Trainer, TrainResult
 

@@ -144,7 +144,7 @@ class Modular(nn.Module):
                 raise IncompatibleHostError(f"{spec.kind} cannot act at {len(refusals)} selected sites ({listed})")
             parts = [spec.build_part(s, self._layer(s.name)) for s in chosen]
             module = Module(spec, chosen, parts)
-            from polymod.hub.format import fingerprint
+            from polymod.format import fingerprint
 
             module.card.host = fingerprint(self.host, module.sites)
         if sites_mod.family_of(self.host) == "gpt2" and any(n.endswith("attn.c_attn") for n in module.sites):
@@ -166,7 +166,7 @@ class Modular(nn.Module):
         )
 
     def _check_fits(self, name: str, module: Module) -> None:
-        from polymod.hub.format import check_host  # local: format imports this module's types
+        from polymod.format import check_host  # local: format imports this module's types
 
         for site in module.sites.values():
             if inputs.is_input_site(site.name):

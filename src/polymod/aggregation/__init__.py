@@ -1,1 +1,1 @@
-"""polymod.aggregation (see DESIGN.md)."""
+"""Forward-time aggregation: representation, input, output and parameter aggregation (see DESIGN.md)."""

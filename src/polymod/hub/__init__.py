@@ -5,6 +5,7 @@ a local store (a directory, no server needed) or a remote hub URL with the
 same API. See docs/hub.md for the package format, the server API and the CLI.
 """
 
+from polymod.format import load, save
 from polymod.hub.api import get, lineage, login, pull, push, search, show, versions, yank
 from polymod.hub.client import LocalHub, connect
 from polymod.hub.errors import (
@@ -17,7 +18,6 @@ from polymod.hub.errors import (
     NotFoundError,
     TooLargeError,
 )
-from polymod.hub.format import load, save
 from polymod.hub.store import Store, VersionInfo
 
 __all__ = ["AuthError", "ConflictError", "ForbiddenError", "HubError", "IntegrityError", "InvalidNameError",

@@ -77,7 +77,8 @@ def get(ref: str, host: nn.Module | None = None, *, hub: Any = None, token: str 
             message names every difference). A compatible host that differs (another
             architecture name, other weights) gives a ``HostMismatchWarning``.
     """
-    from polymod.hub import compat, format
+    from polymod import format
+    from polymod.hub import compat
 
     path = pull(ref, hub=hub, token=token)
     if host is not None:

@@ -2,7 +2,7 @@
 
 A card's ``host`` field records the architecture, model type and, per site,
 its geometry and the sha256 of the host weight there (see
-:func:`polymod.hub.format.fingerprint`). Against a live host:
+:func:`polymod.format.fingerprint`). Against a live host:
 
 * a site that is missing, or whose kind or width differs, is an **error**
   (:class:`~polymod.errors.IncompatibleHostError`) naming every difference;
@@ -30,7 +30,7 @@ def compare(card: Card, host: nn.Module) -> tuple[list[str], list[str]]:
     Returns:
         (errors, warnings): human-readable differences.
     """
-    from polymod.hub.format import architecture, tensor_sha256
+    from polymod.format import architecture, tensor_sha256
 
     recorded: dict[str, Any] = card.host or {}
     errors: list[str] = []

@@ -60,7 +60,7 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 
 def _card(kind: str, spec: Any, sites: list[Site], host: nn.Module | None, meta: dict[str, Any]) -> Card:
-    from polymod.hub.format import fingerprint
+    from polymod.format import fingerprint
 
     if host is not None:
         geometry = fingerprint(host, {s.name: s for s in sites})

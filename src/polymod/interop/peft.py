@@ -109,7 +109,7 @@ def _split(tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...],
 
 
 def _card(kind: str, spec: Any, sites: list[Site], host: nn.Module | None, config: dict[str, Any]) -> Card:
-    from polymod.hub.format import fingerprint
+    from polymod.format import fingerprint
 
     if host is not None:
         geometry = fingerprint(host, {s.name: s for s in sites})

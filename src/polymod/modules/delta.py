@@ -13,7 +13,7 @@ vector* θ_ft − θ_pre restricted to some sites (Ilharco et al. 2023, "Editing
 Models with Task Arithmetic", arXiv 2212.04089). polymod produces it when
 merging modules whose result is not low-rank (TIES or DARE on LoRA deltas,
 mixed kinds such as LoRA + IA³) and when a task vector is taken from two
-checkpoints (:func:`polymod.aggregation.checkpoint.task_vector`). Both tensors
+checkpoints (:func:`polymod.merging.streaming.task_vector`). Both tensors
 start at zero, so a freshly built module is the identity; it can be trained
 like any parameter (a full fine-tune of its sites). No hyper-parameters, hence
 no defaults to justify.

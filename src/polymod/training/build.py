@@ -92,7 +92,7 @@ class _Examples:
 def build_run(cfg: dict[str, Any], base: Path, *, resume: bool = False) -> Trainer:
     """A :class:`~polymod.training.trainer.Trainer` for a validated config (joins ``torchrun``'s group first)."""
     from polymod.compose import from_json
-    from polymod.hub.format import load
+    from polymod.format import load
     from polymod.modular import Modular
     from polymod.modules.contract import spec_from_dict
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from polymod.card import Lineage
 from polymod.errors import ConfigError, IncompatibleHostError
-from polymod.hub.format import fingerprint
+from polymod.format import fingerprint
 from polymod.modular import Modular
 from polymod.modules.contract import Module
 from polymod.modules.sparse import SparseFT, SparsePart, weight_shape

@@ -28,7 +28,7 @@ def recipe(trainer: Any) -> dict[str, Any]:
 
 def write_outputs(trainer: Any, result: Any) -> None:
     """Write ``trained.safetensors``, ``modules/`` and ``result.json`` under ``trainer.output_dir``."""
-    from polymod.hub.format import save
+    from polymod.format import save
 
     out: Path = trainer.output_dir
     out.mkdir(parents=True, exist_ok=True)

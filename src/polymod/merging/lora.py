@@ -30,8 +30,8 @@ import math
 
 import torch
 
-from polymod.aggregation.methods import MergeSpec, TensorMerge
 from polymod.errors import ConfigError
+from polymod.merging.methods import MergeSpec, TensorMerge
 from polymod.modules.lora import LoRAPart
 
 

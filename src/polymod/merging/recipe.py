@@ -38,11 +38,11 @@ from typing import Any
 import torch
 import yaml
 
-from polymod.aggregation.checkpoint import layout_problems, merge_checkpoints
-from polymod.aggregation.merge import recipe_of
-from polymod.aggregation.methods import MergeSpec
-from polymod.aggregation.shards import Checkpoint, checkpoint_files
 from polymod.errors import ConfigError, FormatError
+from polymod.merging.merge import recipe_of
+from polymod.merging.methods import MergeSpec
+from polymod.merging.shards import Checkpoint, checkpoint_files
+from polymod.merging.streaming import layout_problems, merge_checkpoints
 
 RECIPE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}

@@ -31,12 +31,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from polymod.aggregation.methods import MergeSpec, TensorMerge, merge_tensor
-from polymod.aggregation.shards import Checkpoint, ShardedWriter
-from polymod.aggregation.sparsify import kth_largest, top_k_trim
 from polymod.card import Lineage, Parent
 from polymod.errors import ConfigError
-from polymod.hub.format import fingerprint
+from polymod.format import fingerprint
+from polymod.merging.methods import MergeSpec, TensorMerge, merge_tensor
+from polymod.merging.shards import Checkpoint, ShardedWriter
+from polymod.merging.sparsify import kth_largest, top_k_trim
 from polymod.modules.contract import Module
 from polymod.modules.delta import Delta
 from polymod.modules.sparse import SparseFT

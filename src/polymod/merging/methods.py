@@ -41,8 +41,8 @@ from typing import Literal
 
 import torch
 
-from polymod.aggregation.sparsify import SLICE, MaskStream, Trim, dare_mask, top_k_trim
 from polymod.errors import ConfigError
+from polymod.merging.sparsify import SLICE, MaskStream, Trim, dare_mask, top_k_trim
 
 MethodName = Literal[
     "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs",
@@ -288,7 +288,7 @@ def merge_tensor(spec: MergeSpec, name: str, deltas: list[torch.Tensor],
         name: the tensor's name (seeds DARE's masks).
         deltas: τ_i, all of one shape.
         trims: per-input magnitude trims for global trimming (see
-            :func:`~polymod.aggregation.sparsify.global_thresholds`).
+            :func:`~polymod.merging.sparsify.global_thresholds`).
 
     Returns:
         The merged task vector τ.

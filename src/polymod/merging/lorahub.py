@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from polymod.aggregation.merge import merge
 from polymod.errors import ConfigError
+from polymod.merging.merge import merge
 from polymod.modules.contract import Module
 
 

@@ -7,12 +7,12 @@ variants, as one reproducible operation::
     merged.card.lineage.describe()   # 'ties(weights=[1.0, 1.0], density=[0.2, 0.2], …) of a@1.0.0, b'
 
 Every input must expose a weight delta (``Module.delta()``: LoRA, IA³, sparse,
-delta modules). The methods are those of :mod:`polymod.aggregation.methods`
+delta modules). The methods are those of :mod:`polymod.merging.methods`
 (linear, task arithmetic, TIES, DARE, DARE-TIES, magnitude pruning,
 Breadcrumbs); negation is a negative weight. What comes out:
 
 * all inputs LoRA: a LoRA by one of three explicit semantics (``lora=``, see
-  :mod:`polymod.aggregation.lora_merge`); by default ``cat`` for the methods
+  :mod:`polymod.merging.lora`); by default ``cat`` for the methods
   linear in ΔW (exact) and ``delta`` otherwise;
 * otherwise (or ``lora="delta"`` without ``rank``) a delta module: sparse
   (``SparseFT``, only the non-zero entries) when every input is sparse, else
@@ -32,11 +32,11 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from polymod.aggregation import lora_merge
-from polymod.aggregation.methods import METHODS, MergeSpec, TensorMerge
-from polymod.aggregation.sparsify import global_thresholds
 from polymod.card import Lineage, Parent
 from polymod.errors import ConfigError, IncompatibleHostError, StateError
+from polymod.merging import lora as lora_merge
+from polymod.merging.methods import METHODS, MergeSpec, TensorMerge
+from polymod.merging.sparsify import global_thresholds
 from polymod.modules.contract import Module
 from polymod.modules.delta import Delta
 from polymod.modules.lora import LoRA
