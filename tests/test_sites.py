@@ -6,7 +6,7 @@ import pytest
 from torch import nn
 
 import polymod as pm
-from polymod.sites import family_of
+from polymod.roles import family_of
 from tests.hosts import make_host
 
 EXPECTED = {  # family -> role -> the site names of layer 0 (or the embedding)

@@ -1,4 +1,7 @@
-"""Input sites: a call of the host (or of one of its stacks) as a place where modules act.
+"""Input sites at call time: reading and rewriting the keyword arguments of a host call.
+
+Finding input sites (their names, roles and geometry) is part of :mod:`polymod.sites`;
+this file holds what an input op does with a call once the engine hands it over.
 
 Input-composition modules (prompt tuning, prefix tuning) change what the host
 is *called with* — its token embeddings, attention mask, positions, labels and
@@ -37,94 +40,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from polymod.errors import IncompatibleHostError, SiteNotFoundError, StateError
-from polymod.sites import Site, block_width
-
-INPUT = "<input>"
-ROLES = ("input", "cache")
+from polymod.errors import IncompatibleHostError, StateError
 
 # Cache objects -> number of leading *virtual* entries (prefixes) written into them
 # during the current call; lets a prompt tell a first step (only virtual entries)
 # from a cached decode step. Weak keys: nothing outlives the cache itself.
 _VIRTUAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _POSITIONAL: dict[type, list[str]] = {}
-
-
-def is_input_site(name: str) -> bool:
-    """Whether ``name`` names an input site (``<input>`` or ``<module>.<input>``)."""
-    return name == INPUT or name.endswith("." + INPUT)
-
-
-def is_input_pattern(pattern: str) -> bool:
-    """Whether a selector item selects input sites (a name or one of :data:`ROLES`)."""
-    return pattern in ROLES or is_input_site(pattern)
-
-
-def target(host: nn.Module, name: str) -> nn.Module:
-    """The module whose call the input site ``name`` is.
-
-    Raises:
-        SiteNotFoundError: ``name`` is not an input site of ``host``.
-    """
-    if name == INPUT:
-        return host
-    if is_input_site(name):
-        try:
-            return host.get_submodule(name[: -len(INPUT) - 1])
-        except AttributeError:
-            pass
-    raise SiteNotFoundError(
-        f"input site {name!r} does not exist in {type(host).__name__}; use '<input>' (the host's call) or "
-        "'<sub.module>.<input>' naming one of its sub-modules, or the roles 'input' / 'cache'"
-    )
-
-
-def kv_geometry(config: Any) -> tuple[int, int, int] | None:
-    """(layers L, key/value heads H_kv, head width d) of the self-attention cache a call with ``config`` carries.
-
-    Encoder-decoder configs describe the decoder's cache (the encoder's calls carry none).
-    Returns None when the config does not say.
-    """
-    if config is None:
-        return None
-    if getattr(config, "is_encoder_decoder", False) and not getattr(config, "is_decoder", False):
-        layers = getattr(config, "num_decoder_layers", None) or getattr(config, "decoder_layers", None)
-    else:
-        layers = getattr(config, "num_hidden_layers", None)
-    heads = getattr(config, "num_attention_heads", None)
-    width = getattr(config, "hidden_size", None)
-    if not layers or not heads:
-        return None
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or (width // heads if width else None)
-    return (int(layers), int(kv_heads), int(head_dim)) if head_dim else None
-
-
-def site(host: nn.Module, name: str) -> Site:
-    """Describe the input site ``name`` of ``host`` (its geometry: token width, cache width)."""
-    module = target(host, name)
-    embeddings = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
-    width = getattr(embeddings, "embedding_dim", None) or block_width(module)  # block_width: config or layers
-    kv = kv_geometry(getattr(module, "config", None))
-    if name != INPUT and not getattr(getattr(module, "config", None), "is_decoder", False):
-        kv = None  # a sub-module's call carries a cache only when it is a decoder stack
-    return Site(name, "input", width, 2 * kv[0] * kv[1] * kv[2] if kv else None)
-
-
-def select(host: nn.Module, pattern: str) -> list[Site]:
-    """Resolve an input-site name or role (``input``, ``cache``) to sites of ``host``.
-
-    Raises:
-        SiteNotFoundError: the name does not exist in ``host``.
-    """
-    encoder_decoder = bool(getattr(getattr(host, "config", None), "is_encoder_decoder", False))
-    if pattern == "input":
-        names = [f"encoder.{INPUT}", f"decoder.{INPUT}"] if encoder_decoder else [INPUT]
-    elif pattern == "cache":
-        names = [f"decoder.{INPUT}"] if encoder_decoder else [INPUT]
-    else:
-        names = [pattern]
-    return [site(host, n) for n in names]
 
 
 def bind_call(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:

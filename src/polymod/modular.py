@@ -34,7 +34,9 @@ from polymod import compose, inputs
 from polymod import sites as sites_mod
 from polymod.errors import ConfigError, IncompatibleHostError, StateError, UnknownModuleError
 from polymod.modules.contract import Module, ModuleSpec
+from polymod.roles import FUSED_QKV_NOTE, family_of
 from polymod.routing.state import RoutingState
+from polymod.sites import input_site, input_target, is_input_site
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,127}$")
 
@@ -147,8 +149,8 @@ class Modular(nn.Module):
             from polymod.format import fingerprint
 
             module.card.host = fingerprint(self.host, module.sites)
-        if sites_mod.family_of(self.host) == "gpt2" and any(n.endswith("attn.c_attn") for n in module.sites):
-            notes.append(sites_mod.FUSED_QKV_NOTE)
+        if family_of(self.host) == "gpt2" and any(n.endswith("attn.c_attn") for n in module.sites):
+            notes.append(FUSED_QKV_NOTE)
         self.library[name] = module
         for site, part in module.items():
             if hasattr(part, "bind"):  # parts whose Δy reads the host layer (IA³ scaling an input)
@@ -169,8 +171,8 @@ class Modular(nn.Module):
         from polymod.format import check_host  # local: format imports this module's types
 
         for site in module.sites.values():
-            if inputs.is_input_site(site.name):
-                have = inputs.site(self.host, site.name)
+            if is_input_site(site.name):
+                have = input_site(self.host, site.name)
                 if (have.in_features, have.out_features) != (site.in_features, site.out_features):
                     raise IncompatibleHostError(
                         f"module {name!r} expects input site {site.name!r} with token width {site.in_features} and "
@@ -282,13 +284,13 @@ class Modular(nn.Module):
 
     def _layer(self, site: str) -> nn.Module:
         """The host module at ``site``: a layer, or for an input site the module whose call it is."""
-        return inputs.target(self.host, site) if inputs.is_input_site(site) else self._layers[site]
+        return input_target(self.host, site) if is_input_site(site) else self._layers[site]
 
     def _hook(self, site: str) -> None:
         if site in self._hooks:
             return
         plan = self  # the hook reads the current plan at call time
-        if inputs.is_input_site(site):
+        if is_input_site(site):
 
             def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
                 op = plan._plan.get(site)
@@ -419,7 +421,7 @@ class Modular(nn.Module):
         return self.host.generate(*args, **kwargs)
 
     def __repr__(self) -> str:
-        lines = [f"Modular({type(self.host).__name__}, family={sites_mod.family_of(self.host)})"]
+        lines = [f"Modular({type(self.host).__name__}, family={family_of(self.host)})"]
         for name, module in self.library.items():
             state = " [merged]" if name in self._merged else ""
             size = f"{len(module.sites)} sites, {module.num_parameters():,} params"

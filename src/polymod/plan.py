@@ -24,14 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from polymod import inputs
 from polymod.aggregation import input as calls
 from polymod.aggregation import representation as rep
 from polymod.compose import Composition, Mix, Parallel, SiteOp, Stack, describe, leaves
 from polymod.errors import CompositionError, StateError
 from polymod.modules.contract import Module
 from polymod.routing.groups import RowGroups
-from polymod.sites import Site
+from polymod.sites import Site, is_input_site
 
 
 @dataclass
@@ -171,7 +170,7 @@ class MixOp:
         self.router, self.aggregate, self.state = mix.router, mix.aggregate, state
         self.key = (site, tuple(id(p) for p in parts)) if parts is not None else None
         self.fast = rep.mixer_for(parts) if parts is not None else None
-        self.input_site = inputs.is_input_site(site)
+        self.input_site = is_input_site(site)
 
     def _restrict(self, w: Any) -> Any:
         if self.full:
@@ -268,7 +267,7 @@ def compile_rows(rows: Sequence[Composition | None], env: Env, device: torch.dev
                 stages.append(groups[key])
             stages_of[here] = stages
         stages = [([sites_of[n][site] for n in names], g) for names, g in stages_of[here]]
-        ops[site] = (InputRowsOp if inputs.is_input_site(site) else RowsOp)(site, stages, env.state)
+        ops[site] = (InputRowsOp if is_input_site(site) else RowsOp)(site, stages, env.state)
     return ops
 
 

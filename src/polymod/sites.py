@@ -31,92 +31,14 @@ import fnmatch
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 
 from polymod.errors import ConfigError, SiteNotFoundError
+from polymod.roles import FAMILY_ROLES, ROLES, family_of
 
 SiteKind = Literal["linear", "conv1d", "embedding", "block", "input"]  # input: a call (polymod.inputs)
-
-ROLES = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.in", "ffn.out", "embed", "block.out", "linear")
-
-# Per family: role -> regular expression on qualified module names.
-_FAMILY_ROLES: dict[str, dict[str, str]] = {
-    "bert": {
-        "attn.q": r"\.attention\.self\.query$",
-        "attn.k": r"\.attention\.self\.key$",
-        "attn.v": r"\.attention\.self\.value$",
-        "attn.o": r"\.attention\.output\.dense$",
-        "ffn.in": r"\.intermediate\.dense$",
-        "ffn.out": r"\.layer\.\d+\.output\.dense$",
-        "embed": r"embeddings\.word_embeddings$",
-        "block.out": r"\.layer\.\d+$",
-    },
-    "gpt2": {
-        "attn.q": r"\.attn\.c_attn$",
-        "attn.k": r"\.attn\.c_attn$",
-        "attn.v": r"\.attn\.c_attn$",
-        "attn.o": r"\.attn\.c_proj$",
-        "ffn.in": r"\.mlp\.c_fc$",
-        "ffn.out": r"\.mlp\.c_proj$",
-        "embed": r"(^|\.)wte$",
-        "block.out": r"\.h\.\d+$",
-    },
-    "llama": {
-        "attn.q": r"\.self_attn\.q_proj$",
-        "attn.k": r"\.self_attn\.k_proj$",
-        "attn.v": r"\.self_attn\.v_proj$",
-        "attn.o": r"\.self_attn\.o_proj$",
-        "ffn.in": r"\.mlp\.(gate_proj|up_proj)$",
-        "ffn.out": r"\.mlp\.down_proj$",
-        "embed": r"(^|\.)embed_tokens$",
-        "block.out": r"\.layers\.\d+$",
-    },
-    "t5": {
-        "attn.q": r"\.(SelfAttention|EncDecAttention)\.q$",
-        "attn.k": r"\.(SelfAttention|EncDecAttention)\.k$",
-        "attn.v": r"\.(SelfAttention|EncDecAttention)\.v$",
-        "attn.o": r"\.(SelfAttention|EncDecAttention)\.o$",
-        "ffn.in": r"\.DenseReluDense\.(wi|wi_0|wi_1)$",
-        "ffn.out": r"\.DenseReluDense\.wo$",
-        # transformers 5 gives encoder and decoder their own embedding modules
-        # (tied weights); the forward calls those, not ``shared``.
-        "embed": r"(encoder|decoder)\.embed_tokens$",
-        "block.out": r"\.block\.\d+$",
-    },
-    "generic": {
-        "attn.q": r"(^|\.)(q_proj|query|q_lin|q)$",
-        "attn.k": r"(^|\.)(k_proj|key|k_lin|k)$",
-        "attn.v": r"(^|\.)(v_proj|value|v_lin|v)$",
-        "attn.o": r"(^|\.)(o_proj|out_proj|out_lin|dense|o)$",
-        "ffn.in": r"(^|\.)(fc1|lin1|up_proj|gate_proj|c_fc|wi|intermediate\.dense)$",
-        "ffn.out": r"(^|\.)(fc2|lin2|down_proj|wo)$",
-        "embed": r"(^|\.)(embed_tokens|word_embeddings|wte|embeddings)$",
-        "block.out": r"\.(layers?|h|block|blocks)\.\d+$",
-    },
-}
-
-_FAMILY_OF_MODEL_TYPE = {
-    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "camembert", "deberta"), "bert"),
-    **dict.fromkeys(("gpt2",), "gpt2"),
-    **dict.fromkeys(
-        ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3"), "llama"
-    ),
-    **dict.fromkeys(("t5", "mt5", "umt5"), "t5"),
-}
-
-FUSED_QKV_NOTE = (
-    "GPT-2 fuses q, k and v into one layer (c_attn): attn.q, attn.k and attn.v all select it, "
-    "so a module there acts on queries, keys and values together."
-)
-
-
-def family_of(host: nn.Module) -> str:
-    """The architecture family used to resolve roles: bert, gpt2, llama, t5 or generic."""
-    model_type = getattr(getattr(host, "config", None), "model_type", None)
-    return _FAMILY_OF_MODEL_TYPE.get(model_type, "generic")
-
 
 @dataclass(frozen=True)
 class Site:
@@ -236,7 +158,7 @@ def _role_matches(host: nn.Module, role: str, layers: dict[str, nn.Module]) -> l
     if role == "linear":
         head = host.get_output_embeddings() if hasattr(host, "get_output_embeddings") else None
         return [n for n, m in layers.items() if _is_linear_like(m) and m is not head]
-    regex = re.compile(_FAMILY_ROLES[family_of(host)][role])
+    regex = re.compile(FAMILY_ROLES[family_of(host)][role])
     return [n for n in layers if regex.search(n)]
 
 
@@ -258,7 +180,7 @@ def name_matches(name: str, selection: str | Sequence[str] | SiteSelector) -> bo
         raise ConfigError(f"selection {selector} cannot be decided from a site name; use roles, globs or 're:'")
     for pattern in selector.patterns:
         if pattern in ROLES:
-            if any(re.search(roles[pattern], name) for roles in _FAMILY_ROLES.values()):
+            if any(re.search(roles[pattern], name) for roles in FAMILY_ROLES.values()):
                 return True
         elif pattern.startswith("re:"):
             if re.search(pattern[3:], name):
@@ -266,6 +188,89 @@ def name_matches(name: str, selection: str | Sequence[str] | SiteSelector) -> bo
         elif fnmatch.fnmatchcase(name, pattern):
             return True
     return False
+
+
+# -- input sites: a call of the host (or of one of its stacks); see polymod.inputs ----------------
+
+INPUT = "<input>"
+INPUT_ROLES = ("input", "cache")
+
+
+def is_input_site(name: str) -> bool:
+    """Whether ``name`` names an input site (``<input>`` or ``<module>.<input>``)."""
+    return name == INPUT or name.endswith("." + INPUT)
+
+
+def is_input_pattern(pattern: str) -> bool:
+    """Whether a selector item selects input sites (a name or one of :data:`INPUT_ROLES`)."""
+    return pattern in INPUT_ROLES or is_input_site(pattern)
+
+
+def input_target(host: nn.Module, name: str) -> nn.Module:
+    """The module whose call the input site ``name`` is.
+
+    Raises:
+        SiteNotFoundError: ``name`` is not an input site of ``host``.
+    """
+    if name == INPUT:
+        return host
+    if is_input_site(name):
+        try:
+            return host.get_submodule(name[: -len(INPUT) - 1])
+        except AttributeError:
+            pass
+    raise SiteNotFoundError(
+        f"input site {name!r} does not exist in {type(host).__name__}; use '<input>' (the host's call) or "
+        "'<sub.module>.<input>' naming one of its sub-modules, or the roles 'input' / 'cache'"
+    )
+
+
+def kv_geometry(config: Any) -> tuple[int, int, int] | None:
+    """(layers L, key/value heads H_kv, head width d) of the self-attention cache a call with ``config`` carries.
+
+    Encoder-decoder configs describe the decoder's cache (the encoder's calls carry none).
+    Returns None when the config does not say.
+    """
+    if config is None:
+        return None
+    if getattr(config, "is_encoder_decoder", False) and not getattr(config, "is_decoder", False):
+        layers = getattr(config, "num_decoder_layers", None) or getattr(config, "decoder_layers", None)
+    else:
+        layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    width = getattr(config, "hidden_size", None)
+    if not layers or not heads:
+        return None
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or (width // heads if width else None)
+    return (int(layers), int(kv_heads), int(head_dim)) if head_dim else None
+
+
+def input_site(host: nn.Module, name: str) -> Site:
+    """Describe the input site ``name`` of ``host`` (its geometry: token width, cache width)."""
+    module = input_target(host, name)
+    embeddings = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+    width = getattr(embeddings, "embedding_dim", None) or block_width(module)  # block_width: config or layers
+    kv = kv_geometry(getattr(module, "config", None))
+    if name != INPUT and not getattr(getattr(module, "config", None), "is_decoder", False):
+        kv = None  # a sub-module's call carries a cache only when it is a decoder stack
+    return Site(name, "input", width, 2 * kv[0] * kv[1] * kv[2] if kv else None)
+
+
+def input_sites(host: nn.Module, pattern: str) -> list[Site]:
+    """Resolve an input-site name or role (``input``, ``cache``) to sites of ``host``.
+
+    Raises:
+        SiteNotFoundError: the name does not exist in ``host``.
+    """
+    encoder_decoder = bool(getattr(getattr(host, "config", None), "is_encoder_decoder", False))
+    if pattern == "input":
+        names = [f"encoder.{INPUT}", f"decoder.{INPUT}"] if encoder_decoder else [INPUT]
+    elif pattern == "cache":
+        names = [f"decoder.{INPUT}"] if encoder_decoder else [INPUT]
+    else:
+        names = [pattern]
+    return [input_site(host, n) for n in names]
 
 
 def select(host: nn.Module, selection: str | Sequence[str] | SiteSelector) -> list[Site]:
@@ -288,10 +293,8 @@ def select(host: nn.Module, selection: str | Sequence[str] | SiteSelector) -> li
     chosen: set[str] = set()
     calls: list[Site] = []  # input sites (the host's call, a stack's call): see polymod.inputs
     for pattern in selector.patterns:
-        from polymod import inputs
-
-        if inputs.is_input_pattern(pattern):
-            calls += [s for s in inputs.select(host, pattern) if s not in calls]
+        if is_input_pattern(pattern):
+            calls += [s for s in input_sites(host, pattern) if s not in calls]
             continue
         if pattern in ROLES:
             hits = _role_matches(host, pattern, layers)

@@ -59,7 +59,7 @@ def _placement(config: dict[str, Any]) -> str:
 
 def _owner(site: str) -> str:
     """The sub-module ``adapters`` hangs the adapter acting at ``site`` on."""
-    from polymod.inputs import INPUT
+    from polymod.sites import INPUT
 
     name = site.removesuffix("." + INPUT)
     head, _, leaf = name.rpartition(".")

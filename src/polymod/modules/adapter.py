@@ -54,9 +54,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polymod import sites as sites_mod
 from polymod.errors import ConfigError, IncompatibleHostError
 from polymod.modules.contract import register
+from polymod.roles import family_of
 from polymod.sites import Site
 
 Placement = Literal["pfeiffer", "houlsby", "parallel"]
@@ -132,7 +132,7 @@ class Adapter:
         """The site selection on ``host``: ``sites`` if given, else the placement's sites for its family."""
         if self.sites is not None:
             return self.sites
-        family = sites_mod.family_of(host)
+        family = family_of(host)
         if self.placement == "houlsby":
             return "attn.o|ffn.out"
         if family == "bert":

@@ -45,12 +45,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polymod import inputs
 from polymod.card import Card, Lineage, Parent
 from polymod.errors import ConfigError, StateError
 from polymod.modules.contract import Module, register, spec_to_dict
 from polymod.modules.lora import LoRA, LoRAPart
-from polymod.sites import Site, SiteSelector
+from polymod.sites import INPUT, Site, SiteSelector, is_input_site
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 
@@ -97,8 +96,8 @@ class HyperLoRA:
             raise ConfigError(f"HyperLoRA alpha must be positive or None, got {self.alpha!r}")
         if not isinstance(self.sites, str):
             raise ConfigError(f"HyperLoRA sites must be a selection string such as 'attn.q|attn.v', got {self.sites!r}")
-        if inputs.INPUT not in SiteSelector.parse(self.sites).patterns:
-            object.__setattr__(self, "sites", f"{inputs.INPUT}|{self.sites}")
+        if INPUT not in SiteSelector.parse(self.sites).patterns:
+            object.__setattr__(self, "sites", f"{INPUT}|{self.sites}")
 
     @property
     def scaling(self) -> float:
@@ -108,11 +107,11 @@ class HyperLoRA:
     @property
     def leaf_sites(self) -> str:
         """The selection without the hub's ``<input>`` site."""
-        return "|".join(p for p in SiteSelector.parse(self.sites).patterns if p != inputs.INPUT)
+        return "|".join(p for p in SiteSelector.parse(self.sites).patterns if p != INPUT)
 
     def check_site(self, site: Site) -> str | None:
         if site.kind == "input":
-            return None if site.name == inputs.INPUT else "the hypernetwork's hub lives at '<input>' only"
+            return None if site.name == INPUT else "the hypernetwork's hub lives at '<input>' only"
         if site.kind not in ("linear", "conv1d"):
             return "HyperLoRA generates LoRA weights for linear layers (Linear, Conv1D), not embeddings or blocks"
         return None
@@ -132,7 +131,7 @@ class HyperLoRA:
 
     def link_parts(self, parts: dict[str, nn.Module]) -> None:
         """Give every leaf part the hub, and the hub one pair of output heads per site shape."""
-        hub = parts.get(inputs.INPUT)
+        hub = parts.get(INPUT)
         if not isinstance(hub, HyperHub):
             raise ConfigError("a HyperLoRA module needs its hub at the '<input>' site")
         leaves = [p for p in parts.values() if isinstance(p, HyperLoRAPart)]
@@ -276,7 +275,7 @@ class HyperLoRAPart(nn.Module):
 def _hub(module: Module) -> HyperHub:
     if module.kind != HyperLoRA.kind:
         raise ConfigError(f"expected a {HyperLoRA.kind} module, got a {module.kind} module")
-    return module.part(inputs.INPUT)
+    return module.part(INPUT)
 
 
 def select(module: Module, task: str | Sequence[str], language: str | Sequence[str] | None = None) -> None:
@@ -381,7 +380,7 @@ def materialise(module: Module, task: str, language: str | None = None) -> Modul
     finally:
         hub.select(*before)
     host = dict(module.card.host or {})
-    host["sites"] = {k: v for k, v in host.get("sites", {}).items() if not inputs.is_input_site(k)}
+    host["sites"] = {k: v for k, v in host.get("sites", {}).items() if not is_input_site(k)}
     card = Card(kind=lora.kind, config=spec_to_dict(lora), host=host, task=task, language=language,
                 license=module.card.license, tags=list(module.card.tags),
                 lineage=Lineage(parents=[Parent(name=module.card.name or HyperLoRA.kind, version=module.card.version)],

@@ -57,7 +57,8 @@ from polymod import inputs
 from polymod.card import Lineage, Parent
 from polymod.errors import CompositionError, ConfigError, IncompatibleHostError, StateError
 from polymod.modules.contract import Module, register, spec_to_dict
-from polymod.sites import Site, family_of
+from polymod.roles import family_of
+from polymod.sites import Site, kv_geometry
 
 _ENCODER_REFUSAL = (
     "transformers 5 encoder stacks discard any key/value cache passed to them (T5Stack: 'do not pass cache object "
@@ -161,7 +162,7 @@ class PrefixPart(nn.Module):
         return call
 
     def _geometry(self, module: nn.Module) -> tuple[int, int, int]:
-        geometry = inputs.kv_geometry(getattr(module, "config", None))
+        geometry = kv_geometry(getattr(module, "config", None))
         if geometry is None or 2 * geometry[0] * geometry[1] * geometry[2] != self.cache_width:
             raise IncompatibleHostError(f"{type(module).__name__}'s cache geometry {geometry} (layers, kv heads, "
                                         f"head width) does not give this prefix's width {self.cache_width}")

@@ -43,7 +43,7 @@ from torch import nn
 from polymod import inputs
 from polymod.errors import ConfigError
 from polymod.modules.contract import register
-from polymod.sites import Site
+from polymod.sites import INPUT, Site
 
 
 @register
@@ -106,7 +106,7 @@ class PromptTuning:
         return None
 
     def build_part(self, site: Site, layer: nn.Module | None) -> nn.Module:
-        if site.name == f"decoder.{inputs.INPUT}":
+        if site.name == f"decoder.{INPUT}":
             return CrossMaskPart()
         part = PromptPart(self.length, site.in_features)
         embeddings = layer.get_input_embeddings() if layer is not None else None
