@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import polymod as pm
-from polymod.merging.merge import merge, weights_sha256
+from polymod.format import content_hash
+from polymod.merging.merge import merge
 from polymod.merging.sparsify import dare_mask, mask_seed
 from polymod.modules.delta import Delta
 from polymod.modules.ia3 import IA3
@@ -141,7 +142,7 @@ def test_lineage_on_the_card_and_a_save_load_round_trip(llama_loras, tmp_path):
     assert [(p.name, p.version, p.weight) for p in lineage.parents] == [("a", "1.0.0", 1.0), ("b", None, 0.5)]
     pm.save(a, tmp_path / "a")
     assert lineage.parents[0].sha256 == hashlib.sha256((tmp_path / "a/weights.safetensors").read_bytes()).hexdigest()
-    assert lineage.parents[1].sha256 == weights_sha256(b)
+    assert lineage.parents[1].sha256 == content_hash(b)
     assert lineage.recipe == {"method": "ties", "weights": [1.0, 0.5], "lambda": 1.0, "normalize": True,
                               "density": [0.2, 0.2], "trim": "tensor", "consensus": "sum", "seed": 5,
                               "lora": "delta", "result": "delta"}

@@ -11,7 +11,7 @@ The public API (see the README)::
     merged = pm.merge([model["a"], model["b"]], method="ties", density=0.2)
 """
 
-from polymod import hub
+from polymod import format, hub, interop
 from polymod.card import Card, Lineage, Parent
 from polymod.compose import Mix, Parallel, Stack
 from polymod.errors import (
@@ -26,6 +26,7 @@ from polymod.errors import (
     UnknownModuleError,
 )
 from polymod.format import load, save
+from polymod.hub.composition import load_composition
 from polymod.hub.errors import HubError
 from polymod.interop import read_adapters, read_peft, write_peft
 from polymod.merging.lorahub import few_shot_loss, lorahub
@@ -61,6 +62,12 @@ from polymod.training import Task, TrainConfig, Trainer
 from polymod.training.lt_sft import lt_sft
 
 __version__ = "0.1.0"
+
+# Formats and package kinds that the core's module I/O reads register with it here, in one place
+# (polymod.format never imports the layers above it).
+for _loader in interop.LOADERS:
+    format.register_loader(_loader)
+format.register_package_kind("composition", load_composition)
 
 __all__ = [
     "Adapter",

@@ -1,14 +1,24 @@
-"""The on-disk format of one module: ``module.json`` + ``weights.safetensors``.
+"""The on-disk format of one module, the host fingerprint and the one fit check.
 
-``module.json`` is the module's :class:`~polymod.card.Card` (format version,
-kind, config, sites, lineage, ...) whose ``host`` field is the *host
-fingerprint*: the architecture and, per touched site, its geometry and the
-shape, dtype and sha256 of the host weight there. ``weights.safetensors``
-holds φ with keys ``<site>:<parameter>``. Nothing but safetensors is ever read
-for weights: no pickle.
+A module package is a directory with ``module.json`` — the module's
+:class:`~polymod.card.Card` (format version, kind, config, sites, lineage, ...)
+whose ``host`` field is the *host fingerprint*: the architecture and, per
+touched site, its geometry and the shape, dtype and sha256 of the host weight
+there — and ``weights.safetensors``, which holds φ with keys
+``<site>:<parameter>`` (:func:`module_tensors`; the same layout gives a module's
+content hash). Nothing but safetensors is ever read for weights: no pickle.
 
 Writes are atomic: a module is written to a temporary sibling directory and
 renamed into place, so a crash never leaves a half-written module.
+
+Other formats register with this file rather than being imported by it:
+:func:`register_loader` adds a reader for directories without ``module.json``
+(PEFT, AdapterHub ``adapters``), :func:`register_package_kind` a reader for
+card kinds that are not module kinds (composition packages). The registrations
+are made in one place, ``polymod/__init__.py``.
+
+:func:`check_fits` is the single answer to "does this module fit this host?",
+used by :meth:`polymod.Modular.add`, :func:`load` with ``host=`` and hub pulls.
 """
 
 from __future__ import annotations
@@ -17,28 +27,70 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from polymod.card import Card
-from polymod.errors import FormatError
+from polymod.errors import FormatError, HostMismatchWarning, IncompatibleHostError, SiteNotFoundError
 from polymod.modules.contract import Module, spec_from_dict
-from polymod.sites import Site, named_layers
+from polymod.sites import Site, input_site, is_input_site, named_layers, site_of
 
 CARD_FILE = "module.json"
 WEIGHTS_FILE = "weights.safetensors"
+_METADATA = {"format": "polymod"}
+
+
+# -- tensors -----------------------------------------------------------------------------
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
     """sha256 of a tensor's raw bytes (any dtype, any device)."""
     raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
     return hashlib.sha256(raw.numpy().tobytes()).hexdigest()
+
+
+def module_tensors(module: Module) -> dict[str, torch.Tensor]:
+    """A module's tensors keyed ``<site>:<parameter>`` (CPU, contiguous): the layout of ``weights.safetensors``."""
+    return {f"{site}:{key}": value.detach().to("cpu").contiguous()
+            for site, part in module.items() for key, value in part.state_dict().items()}
+
+
+def content_hash(module: Module) -> str:
+    """sha256 of the ``weights.safetensors`` that :func:`save` writes for ``module`` (its content hash)."""
+    return hashlib.sha256(safetensors_bytes(module_tensors(module), metadata=_METADATA)).hexdigest()
+
+
+def load_tensors(module: Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy tensors laid out by :func:`module_tensors` into ``module``'s parts.
+
+    Raises:
+        FormatError: keys or shapes differ from what the module's parts hold.
+    """
+    expected = {f"{site}:{k}": v for site, part in module.items() for k, v in part.state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise FormatError(f"{source} does not match its card: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for key, want in expected.items():
+        if tensors[key].shape != want.shape:
+            raise FormatError(f"{source}: tensor {key} has shape {tuple(tensors[key].shape)}, "
+                              f"the card's config implies {tuple(want.shape)}")
+    for site, part in module.items():
+        prefix = f"{site}:"
+        part.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
+# -- the host fingerprint and the fit check -------------------------------------------------
 
 
 def architecture(host: nn.Module) -> str:
@@ -65,27 +117,148 @@ def fingerprint(host: nn.Module, sites: dict[str, Site]) -> dict[str, Any]:
     return out
 
 
-def check_host(module: Module, host: nn.Module) -> None:
-    """Warn when ``host``'s touched weights differ from those the module was made on.
+@dataclass
+class Fit:
+    """How a module's recorded host compares with a live host.
 
-    Shapes are checked by the caller (:meth:`Modular.add`); here equal shapes
-    with different values give a :class:`~polymod.errors.HostMismatchWarning`.
+    Attributes:
+        errors: differences that make the module unusable there (missing sites, other geometry).
+        warnings: differences it survives (another architecture name with fitting sites,
+            other weights at fitting sites: another checkpoint of the same base).
     """
-    from polymod.modular import warn_host_mismatch
 
-    recorded = module.card.host.get("sites", {}) if module.card.host else {}
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _live_site(host: nn.Module, layers: dict[str, nn.Module], name: str) -> Site | None:
+    if is_input_site(name):
+        try:
+            return input_site(host, name)
+        except SiteNotFoundError:
+            return None
+    layer = layers.get(name)
+    return site_of(name, layer) if layer is not None else None
+
+
+def check_fits(card: Card, host: nn.Module, sites: Mapping[str, Site] | None = None) -> Fit:
+    """Compare a card's host fingerprint with ``host`` (every site, architecture and weights).
+
+    Args:
+        card: the module's card (its ``sites`` and ``host`` fingerprint).
+        host: the live host.
+        sites: the module's own site descriptions, for sites whose geometry the card
+            does not record (modules built in memory from foreign formats).
+
+    Returns:
+        The :class:`Fit`: errors and warnings, each a readable difference.
+    """
+    recorded: dict[str, Any] = card.host or {}
+    fit = Fit()
     layers = named_layers(host)
-    differing = []
-    for name, entry in recorded.items():
-        want = entry.get("weight", {}).get("sha256")
+    missing, differing = [], []
+    for name in card.sites:
+        entry = recorded.get("sites", {}).get(name) or {}
+        if not entry and sites is not None and name in sites:
+            own = sites[name]
+            entry = {"kind": own.kind, "in": own.in_features, "out": own.out_features}
+        have = _live_site(host, layers, name)
+        if have is None:
+            missing.append(name)
+            continue
+        want = (entry.get("kind"), entry.get("in"), entry.get("out"))
+        if entry and want != (have.kind, have.in_features, have.out_features):
+            fit.errors.append(f"site {name}: module expects a {want[0]} {want[1]}->{want[2]}, "
+                              f"host has a {have.kind} {have.in_features}->{have.out_features}")
+        sha = entry.get("weight", {}).get("sha256")
         weight = getattr(layers.get(name), "weight", None)
-        if want and isinstance(weight, torch.Tensor) and tensor_sha256(weight) != want:
-            differing.append(name)
+        if sha and isinstance(weight, torch.Tensor) and list(weight.shape) == list(entry["weight"].get("shape", ())):
+            if tensor_sha256(weight) != sha:
+                differing.append(name)
+    if missing:
+        fit.errors.insert(0, f"{len(missing)} of {len(card.sites)} sites are missing from the host "
+                             f"(first: {missing[0]}; host layers look like {next(iter(layers), '?')})")
+    arch, model_type = recorded.get("architecture"), recorded.get("model_type")
+    host_type = getattr(getattr(host, "config", None), "model_type", None)
+    if arch and arch != architecture(host):
+        (fit.errors if fit.errors else fit.warnings).append(
+            f"architecture: module made for {arch}, host is {architecture(host)}")
+    if model_type and host_type and model_type != host_type:
+        (fit.errors if fit.errors else fit.warnings).append(
+            f"model_type: module made for {model_type}, host is {host_type}")
     if differing:
-        warn_host_mismatch(
-            f"the host's weights at {len(differing)} of {len(recorded)} sites differ from those the module was "
-            f"made on (first: {differing[0]}); shapes fit, so it loads, but results may differ"
-        )
+        fit.warnings.append(f"host weights differ at {len(differing)} of {len(card.sites)} sites "
+                            f"(first: {differing[0]}) from those the module was made on: another checkpoint "
+                            "of the same architecture, so it loads, but results may differ")
+    return fit
+
+
+def require_fit(card: Card, host: nn.Module, label: str, sites: Mapping[str, Site] | None = None) -> None:
+    """Raise on a host the module cannot act on; warn (at the user's line) on one it survives.
+
+    Raises:
+        IncompatibleHostError: sites are missing or their geometry differs; the message lists what differs.
+    """
+    fit = check_fits(card, host, sites)
+    if fit.errors:
+        raise IncompatibleHostError(f"{label} does not fit this host: " + "; ".join(fit.errors[:6])
+                                    + ". Load it onto the host it was made for (see its card's 'host').")
+    if fit.warnings:
+        warn_host_mismatch(f"{label} was made for a different host: " + "; ".join(fit.warnings))
+
+
+def warn_host_mismatch(message: str) -> None:
+    """Emit a :class:`~polymod.errors.HostMismatchWarning` attributed to the first caller outside polymod."""
+    warnings.warn(message, HostMismatchWarning, stacklevel=_user_stacklevel())
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points ``warnings.warn`` at the user's line, past polymod's own frames."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1  # level 1 is the caller of warnings.warn
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+# -- packages --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Loader:
+    """A reader for module directories in another format (registered with :func:`register_loader`).
+
+    Attributes:
+        name: the format's name (``peft``, ``adapters``).
+        detect: whether a directory is in this format.
+        load: ``load(path, host)`` → a polymod :class:`~polymod.modules.contract.Module`.
+    """
+
+    name: str
+    detect: Callable[[Path], bool]
+    load: Callable[[Path, nn.Module | None], Module]
+
+
+_LOADERS: dict[str, Loader] = {}
+_PACKAGE_KINDS: dict[str, Callable[[Path], Any]] = {}
+
+
+def register_loader(loader: Loader) -> None:
+    """Let :func:`load` read directories without ``module.json`` in ``loader``'s format."""
+    _LOADERS[loader.name] = loader
+
+
+def register_package_kind(kind: str, load_package: Callable[[Path], Any]) -> None:
+    """Let :func:`load` read packages whose card has ``kind`` (not a module kind), e.g. ``composition``."""
+    _PACKAGE_KINDS[kind] = load_package
+
+
+def detect(path: str | os.PathLike) -> str | None:
+    """``polymod`` or a registered format's name for the directory at ``path``; None when none reads it."""
+    path = Path(path)
+    if (path / CARD_FILE).is_file():
+        return "polymod"
+    return next((name for name, loader in _LOADERS.items() if loader.detect(path)), None)
 
 
 def save(module: Module, path: str | os.PathLike) -> Path:
@@ -96,15 +269,10 @@ def save(module: Module, path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        f"{site}:{key}": value.detach().to("cpu").contiguous()
-        for site, part in module.items()
-        for key, value in part.state_dict().items()
-    }
     card = module.card.to_dict()
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "polymod"})
+        save_file(module_tensors(module), str(tmp / WEIGHTS_FILE), metadata=_METADATA)
         (tmp / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -137,32 +305,42 @@ def read_card(path: str | os.PathLike) -> Card:
 
 
 def load(path: str | os.PathLike, host: nn.Module | None = None) -> Module:
-    """Load a module saved with :func:`save`, or a foreign adapter directory (format detected).
+    """Load a module saved with :func:`save`, or a directory in a registered format (detected).
 
     Only ``weights.safetensors`` is read for tensors; the parts are rebuilt from
     the card's kind and config and must match the stored tensors exactly.
-    A directory without ``module.json`` is handed to :func:`polymod.interop.load_foreign`
-    (PEFT and AdapterHub ``adapters`` directories); a composition package
-    (card kind ``composition``) loads as a :class:`~polymod.hub.composition.CompositionPackage`.
+    A directory without ``module.json`` goes to the registered loader that
+    detects it (PEFT, AdapterHub ``adapters``); a package whose card kind is
+    registered with :func:`register_package_kind` (a composition) to its reader.
 
     Args:
         path: the directory.
-        host: the host, used only by foreign formats that need its shapes (PEFT IA³).
+        host: the host the module is for. When given, the module is checked
+            against it (:func:`check_fits`): an error if it cannot act there, a
+            ``HostMismatchWarning`` if it was made on other weights. Foreign
+            formats that need the host's shapes (PEFT IA³) read them from it.
 
     Raises:
-        FormatError: missing files, invalid card, unreadable weights, or weights that
-            do not match the parts the card describes.
+        FormatError: missing files, invalid card, unreadable weights, weights that
+            do not match the parts the card describes, or a format nobody reads.
+        IncompatibleHostError: ``host`` is given and the module does not fit it.
     """
     path = Path(path)
     if path.is_dir() and not (path / CARD_FILE).is_file():
-        from polymod.interop import load_foreign
-
-        return load_foreign(path, host=host)
+        fmt = detect(path)
+        if fmt is None:
+            known = ", ".join(sorted(_LOADERS)) or "none registered"
+            raise FormatError(f"{path} is not a module polymod can read: expected {CARD_FILE} (polymod) or a "
+                              f"directory in one of the registered formats ({known})")
+        module = _LOADERS[fmt].load(path, host)
+        if host is not None:
+            require_fit(module.card, host, f"module at {path}")
+        return module
     card = read_card(path)
-    if card.kind == "composition":
-        from polymod.hub.composition import load_composition
-
-        return load_composition(path)  # type: ignore[return-value]
+    if card.kind in _PACKAGE_KINDS:
+        return _PACKAGE_KINDS[card.kind](path)
+    if host is not None:
+        require_fit(card, host, f"module at {path}")
     spec = spec_from_dict(card.kind, card.config)
     geometry = card.host.get("sites", {}) if card.host else {}
     sites = []
@@ -179,18 +357,10 @@ def load(path: str | os.PathLike, host: nn.Module | None = None) -> Module:
     except (SafetensorError, OSError, ValueError) as exc:
         raise FormatError(f"{weights_file} is not a readable safetensors file: {exc}") from exc
     module = Module(spec, sites, [spec.build_part(s, None) for s in sites], card=card)
-    expected = {f"{site}:{k}": v for site, part in module.items() for k, v in part.state_dict().items()}
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise FormatError(f"{weights_file} does not match its card: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for key, want in expected.items():
-        if tensors[key].shape != want.shape:
-            raise FormatError(f"{weights_file}: tensor {key} has shape {tuple(tensors[key].shape)}, "
-                              f"the card's config implies {tuple(want.shape)}")
-    for site, part in module.items():
-        prefix = f"{site}:"
-        part.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    load_tensors(module, tensors, str(weights_file))
     return module
 
 
-__all__ = ["save", "load", "read_card", "fingerprint", "check_host", "tensor_sha256"]
+__all__ = ["CARD_FILE", "WEIGHTS_FILE", "Fit", "Loader", "check_fits", "content_hash", "detect", "fingerprint",
+           "load", "load_tensors", "module_tensors", "read_card", "register_loader", "register_package_kind",
+           "require_fit", "save", "tensor_sha256", "warn_host_mismatch"]

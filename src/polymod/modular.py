@@ -22,7 +22,6 @@ tensors.
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,10 +32,11 @@ from torch import nn
 from polymod import compose, inputs
 from polymod import sites as sites_mod
 from polymod.errors import ConfigError, IncompatibleHostError, StateError, UnknownModuleError
+from polymod.format import fingerprint, require_fit
 from polymod.modules.contract import Module, ModuleSpec
 from polymod.roles import FUSED_QKV_NOTE, family_of
 from polymod.routing.state import RoutingState
-from polymod.sites import input_site, input_target, is_input_site
+from polymod.sites import input_target, is_input_site
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,127}$")
 
@@ -127,7 +127,7 @@ class Modular(nn.Module):
         notes: list[str] = []
         if isinstance(spec, Module):
             module = spec
-            self._check_fits(name, module)
+            require_fit(module.card, self.host, f"module {name!r}", module.sites)
             weight = getattr(self._layer(next(iter(module.sites))), "weight", None) if module.sites else None
             if not isinstance(weight, torch.Tensor):  # an input site: follow the host's parameters
                 weight = next(self.host.parameters(), None)
@@ -146,8 +146,6 @@ class Modular(nn.Module):
                 raise IncompatibleHostError(f"{spec.kind} cannot act at {len(refusals)} selected sites ({listed})")
             parts = [spec.build_part(s, self._layer(s.name)) for s in chosen]
             module = Module(spec, chosen, parts)
-            from polymod.format import fingerprint
-
             module.card.host = fingerprint(self.host, module.sites)
         if family_of(self.host) == "gpt2" and any(n.endswith("attn.c_attn") for n in module.sites):
             notes.append(FUSED_QKV_NOTE)
@@ -166,32 +164,6 @@ class Modular(nn.Module):
             host_parameters=sum(p.numel() for p in self.host.parameters()),
             notes=notes,
         )
-
-    def _check_fits(self, name: str, module: Module) -> None:
-        from polymod.format import check_host  # local: format imports this module's types
-
-        for site in module.sites.values():
-            if is_input_site(site.name):
-                have = input_site(self.host, site.name)
-                if (have.in_features, have.out_features) != (site.in_features, site.out_features):
-                    raise IncompatibleHostError(
-                        f"module {name!r} expects input site {site.name!r} with token width {site.in_features} and "
-                        f"cache width {site.out_features}; this host has {have.in_features} and {have.out_features}"
-                    )
-                continue
-            layer = self._layers.get(site.name)
-            if layer is None:
-                raise IncompatibleHostError(
-                    f"module {name!r} acts at {site.name!r}, which this {type(self.host).__name__} does not have"
-                )
-            have = sites_mod.site_of(site.name, layer)
-            if (have.kind, have.in_features, have.out_features) != (site.kind, site.in_features, site.out_features):
-                raise IncompatibleHostError(
-                    f"module {name!r} expects site {site.name!r} to be a {site.kind} "
-                    f"{site.in_features}->{site.out_features}, but the host has a {have.kind} "
-                    f"{have.in_features}->{have.out_features}"
-                )
-        check_host(module, self.host)
 
     def remove(self, name: str) -> Module:
         """Detach module ``name`` (unmerging it first if merged) and return it.
@@ -435,10 +407,3 @@ def _tied_weights(host: nn.Module) -> dict[int, list[str]]:
     for n, p in host.named_parameters(remove_duplicate=False):
         out.setdefault(id(p), []).append(n)
     return out
-
-
-def warn_host_mismatch(message: str) -> None:
-    """Emit a :class:`~polymod.errors.HostMismatchWarning`."""
-    from polymod.errors import HostMismatchWarning
-
-    warnings.warn(message, HostMismatchWarning, stacklevel=3)

@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from polymod import format
 from polymod.hub.client import connect
 from polymod.hub.query import SearchResult
 from polymod.hub.store import VersionInfo
@@ -77,12 +78,9 @@ def get(ref: str, host: nn.Module | None = None, *, hub: Any = None, token: str 
             message names every difference). A compatible host that differs (another
             architecture name, other weights) gives a ``HostMismatchWarning``.
     """
-    from polymod import format
-    from polymod.hub import compat
-
     path = pull(ref, hub=hub, token=token)
     if host is not None:
-        compat.check(format.read_card(path), host, label=ref)
+        format.require_fit(format.read_card(path), host, ref)
     return format.load(path)
 
 

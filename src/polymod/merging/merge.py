@@ -24,16 +24,15 @@ Inputs must share host, sites and shapes; otherwise an
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from polymod.card import Lineage, Parent
 from polymod.errors import ConfigError, IncompatibleHostError, StateError
+from polymod.format import content_hash
 from polymod.merging import lora as lora_merge
 from polymod.merging.methods import METHODS, MergeSpec, TensorMerge
 from polymod.merging.sparsify import global_thresholds
@@ -113,7 +112,7 @@ def merge(modules: Sequence[Module] | Mapping[str, Module], method: str = "linea
     out.card.host = _restricted_host(mods[0], list(out.sites))
     out.card.metrics.update(metrics)
     out.card.lineage = Lineage(
-        parents=[Parent(n, m.card.version, weights_sha256(m), w) for n, m, w in zip(names, mods, spec.weights)],
+        parents=[Parent(n, m.card.version, content_hash(m), w) for n, m, w in zip(names, mods, spec.weights)],
         recipe=recipe,
     )
     out.card.description = out.card.lineage.describe()
@@ -136,13 +135,6 @@ def recipe_of(spec: MergeSpec) -> dict[str, Any]:
         recipe["consensus"] = spec.consensus
     recipe["seed"] = spec.seed
     return recipe
-
-
-def weights_sha256(module: Module) -> str:
-    """sha256 of the ``weights.safetensors`` that ``pm.save`` writes for ``module`` (its content hash)."""
-    tensors = {f"{site}:{key}": value.detach().to("cpu").contiguous()
-               for site, part in module.items() for key, value in part.state_dict().items()}
-    return hashlib.sha256(safetensors_bytes(tensors, metadata={"format": "polymod"})).hexdigest()
 
 
 def check_compatible(names: list[str], modules: list[Module]) -> None:
