@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import polymod as pm
-from polymod.aggregation.output import ensemble
+from polymod.rows import ensemble
 from polymod.compose import Mix
 from polymod.modules.adapter import Adapter
 from polymod.modules.prefix import PrefixTuning

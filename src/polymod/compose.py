@@ -16,25 +16,20 @@ parameters (``delta``: Σ wᵢ ΔWᵢ; ``factors``: LoRA's A and B mixed separat
 as in Polytropon), inputs (``input``: the candidates' prompts concatenated) or
 outputs (``output``: a weighted ensemble of the host's final logits).
 
-``compile_plan`` turns a composition into a *plan*: for every site, one
-callable ``op(x, y) -> y'`` that the engine runs in the site's forward hook
-(see :mod:`polymod.plan`).
+This file holds the tree, its printing and its JSON, nothing else: which
+aggregators exist, whether a composition can act on the attached modules
+(:mod:`polymod.validation`) and how it runs (:mod:`polymod.plan`) are the
+engine's business, decided when :meth:`polymod.Modular.use` puts it to work.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-import torch
-
 from polymod.errors import CompositionError, UnknownModuleError
-from polymod.modules.contract import Module
 from polymod.routing.base import Router, router_from_json
-
-SiteOp = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-AGGREGATES = ("sum", "mean", "attention", "delta", "factors", "input", "output")
+from polymod.routing.fixed import Static
 
 
 def _check_child(node: str, c: Any) -> None:
@@ -81,12 +76,13 @@ class Mix:
         candidates: module names or compositions (at least one, no duplicates).
         router: a router from :mod:`polymod.routing`; None means uniform weights 1/E
             (``Static()``), i.e. representation averaging.
-        aggregate: ``sum`` (default), ``mean``, ``attention``, ``delta``, ``factors``,
-            ``input`` or ``output`` (see the module docstring).
+        aggregate: the name of a registered aggregator: ``sum`` (default), ``mean``,
+            ``attention``, ``delta``, ``factors``, ``input`` or ``output`` (see the module
+            docstring and :mod:`polymod.aggregation`); checked when the composition is used.
 
     Raises:
-        CompositionError: empty or duplicate candidates, unknown aggregate, a router
-            that is not a Router.
+        CompositionError: empty or duplicate candidates, an aggregate that is not a
+            name, a router that is not a Router.
     """
 
     __slots__ = ("children", "router", "aggregate")
@@ -102,11 +98,9 @@ class Mix:
         dupes = sorted({s for s in seen if seen.count(s) > 1})
         if dupes:
             raise CompositionError(f"Mix candidates must be distinct, got {', '.join(dupes)} more than once")
-        if aggregate not in AGGREGATES:
-            raise CompositionError(f"Mix aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
+        if not isinstance(aggregate, str) or not aggregate:
+            raise CompositionError(f"Mix aggregate must be an aggregator's name such as 'sum', got {aggregate!r}")
         if router is None:
-            from polymod.routing.fixed import Static
-
             router = Static()
         if not isinstance(router, Router):
             raise CompositionError(f"Mix router must be a polymod router (e.g. pm.TopK(k=2)), got {router!r}")
@@ -223,59 +217,9 @@ def leaves(expr: Composition) -> list[str]:
     return [name for c in expr.children for name in leaves(c)]
 
 
-def mixes(expr: Composition) -> list[Mix]:
-    """Every Mix node of a composition, outermost first."""
-    if isinstance(expr, str):
-        return []
-    here = [expr] if isinstance(expr, Mix) else []
-    return here + [m for c in expr.children for m in mixes(c)]
-
-
-def validate(expr: Composition, library: Mapping[str, Module]) -> None:
-    """Check a composition against the attached modules, naming the invalid node.
-
-    Raises:
-        UnknownModuleError: a leaf is not in the library.
-        CompositionError: a node is malformed or its router/aggregator cannot act on
-            its candidates (the message names the node and says why).
-    """
-    if not isinstance(expr, (str, Stack, Mix, Parallel)):
-        raise CompositionError(f"use() takes a module name or a composition, got {type(expr).__name__}")
-    from polymod.validation import check_tree
-
-    check_tree(expr, library)
-
-
-def compile_plan(
-    expr: Composition | None,
-    library: Mapping[str, Module],
-    skip: set[str],
-    state: Any = None,
-    layers: Mapping[str, torch.nn.Module] | None = None,
-) -> dict[str, SiteOp]:
-    """Turn a composition into one op per site.
-
-    Args:
-        expr: the active composition (None: no module acts).
-        library: attached modules by name.
-        skip: names of modules already merged into the host weights (they act
-            through the weights; running them again would count them twice).
-        state: the model's :class:`~polymod.routing.state.RoutingState` (needed by Mix nodes).
-        layers: host layers by site name (needed by parameter aggregation).
-
-    Returns:
-        site name → ``op(x, y) -> y'``.
-    """
-    from polymod.plan import Env, compile_root
-
-    if expr is None:
-        return {}
-    return compile_root(expr, Env(library, skip, layers or {}, state))
-
-
-def unknown(name: str, expr: Composition, library: Mapping[str, Module]) -> UnknownModuleError:
+def unknown(name: str, expr: Composition, attached: Iterable[str]) -> UnknownModuleError:
     """The error for a leaf that names no attached module."""
     return UnknownModuleError(
         f"composition {describe(expr)} names module {name!r}, which is not attached; "
-        f"attached: {', '.join(library) or 'none'}. Add it with model.add({name!r}, spec) first."
+        f"attached: {', '.join(attached) or 'none'}. Add it with model.add({name!r}, spec) first."
     )

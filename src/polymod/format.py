@@ -180,10 +180,13 @@ def check_fits(card: Card, host: nn.Module, sites: Mapping[str, Site] | None = N
                              f"(first: {missing[0]}; host layers look like {next(iter(layers), '?')})")
     arch, model_type = recorded.get("architecture"), recorded.get("model_type")
     host_type = getattr(getattr(host, "config", None), "model_type", None)
-    if arch and arch != architecture(host):
+    other_type = bool(model_type and host_type and model_type != host_type)
+    if arch and arch != architecture(host) and (fit.errors or other_type or differing):
+        # Another head class on the same weights (BertForMaskedLM -> BertForSequenceClassification, as in
+        # MAD-X) is the normal way to reuse a module: only worth saying when something else differs too.
         (fit.errors if fit.errors else fit.warnings).append(
             f"architecture: module made for {arch}, host is {architecture(host)}")
-    if model_type and host_type and model_type != host_type:
+    if other_type:
         (fit.errors if fit.errors else fit.warnings).append(
             f"model_type: module made for {model_type}, host is {host_type}")
     if differing:

@@ -23,20 +23,27 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from polymod import compose, inputs
 from polymod import sites as sites_mod
+from polymod.aggregation.base import Env, SiteOp
+from polymod.aggregation.cache import StackCache
+from polymod.compose import Composition, describe, leaves, unknown
 from polymod.errors import ConfigError, IncompatibleHostError, StateError, UnknownModuleError
 from polymod.format import fingerprint, require_fit
-from polymod.modules.contract import Module, ModuleSpec
+from polymod.inputs import bind_call
+from polymod.modules.contract import BiasDelta, HostDependentSites, Module, ModuleSpec, ReadsHostLayer
+from polymod.plan import compile_plan
 from polymod.roles import FUSED_QKV_NOTE, family_of
 from polymod.routing.state import RoutingState
+from polymod.rows import RowPlans, run_root
 from polymod.sites import input_target, is_input_site
+from polymod.validation import check_tree
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,127}$")
 
@@ -94,10 +101,15 @@ class Modular(nn.Module):
             host.requires_grad_(False)
         self._hooks: dict[str, Any] = {}
         self._layers = sites_mod.named_layers(host)
-        self._active: compose.Composition | None = None
-        self._plan: dict[str, compose.SiteOp] = {}
+        self._active: Composition | None = None
         self._merged: dict[str, dict[str, torch.Tensor]] = {}  # name -> site (or "site#bias") -> original
-        self.routing = RoutingState()  # routers of the active composition, per-call routing (see route())
+        self.routing = RoutingState()  # routers of the active composition and the inputs they read
+        # Per-call engine state, owned here and nowhere else: the plan the site hooks run (swapped by
+        # route()), compiled row plans, and stacked module weights reused across forwards.
+        self._plan: dict[str, SiteOp] = {}
+        self._row_plans = RowPlans()
+        self._stacks = StackCache()
+        self._library_token: tuple = ()
         self.routing.install(host)
 
     # -- library ---------------------------------------------------------------------------
@@ -134,10 +146,10 @@ class Modular(nn.Module):
             if isinstance(weight, torch.Tensor):
                 module.to(device=weight.device, dtype=weight.dtype)
         else:
-            if not hasattr(spec, "build_part"):
+            if not isinstance(spec, ModuleSpec):
                 raise ConfigError(f"add() takes a module spec (e.g. pm.LoRA()) or a Module, got {type(spec).__name__}")
-            # sites_for(host): kinds whose default sites depend on the host (an adapter placement per family)
-            selection = spec.sites_for(self.host) if hasattr(spec, "sites_for") else spec.sites
+            # kinds whose default sites depend on the host (an adapter placement per family)
+            selection = spec.sites_for(self.host) if isinstance(spec, HostDependentSites) else spec.sites
             chosen = sites_mod.select(self.host, selection)
             refusals = [(s.name, spec.check_site(s)) for s in chosen]
             refusals = [(n, why) for n, why in refusals if why]
@@ -151,8 +163,8 @@ class Modular(nn.Module):
             notes.append(FUSED_QKV_NOTE)
         self.library[name] = module
         for site, part in module.items():
-            if hasattr(part, "bind"):  # parts whose Δy reads the host layer (IA³ scaling an input)
-                part.bind(self._layer(site))
+            if isinstance(part, ReadsHostLayer):  # parts whose Δy reads the host layer (IA³ scaling an input)
+                part.attach_layer(self._layer(site))
         for site in module.sites:
             self._hook(site)
         self._recompile()
@@ -173,8 +185,8 @@ class Modular(nn.Module):
             StateError: the active composition still names it.
         """
         module = self[name]
-        if self._active is not None and name in compose.leaves(self._active):
-            raise StateError(f"module {name!r} is used by the active composition {compose.describe(self._active)}; "
+        if self._active is not None and name in leaves(self._active):
+            raise StateError(f"module {name!r} is used by the active composition {describe(self._active)}; "
                              "call model.use(...) without it first")
         if name in self._merged:
             self.unmerge(name)
@@ -200,7 +212,7 @@ class Modular(nn.Module):
 
     # -- composition -----------------------------------------------------------------------
 
-    def use(self, expr: compose.Composition | None) -> None:
+    def use(self, expr: Composition | None) -> None:
         """Set the active composition: a module name, a composition, or None for the bare host.
 
         Raises:
@@ -208,22 +220,28 @@ class Modular(nn.Module):
             CompositionError: the composition is malformed.
         """
         if expr is not None:
-            compose.validate(expr, self.library)
+            check_tree(expr, self.library)
         self._active = expr
         self._recompile()
 
     @property
-    def active(self) -> compose.Composition | None:
+    def active(self) -> Composition | None:
         """The active composition (None when only the host acts)."""
         return self._active
 
     def _recompile(self) -> None:
-        self.routing.sync_library(self.library)
-        self._plan = compose.compile_plan(self._active, self.library, skip=set(self._merged),
-                                          state=self.routing, layers=self._layers)
+        """Compile the active composition; drop cached stacks and row plans when the library changed."""
+        token = tuple((n, id(m)) for n, m in self.library.items())
+        if token != self._library_token:
+            self._library_token = token
+            self._stacks.clear()
+            self._row_plans.clear()
+        self._plan = compile_plan(self._active, self.library, set(self._merged), self._layers, self.routing,
+                                  self._stacks)
 
+    @contextmanager
     def route(self, rows: Sequence[Any] | None = None, *, task: Any = None,
-              names: Sequence[str | None] | None = None, spans: Sequence[Any] | None = None) -> Any:
+              names: Sequence[str | None] | None = None, spans: Sequence[Any] | None = None) -> Iterator[None]:
         """Per-call routing, as a context manager: ``with model.route([...]): host(**batch)``.
 
         Args:
@@ -241,7 +259,32 @@ class Modular(nn.Module):
             CompositionError: a row is not a name, a Stack of names or None.
             StateError: modules are merged into the host (they would act on every row).
         """
-        return self.routing.route(self, rows, task, names, spans)
+        device = _device(self.host)
+        saved = (self._plan, self._active, self.names(), self.merged)
+        if rows is not None:
+            self._plan = self._rows_plan(rows, device)
+        try:
+            with self.routing.scoped(task, names, spans, device):
+                yield
+        finally:
+            if rows is not None:
+                if (self._active, self.names(), self.merged) == saved[1:]:
+                    self._plan = saved[0]
+                else:  # the block changed the model: compile what it is now
+                    self._recompile()
+
+    def _rows_plan(self, rows: Sequence[Any], device: torch.device | None) -> dict[str, SiteOp]:
+        if self.merged:
+            raise StateError(
+                f"modules {self.merged} are merged into the host weights and act on every row; "
+                "unmerge them before routing per example"
+            )
+        for r in rows if isinstance(rows, Sequence) and not isinstance(rows, (str, bytes)) else ():
+            for leaf in leaves(r) if r is not None else []:
+                if leaf not in self.library:
+                    raise unknown(leaf, r, self.library)
+        env = Env(self.library, set(), self._layers, self.routing, self._stacks, compile_child=dict)
+        return self._row_plans.get(rows, env, device)
 
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of the routers' auxiliary losses (load balancing, z-loss) of the last forward, or None.
@@ -261,20 +304,20 @@ class Modular(nn.Module):
     def _hook(self, site: str) -> None:
         if site in self._hooks:
             return
-        plan = self  # the hook reads the current plan at call time
+        model = self  # the hooks read the model's current plan at call time
         if is_input_site(site):
 
             def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-                op = plan._plan.get(site)
+                op = model._plan.get(site)
                 if op is None:
                     return None
-                return (), op(module, inputs.bind_call(module, args, kwargs))
+                return (), op(module, bind_call(module, args, kwargs))
 
             self._hooks[site] = self._layer(site).register_forward_pre_hook(pre_hook, with_kwargs=True)
             return
 
         def hook(layer: nn.Module, args: tuple, output: Any) -> Any:
-            op = plan._plan.get(site)
+            op = model._plan.get(site)
             if op is None:
                 return None
             x = args[0] if args else None
@@ -320,7 +363,7 @@ class Modular(nn.Module):
                 weight.add_(delta.to(weight.dtype))
             for site, part in module.items():  # kinds that also change the bias (IA³ scaling an output)
                 bias = getattr(self._layers[site], "bias", None)
-                delta = part.delta_bias(self._layers[site]) if hasattr(part, "delta_bias") else None
+                delta = part.delta_bias(self._layers[site]) if isinstance(part, BiasDelta) else None
                 if delta is not None and isinstance(bias, torch.Tensor):
                     originals[f"{site}#bias"] = bias.detach().clone()
                     bias.add_(delta.to(bias.dtype))
@@ -382,10 +425,8 @@ class Modular(nn.Module):
         With a ``Parallel`` composition active this returns one output per branch;
         with ``Mix(..., aggregate="output")`` the ensemble of the candidates' logits.
         """
-        if self.routing.root is not None:
-            from polymod.aggregation.output import run_root
-
-            return run_root(self, self.routing.root, args, kwargs)
+        if self.routing.whole_call is not None and self._active is not None:
+            return run_root(self, self._active, args, kwargs)
         return self.host(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -398,7 +439,7 @@ class Modular(nn.Module):
             state = " [merged]" if name in self._merged else ""
             size = f"{len(module.sites)} sites, {module.num_parameters():,} params"
             lines.append(f"  {name}: {module.kind}, {size}{state}")
-        lines.append(f"  active: {compose.describe(self._active)}")
+        lines.append(f"  active: {describe(self._active)}")
         return "\n".join(lines)
 
 
@@ -407,3 +448,8 @@ def _tied_weights(host: nn.Module) -> dict[int, list[str]]:
     for n, p in host.named_parameters(remove_duplicate=False):
         out.setdefault(id(p), []).append(n)
     return out
+
+
+def _device(host: nn.Module) -> torch.device | None:
+    p = next(host.parameters(), None)
+    return p.device if p is not None else None

@@ -20,7 +20,8 @@ from collections.abc import Hashable, Sequence
 import torch
 import torch.nn.functional as F
 
-from polymod.aggregation.representation import StackCache, Weights, register_mixer
+from polymod.aggregation.cache import StackCache
+from polymod.aggregation.weighted import Weights
 from polymod.modules.adapter import ACTIVATIONS, AdapterPart
 from polymod.routing.groups import RowGroups
 
@@ -83,5 +84,3 @@ def adapter_mixer(parts: Sequence[AdapterPart], x: torch.Tensor, y: torch.Tensor
         out = _norm(out, s["norm_after"][idx], s["norm_after_b"][idx], p0.norm_after.eps)
     return y + out.view(y.shape)
 
-
-register_mixer(AdapterPart, adapter_mixer)

@@ -18,7 +18,8 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-from polymod.aggregation.representation import StackCache, Weights, expand, register_mixer
+from polymod.aggregation.cache import StackCache
+from polymod.aggregation.weighted import Weights, expand
 from polymod.modules.ia3 import IA3Part
 from polymod.routing.groups import RowGroups
 
@@ -52,5 +53,3 @@ def ia3_mixer(parts: Sequence[IA3Part], x: torch.Tensor, y: torch.Tensor, w: Wei
         return parts[0]._scaled_input_product(x, s, y)  # y + W(s ⊙ x), one fused GEMM
     return y * (1 + s)  # (B, T, D_out)
 
-
-register_mixer(IA3Part, ia3_mixer)

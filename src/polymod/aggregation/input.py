@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 
 from polymod import inputs
+from polymod.aggregation.base import Env, SiteOp, head_routing_refusal, leaf_names, site_objects
 from polymod.compose import Mix
 from polymod.errors import CompositionError, StateError
 from polymod.modules.contract import Module
@@ -44,34 +46,37 @@ def only_input_sites(module: Module) -> bool:
     return all(s.kind == "input" for s in module.sites.values())
 
 
-def check_input_mix(mix: Mix, modules: Sequence[Module]) -> str | None:
-    """Why ``Mix(..., aggregate="input")`` cannot act on these candidates, or None."""
-    if not all(isinstance(c, str) for c in mix.children):
-        return "aggregate='input' concatenates the candidates' prompts, so candidates must be module names"
-    bad = sorted({m.kind for m in modules if not only_input_sites(m)})
-    if bad:
-        return (f"aggregate='input' concatenates prompts/prefixes; candidates of kind {bad} act inside the host, "
-                "not (only) on its input — use aggregate='sum' for them")
-    router = mix.router
-    if router.reads_hidden or router.local or router.level == "token":
-        return (f"aggregate='input' needs one weight per candidate for the batch or one candidate per row; {router} "
-                "gives weights per site or token")
-    return None
+class Input:
+    """``input``: concatenate the candidates' prompts/prefixes (see the module docstring)."""
 
+    name: ClassVar[str] = "input"
+    whole_call: ClassVar[bool] = False
 
-def compile_input_mix(mix: Mix, env: Any) -> dict[str, Any]:
-    """One :class:`ConcatOp` per input site of the candidates."""
-    from polymod.plan import site_objects
+    def check(self, mix: Mix, modules: Sequence[Module], root: bool) -> str | None:
+        """Refuse composed candidates, kinds that act inside the host, and per-site or per-token routers."""
+        if leaf_names(mix) is None:
+            return "aggregate='input' concatenates the candidates' prompts, so candidates must be module names"
+        bad = sorted({m.kind for m in modules if not only_input_sites(m)})
+        if bad:
+            return (f"aggregate='input' concatenates prompts/prefixes; candidates of kind {bad} act inside the host, "
+                    "not (only) on its input — use aggregate='sum' for them")
+        router = mix.router
+        if router.reads_hidden or router.local or router.level == "token":
+            return (f"aggregate='input' needs one weight per candidate for the batch or one candidate per row; "
+                    f"{router} gives weights per site or token")
+        return head_routing_refusal(mix, allowed=False)
 
-    names = list(mix.children)
-    modules = [env.library[n] for n in names]
-    sites = site_objects(names, env)
-    env.state.register(mix.router, names, list(sites.values()), None)
-    ops = {}
-    for site in sites:
-        present = tuple(i for i, m in enumerate(modules) if site in m.sites)
-        ops[site] = ConcatOp(site, present, len(names), [modules[i].part(site) for i in present], mix, env.state)
-    return ops
+    def compile(self, mix: Mix, env: Env) -> dict[str, SiteOp]:
+        """One :class:`ConcatOp` per input site of the candidates."""
+        names = list(mix.children)
+        modules = [env.library[n] for n in names]
+        sites = site_objects(names, env)
+        env.routing.register(mix.router, names, list(sites.values()), None)
+        ops: dict[str, SiteOp] = {}
+        for site in sites:
+            present = tuple(i for i, m in enumerate(modules) if site in m.sites)
+            ops[site] = ConcatOp(site, present, len(names), [modules[i].part(site) for i in present], mix, env)
+        return ops
 
 
 def probe(call: dict[str, Any]) -> torch.Tensor:
@@ -86,13 +91,13 @@ def probe(call: dict[str, Any]) -> torch.Tensor:
 class ConcatOp:
     """Concatenate (or select per row) the candidates' prompts at one input site."""
 
-    def __init__(self, site: str, present: tuple[int, ...], num: int, parts: list[nn.Module], mix: Mix, state: Any):
+    def __init__(self, site: str, present: tuple[int, ...], num: int, parts: list[nn.Module], mix: Mix, env: Env):
         self.site, self.present, self.full, self.parts = site, present, present == tuple(range(num)), parts
-        self.router, self.state = mix.router, state
+        self.router, self.routing = mix.router, env.routing
         self.unscaled = isinstance(mix.router, Static) and mix.router.fixed is None
 
     def __call__(self, module: nn.Module, call: dict[str, Any]) -> dict[str, Any]:
-        w = self.state.routing(self.router, self.site, None, probe(call))
+        w = self.routing.routing(self.router, self.site, None, probe(call))
         if isinstance(w, RowGroups):
             return mix_rows([p.add_into for p in self.parts], module, call, w.restrict(self.present))
         if w.dim() != 2 or w.shape[0] != 1:
@@ -106,7 +111,7 @@ class ConcatOp:
 
 
 def _is_cache(value: Any) -> bool:
-    return hasattr(value, "get_seq_length") and not isinstance(value, torch.Tensor)
+    return isinstance(value, Cache)
 
 
 def _own(cache: Any) -> Any:

@@ -21,7 +21,7 @@ a loop over E at every site; it lost to gather + bmm at every E measured.
 
 When every row uses the same module the module's own fused ``add_into`` runs
 (no gather). Stacks are cached across forwards at inference
-(:class:`~polymod.aggregation.representation.StackCache`).
+(:class:`~polymod.aggregation.cache.StackCache`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from collections.abc import Hashable, Sequence
 import torch
 import torch.nn.functional as F
 
-from polymod.aggregation.representation import StackCache, Weights, expand, register_mixer
+from polymod.aggregation.cache import StackCache
+from polymod.aggregation.weighted import Weights, expand
 from polymod.modules.lora import LoRAPart
 from polymod.routing.groups import RowGroups
 
@@ -145,5 +146,3 @@ def _concat_rank(parts: Sequence[LoRAPart], g: _Group, x: torch.Tensor, y: torch
     out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), bt)  # (N, D_out)
     return out.view(y.shape)
 
-
-register_mixer(LoRAPart, lora_mixer)

@@ -21,51 +21,96 @@ give one per row (R = B, batched einsum / bmm).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polymod.aggregation.base import Env, SiteOp, head_routing_refusal, leaf_names, like_tensor, site_objects
 from polymod.compose import Mix
 from polymod.errors import CompositionError
+from polymod.modules.contract import BiasDelta, Module
 from polymod.routing.groups import RowGroups
 
 
-def compile_parameter_mix(mix: Mix, env: Any) -> dict[str, Any]:
-    """One :class:`ParameterMixOp` per site of the candidates."""
-    from polymod.plan import like_tensor, site_objects
+class Parameter:
+    """``delta`` or ``factors`` (see the module docstring)."""
 
-    names = list(mix.children)
-    modules = [env.library[n] for n in names]
-    sites = site_objects(names, env)
-    env.state.register(mix.router, names, list(sites.values()), like_tensor(list(sites), env))
-    heads = getattr(mix.router, "heads", 1)
-    ops = {}
-    for site, info in sites.items():
-        if heads > 1 and any(d % heads for d in (info.in_features or 0, info.out_features or 0)):
-            raise CompositionError(f"{mix}: multi-head routing with {heads} heads splits site {site!r} "
-                                   f"({info.in_features}→{info.out_features}) into equal blocks; choose heads "
-                                   "dividing both widths")
-        present = tuple(i for i, m in enumerate(modules) if site in m.sites)
-        parts = [modules[i].part(site) for i in present]
-        ops[site] = ParameterMixOp(site, info.kind, present, len(names), parts, env.layers.get(site), mix, env.state)
-    return ops
+    whole_call: ClassVar[bool] = False
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def check(self, mix: Mix, modules: Sequence[Module], root: bool) -> str | None:
+        """Refuse composed candidates, token-level routers, kinds without ΔW, and LoRAs that differ in shape."""
+        names = leaf_names(mix)
+        if names is None:
+            return (f"aggregate={self.name!r} sums module parameters, so its candidates must be module names "
+                    "(not compositions)")
+        router = mix.router
+        if router.level == "token" or router.needs_outputs:
+            return (f"aggregate={self.name!r} builds one weight matrix per task or example; token-level routing "
+                    f"({router}) would need one per token — use aggregate='sum' instead")
+        refusal = head_routing_refusal(mix, allowed=self.name == "factors")
+        if refusal:
+            return refusal
+        if self.name == "delta":
+            bad = [n for n, m in zip(names, modules) if not m.mergeable]
+            if bad:
+                return (f"aggregate='delta' needs modules with a weight delta (LoRA, IA³, sparse); "
+                        f"{', '.join(bad)} has none — use aggregate='sum'")
+            return None
+        kinds = {m.kind for m in modules}
+        if kinds != {"lora"}:
+            return f"aggregate='factors' mixes LoRA's A and B matrices, got kinds {sorted(kinds)}"
+        ranks = {p.rank for m in modules for p in m.parts.values()}
+        if len(ranks) > 1:
+            return f"aggregate='factors' needs LoRA modules of one rank, got ranks {sorted(ranks)}"
+        if [m.sites.keys() for m in modules].count(modules[0].sites.keys()) != len(modules):
+            return "aggregate='factors' needs LoRA modules acting at the same sites"
+        return None
+
+    def compile(self, mix: Mix, env: Env) -> dict[str, SiteOp]:
+        """One :class:`ParameterMixOp` per site of the candidates.
+
+        Raises:
+            CompositionError: multi-head routing whose head count does not divide a site's widths.
+        """
+        names = list(mix.children)
+        modules = [env.library[n] for n in names]
+        sites = site_objects(names, env)
+        env.routing.register(mix.router, names, list(sites.values()), like_tensor(list(sites), env))
+        heads = mix.router.heads
+        ops: dict[str, SiteOp] = {}
+        for site, info in sites.items():
+            if heads > 1 and any(d % heads for d in (info.in_features or 0, info.out_features or 0)):
+                raise CompositionError(f"{mix}: multi-head routing with {heads} heads splits site {site!r} "
+                                       f"({info.in_features}→{info.out_features}) into equal blocks; choose heads "
+                                       "dividing both widths")
+            present = tuple(i for i, m in enumerate(modules) if site in m.sites)
+            parts = [modules[i].part(site) for i in present]
+            ops[site] = ParameterMixOp(site, info.kind, present, len(names), parts, env.layers.get(site), mix,
+                                       self.name, env)
+        return ops
 
 
 class ParameterMixOp:
     """Σᵢ wᵢ ΔWᵢ (or LoRA factors) applied at one site."""
 
     def __init__(self, site: str, kind: str, present: tuple[int, ...], num: int, parts: list[nn.Module],
-                 layer: nn.Module | None, mix: Mix, state: Any):
+                 layer: nn.Module | None, mix: Mix, aggregate: str, env: Env):
         self.site, self.kind, self.present, self.parts, self.layer = site, kind, present, parts, layer
         self.full = present == tuple(range(num))
         self.index = torch.tensor(present, dtype=torch.long)
-        self.router, self.aggregate, self.state = mix.router, mix.aggregate, state
-        self.key = (site, tuple(id(p) for p in parts), mix.aggregate)
+        self.router, self.aggregate = mix.router, aggregate
+        self.routing, self.cache = env.routing, env.cache
+        self.key = (site, tuple(id(p) for p in parts), aggregate)
+        self.bias_parts = [p if isinstance(p, BiasDelta) else None for p in parts]  # kinds whose ΔW has a Δb
 
     def _weights(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        w = self.state.routing(self.router, self.site, x, y)
+        w = self.routing.routing(self.router, self.site, x, y)
         if isinstance(w, RowGroups):
             w.check_rows(y.shape[0], f"site {self.site!r}")
             w = w.weights(y.dtype)  # (B, E)
@@ -77,11 +122,11 @@ class ParameterMixOp:
             return self._factors(x, y, w)
         host = [self.layer.weight] if isinstance(getattr(self.layer, "weight", None), torch.Tensor) else []
         tensors = lambda: [t for p in self.parts for t in p.parameters()] + host  # noqa: E731  (IA³'s ΔW reads W)
-        deltas = self.state.cache.get(self.key, tensors, lambda: torch.stack(
+        deltas = self.cache.get(self.key, tensors, lambda: torch.stack(
             [p.delta_weight(self.layer) for p in self.parts]), y)  # (E, *W.shape)
         dw = torch.einsum("ne,e...->n...", w.to(deltas.dtype), deltas)  # (R, *W.shape)
         out = y + _apply_weight(self.kind, x, dw, y.shape)
-        biases = [p.delta_bias(self.layer) if hasattr(p, "delta_bias") else None for p in self.parts]
+        biases = [p.delta_bias(self.layer) if p is not None else None for p in self.bias_parts]
         if any(b is not None for b in biases):
             stacked = torch.stack([b if b is not None else y.new_zeros(y.shape[-1]) for b in biases])  # (E, D_out)
             out = out + _rows_view(w.to(stacked.dtype) @ stacked, y)  # (R, D_out) → broadcast

@@ -1,200 +1,136 @@
-"""Representation aggregation: y' = y + Σᵢ wᵢ Δyᵢ at a site, batched per module kind.
+"""Representation aggregation: y' = g({Δyᵢ}, r(x)) at each site, batched per module kind.
 
-The survey's representation-level aggregation (§5.2): the active modules'
-outputs are combined by a weighted sum (the router's weights), by their mean,
-or by attention (AdapterFusion, in :mod:`polymod.routing.attention`).
+The survey's representation-level aggregation (§5.2) combines the active
+modules' outputs at a site. Three registered aggregators share one site op:
 
-Weights come as one of
+* ``sum`` (the default): y' = y + Σᵢ wᵢ Δyᵢ with the router's weights;
+* ``mean``: the unweighted mean over the candidates the router selected
+  (non-zero weight), y' = y + (1/k) Σ_{i selected} Δyᵢ;
+* ``attention``: AdapterFusion (Pfeiffer et al., 2021), y' = Σᵢ sᵢ V oᵢ over the
+  candidates' outputs oᵢ = y + Δyᵢ with attention scores sᵢ from
+  :class:`~polymod.routing.AttentionFusion` (the only router it takes).
 
-* a :class:`~polymod.routing.groups.RowGroups` — each row uses at most one
-  candidate (per-example routing); or
-* a dense tensor over the E candidates: (R, E) per task/row (R = 1 or B), or
-  ``y.shape[:-1] + (E,)`` per token.
-
-A *mixer* computes the combination for parts of one kind. Kinds register a
-batched mixer with :func:`register_mixer` (LoRA's gather + bmm and
-concatenated-rank formulations live in :mod:`polymod.aggregation.lora_mix`);
-every other kind uses the generic mixer, which loops over the active
-candidates (E), never over rows: with row groups each candidate runs once on
-its rows (index_select → part → index_copy), with dense weights each candidate
-runs on the whole batch and is scaled by its weight.
+Candidates may be module names (their parts are mixed by a batched mixer,
+:mod:`polymod.aggregation.mixers`) or compositions (their compiled ops are
+mixed by the generic mixer). At input sites (adapters placed at a norm's input)
+the candidates change one tensor argument z of the call, combined the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from polymod.errors import StateError
+from polymod.aggregation import input as calls
+from polymod.aggregation import weighted
+from polymod.aggregation.base import Env, SiteOp, head_routing_refusal, labels, leaf_names, like_tensor, site_objects
+from polymod.aggregation.mixers import mix, mixer_for
+from polymod.compose import Mix, leaves
+from polymod.modules.contract import Module
+from polymod.routing.attention import AttentionFusion
 from polymod.routing.groups import RowGroups
-
-Weights = torch.Tensor | RowGroups
-Mixer = Callable[[Sequence[nn.Module], torch.Tensor, torch.Tensor, Weights, Hashable, "StackCache"], Any]
-
-_MIXERS: dict[type, Mixer] = {}
+from polymod.sites import is_input_site
 
 
-def register_mixer(part_cls: type, mixer: Mixer) -> None:
-    """Register a batched mixer for parts of class ``part_cls``.
+class Representation:
+    """``sum``, ``mean`` or ``attention`` (see the module docstring)."""
 
-    ``mixer(parts, x, y, weights, key, cache)`` returns ``y'`` or None to fall
-    back to the generic mixer (e.g. parts with different hyper-parameters).
-    ``key`` identifies the site and parts for :class:`StackCache`.
-    """
-    _MIXERS[part_cls] = mixer
+    whole_call: ClassVar[bool] = False
 
+    def __init__(self, name: str):
+        self.name = name
 
-def mixer_for(parts: Sequence[nn.Module]) -> Mixer | None:
-    """The registered mixer when every part has the same class, else None."""
-    cls = type(parts[0])
-    if cls in _MIXERS and all(type(p) is cls for p in parts):
-        return _MIXERS[cls]
-    return None
+    def check(self, mix: Mix, modules: Sequence[Module], root: bool) -> str | None:
+        """Refuse multi-head routing, attention without AttentionFusion, and mean over output-reading routers."""
+        refusal = head_routing_refusal(mix, allowed=False)
+        if refusal:
+            return refusal
+        if self.name == "attention" and not isinstance(mix.router, AttentionFusion):
+            return (f"aggregate='attention' fuses module outputs with AttentionFusion's value map; "
+                    f"use router=AttentionFusion(), got {mix.router}")
+        if mix.router.needs_outputs and self.name == "mean":
+            return f"{mix.router} weighs the candidates' outputs; use aggregate='attention' or 'sum'"
+        return None
 
-
-def expand(w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Shape weights to broadcast against ``y``: (R, E) → (R, 1, …, E); token weights unchanged.
-
-    Raises:
-        StateError: token-level weights whose shape does not match the site.
-    """
-    if w.dim() == 2 and y.dim() > 2 and (w.shape[0] in (1, y.shape[0])):
-        return w.view(w.shape[0], *([1] * (y.dim() - 2)), w.shape[-1])  # (R, 1, …, E)
-    if w.shape[:-1] == y.shape[:-1] or w.dim() == 1:
-        return w
-    if w.dim() == 2 and y.dim() == 2 and w.shape[0] in (1, y.shape[0]):
-        return w
-    raise StateError(
-        f"routing weights of shape {tuple(w.shape)} do not fit a site output of shape {tuple(y.shape)}; "
-        "token-level routing needs every site of the Mix to see the same tokens as the router"
-    )
-
-
-def mean_weights(w: Weights) -> Weights:
-    """``mean`` aggregation: the unweighted mean of the selected (non-zero weight) candidates."""
-    if isinstance(w, RowGroups):
-        return w
-    on = (w > 0).to(w.dtype)
-    return on / on.sum(-1, keepdim=True).clamp_min(1.0)
+    def compile(self, mix: Mix, env: Env) -> dict[str, SiteOp]:
+        """One :class:`MixOp` per site where some candidate acts."""
+        names = leaf_names(mix)
+        plans = [env.compile_child(c) for c in mix.children]
+        sites = site_objects(leaves(mix), env)
+        env.routing.register(mix.router, labels(mix), list(sites.values()), like_tensor(list(sites), env))
+        ops: dict[str, SiteOp] = {}
+        for site in sites:
+            present = tuple(i for i, p in enumerate(plans) if site in p)
+            if not present:
+                continue
+            parts = [env.library[names[i]].part(site) for i in present] if names is not None else None
+            ops[site] = MixOp(site, present, len(mix.children), parts, [plans[i][site] for i in present], mix,
+                              self.name, env)
+        return ops
 
 
-def mix(parts: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, w: Weights, key: Hashable,
-        cache: StackCache, fast: Mixer | None | bool = True) -> torch.Tensor:
-    """y + Σᵢ wᵢ Δyᵢ for parts of one or several kinds (batched mixer when registered).
+class MixOp:
+    """``y' = g({Δyᵢ}, r(x))`` at one site: route, then aggregate representations."""
 
-    ``fast`` is the parts' mixer when the caller resolved it once (:func:`mixer_for`),
-    None for the generic mixer, or True to look it up here.
-    """
-    if isinstance(w, RowGroups):
-        w.check_rows(y.shape[0], "this site")
-    if fast is True:
-        fast = mixer_for(parts)
-    if fast is not None:
-        out = fast(parts, x, y, w, key, cache)
-        if out is not None:
+    def __init__(self, site: str, present: tuple[int, ...], num: int, parts: list[nn.Module] | None,
+                 ops: list[SiteOp], mix: Mix, aggregate: str, env: Env):
+        self.site, self.present, self.parts, self.ops = site, present, parts, ops
+        self.full = present == tuple(range(num))
+        self.index = torch.tensor(present, dtype=torch.long)
+        self.router, self.aggregate = mix.router, aggregate
+        self.routing, self.cache = env.routing, env.cache
+        self.key = (site, tuple(id(p) for p in parts)) if parts is not None else None
+        self.fast = mixer_for(parts) if parts is not None else None
+        self.input_site = is_input_site(site)
+
+    def _restrict(self, w: Any) -> Any:
+        if self.full:
+            return w
+        if isinstance(w, RowGroups):
+            return w.restrict(self.present)
+        return w.index_select(-1, self.index.to(w.device))  # (..., E') present candidates only
+
+    def __call__(self, x: Any, y: Any) -> Any:
+        if self.input_site:
+            return self._call_site(x, y)
+        if self.router.needs_outputs:  # attention fusion: weights from the candidates' outputs
+            deltas = weighted.deltas(self.parts, self.ops, x, y)  # (E', ..., D)
+            return self._fuse(x, y, deltas)
+        w = self._restrict(self.routing.routing(self.router, self.site, x, y))
+        if self.aggregate == "mean":
+            w = weighted.mean_weights(w)
+        if self.parts is not None:
+            return mix(self.parts, x, y, w, self.key, self.cache, self.fast)
+        return weighted.mix_ops(self.ops, x, y, w)
+
+    def _fuse(self, x: Any, y: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+        w = self.routing.routing(self.router, self.site, x, y, outputs=y.unsqueeze(0) + deltas)
+        if self.aggregate == "attention":
+            return self.router.fuse(self.site, y.unsqueeze(0) + deltas, w)
+        return y + weighted.weighted_sum(deltas, w)
+
+    def _call_site(self, module: nn.Module, call: dict) -> dict:
+        """At an input site: per-row selection of calls, or a weighted sum of the changed argument."""
+        fns = [p.add_into for p in self.parts] if self.parts is not None else self.ops  # input parts' call ops
+        if not self.router.local:
+            w = self.routing.routing(self.router, self.site, None, calls.probe(call))
+            if isinstance(w, RowGroups):
+                return calls.mix_rows(fns, module, call, self._restrict(w))
+        changed = calls.call_deltas(fns, module, call)
+        if changed is None:
+            return call
+        key, z, deltas = changed  # z (…, D), Δ (E', …, D)
+        out = dict(call)
+        if self.router.needs_outputs:
+            out[key] = self._fuse(z, z, deltas)
             return out
-    return generic_mix(list(parts), x, y, w)
-
-
-def mix_ops(ops: Sequence[Callable], x: torch.Tensor, y: torch.Tensor, w: Weights) -> torch.Tensor:
-    """The same for composed candidates (``op(x, y) -> y'``): y + Σᵢ wᵢ (opᵢ(x, y) − y)."""
-    return generic_mix([lambda a, b, op=op: op(a, b) - b for op in ops], x, y, w)
-
-
-def generic_mix(deltas: Sequence[Callable], x: torch.Tensor, y: torch.Tensor, w: Weights) -> torch.Tensor:
-    """The fallback mixer: a loop over the active candidates (E), never over rows."""
-    if isinstance(w, RowGroups):
-        if w.single is not None:
-            return y + deltas[w.single](x, y)
-        pieces = [deltas[c](_rows(x, r), y.index_select(0, r)) for c, r in zip(w.active, w.rows)]
-        if not pieces:
-            return y
-        delta = torch.zeros_like(y).index_copy(0, torch.cat(w.rows), torch.cat(pieces))  # (B, …, D)
-        return y + delta
-    we = expand(w, y)
-    out = y
-    for i, fn in enumerate(deltas):
-        out = out + we[..., i : i + 1] * fn(x, y)
-    return out
-
-
-def _rows(x: Any, rows: torch.Tensor) -> Any:
-    return x.index_select(0, rows) if isinstance(x, torch.Tensor) else x
-
-
-def deltas(parts: Sequence[nn.Module] | None, ops: Sequence[Callable], x: torch.Tensor,
-           y: torch.Tensor) -> torch.Tensor:
-    """Every candidate's Δy, stacked: (E, …, D)."""
-    if parts is not None:
-        return torch.stack([p(x, y) for p in parts])
-    return torch.stack([op(x, y) - y for op in ops])
-
-
-def weighted_sum(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Σᵢ wᵢ Δyᵢ for stacked deltas (E, …, D) and weights broadcastable to (…, E)."""
-    we = expand(w, d[0])  # (…, E)
-    return torch.einsum("e...d,...e->...d", d, we.expand(*d.shape[1:-1], d.shape[0]))
-
-
-class StackCache:
-    """Stacked module weights per (site, parts), reused across forwards at inference.
-
-    While gradients flow to the parts (training) the stack is rebuilt every
-    forward so autograd sees it; otherwise it is rebuilt only when a part's
-    tensors changed (``Tensor._version``, bumped by every in-place update such as
-    an optimiser step or ``load_state_dict``), moved (``.to()``: another device or
-    dtype than the site input), and when leaving ``torch.inference_mode`` (its
-    tensors cannot enter autograd).
-    Keys name the parts by identity; replacing a part's ``Parameter`` object
-    (rather than updating it) is not seen.
-    """
-
-    def __init__(self, limit: int = 4096):
-        self.limit = limit
-        self._store: dict[Hashable, list] = {}  # key -> [tensors, versions, value]
-        self._meta: dict[Hashable, Any] = {}
-
-    def get(self, key: Hashable, tensors: Callable[[], Sequence[torch.Tensor]], build: Callable[[], Any],
-            like: torch.Tensor | None = None) -> Any:
-        """The cached value of ``build()`` for ``key`` while the tensors it reads are unchanged.
-
-        ``like`` (the site input) catches modules moved to another device or dtype.
-        """
-        hit = self._store.get(key)
-        if hit is not None and like is not None and (hit[3].device != like.device or hit[3].dtype != like.dtype):
-            hit = None  # the module moved (.to()): read its tensors afresh
-        current = tuple(tensors())
-        if torch.is_grad_enabled() and any(t.requires_grad for t in current):
-            return build()
-        held = hit[0] if hit is not None else tuple(t.detach() for t in current)  # aliases share _version
-        versions = [t._version for t in held]
-        versions.append(torch.is_inference_mode_enabled())  # inference tensors cannot enter autograd later
-        if hit is not None and hit[1] == versions:
-            return hit[2]
-        if len(self._store) >= self.limit:
-            self._store.clear()
-        value = build()
-        self._store[key] = [held, versions, value, held[0]]
-        return value
-
-    def meta(self, key: Hashable, build: Callable[[], Any]) -> Any:
-        """Static facts about ``key``'s parts (ranks, rates), computed once."""
-        if key not in self._meta:
-            if len(self._meta) >= self.limit:
-                self._meta.clear()
-            self._meta[key] = build()
-        return self._meta[key]
-
-    def clear(self) -> None:
-        """Drop every cached stack."""
-        self._store.clear()
-        self._meta.clear()
-
-
-# Built-in batched mixers register themselves on import.
-from polymod.aggregation import adapter_mix as _adapter_mix  # noqa: E402, F401
-from polymod.aggregation import ia3_mix as _ia3_mix  # noqa: E402, F401
-from polymod.aggregation import lora_mix as _lora_mix  # noqa: E402, F401
+        w = self._restrict(self.routing.routing(self.router, self.site, z, z))
+        if isinstance(w, RowGroups):
+            w = w.weights(z.dtype)  # (B, E')
+        if self.aggregate == "mean":
+            w = weighted.mean_weights(w)
+        out[key] = z + weighted.weighted_sum(deltas, w)
+        return out

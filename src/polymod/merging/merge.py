@@ -36,7 +36,7 @@ from polymod.format import content_hash
 from polymod.merging import lora as lora_merge
 from polymod.merging.methods import METHODS, MergeSpec, TensorMerge
 from polymod.merging.sparsify import global_thresholds
-from polymod.modules.contract import Module
+from polymod.modules.contract import BiasDelta, Module
 from polymod.modules.delta import Delta
 from polymod.modules.lora import LoRA
 from polymod.modules.sparse import SparseFT
@@ -227,7 +227,7 @@ def _deltas(names: list[str], mods: list[Module], host: nn.Module | None):
             deltas.append({s: d.detach() for s, d in m.delta(layers).items()})
         except StateError as exc:
             raise StateError(f"cannot take the weight delta of {n!r}: {exc}; pass host=... to merge()") from exc
-        biases.append({s: b.detach() for s, p in m.items() if hasattr(p, "delta_bias")
+        biases.append({s: b.detach() for s, p in m.items() if isinstance(p, BiasDelta)
                        and (b := p.delta_bias(layers.get(s) if layers else None)) is not None})
     return deltas, biases
 

@@ -196,7 +196,7 @@ class AdapterPart(nn.Module):
             if init == "zero":
                 self.up.weight.zero_()
 
-    def bind(self, layer: nn.Module) -> None:
+    def attach_layer(self, layer: nn.Module) -> None:
         """Remember the host layer of an input site: which call argument to change, and whether it is a norm."""
         params = [p for p in inspect.signature(layer.forward).parameters.values() if p.kind != p.VAR_KEYWORD]
         is_norm = "norm" in type(layer).__name__.lower()

@@ -14,17 +14,20 @@ The survey writes every modular method as a function added to the host's own,
   card. It is a plain container: kinds differ by their spec and part classes,
   never by subclassing ``Module``.
 
-Optional part capabilities, discovered with ``hasattr`` (plain duck typing):
+Optional part capabilities are declared as :class:`typing.Protocol` classes
+below (runtime-checkable: the engine branches on ``isinstance``, at compile
+time, never per token):
 
-* ``add_into(x, y, weight) -> y'``: a fused ``y + weight·Δy`` (LoRA's ``addmm``);
-* ``delta_weight(layer) -> ΔW``: the change of the host weight in the host's own
+* :class:`FusedAdd` — ``add_into(x, y, weight) -> y'``: a fused ``y + weight·Δy`` (LoRA's ``addmm``);
+* :class:`InPlaceAdd` — ``add_into_(x, y) -> y``: the same written into ``y`` where the engine owns it;
+* :class:`WeightDelta` — ``delta_weight(layer) -> ΔW``: the change of the host weight in the host's own
   layout, which makes the module *mergeable* and lets parameter aggregation
   treat it like any other delta-bearing module;
-* ``delta_bias(layer) -> Δb | None``: the change of the host bias, for kinds
+* :class:`BiasDelta` — ``delta_bias(layer) -> Δb | None``: the change of the host bias, for kinds
   whose merge also touches it (IA³ scaling a layer's output scales its bias);
   :meth:`~polymod.modular.Modular.merge_into_host` applies and restores it;
-* ``bind(layer)``: called by ``Modular.add`` with the site's host layer, for
-  parts whose Δy needs the host weight (IA³ scaling a layer's input computes
+* :class:`ReadsHostLayer` — ``attach_layer(layer)``: called by ``Modular.add`` with the site's host layer,
+  for parts whose Δy needs the host weight (IA³ scaling a layer's input computes
   Δy = W((l − 1) ⊙ x)). Parts keep it as a plain attribute, never a submodule,
   so the host never enters the module's state dict.
 
@@ -37,15 +40,16 @@ tokens — the survey's input composition f_θ([φ; x])), and ``part(x, y)``
 returns the part's virtual tokens themselves, for input aggregation. Input
 parts always define ``add_into``; ``y + Δy`` has no meaning for a call.
 
-Optional spec capability: ``link_parts(parts)``, called with ``{site: part}``
-whenever a :class:`Module` is built (attach, load, materialise), for kinds
-whose parts share parameters held by one of them (a hypernetwork shared by
-every site). Shared parameters then live, and are saved, exactly once.
+Optional spec capabilities, likewise declared:
 
-Optional spec capability: ``sites_for(host) -> selection``, used by
-``Modular.add`` instead of ``spec.sites`` for kinds whose sites depend on the
-host (a bottleneck adapter's placement differs between post-LN BERT and pre-LN
-GPT-2/Llama/T5; an invertible adapter adds the LM head's input when there is one).
+* :class:`SharedParameters` — ``link_parts(parts)``, called with ``{site: part}`` whenever a
+  :class:`Module` is built (attach, load, materialise), for kinds whose parts
+  share parameters held by one of them (a hypernetwork shared by every site).
+  Shared parameters then live, and are saved, exactly once.
+* :class:`HostDependentSites` — ``sites_for(host) -> selection``, used by ``Modular.add`` instead of
+  ``spec.sites`` for kinds whose sites depend on the host (a bottleneck
+  adapter's placement differs between post-LN BERT and pre-LN GPT-2/Llama/T5;
+  an invertible adapter adds the LM head's input when there is one).
 
 Adding a kind means one file under ``modules/`` that defines a spec and a part
 and calls :func:`register` — nothing central to edit.
@@ -77,6 +81,62 @@ class ModuleSpec(Protocol):
 
     def build_part(self, site: Site, layer: nn.Module | None) -> nn.Module:
         """Create the part (parameters φ) for one site; ``layer`` is None when loading from disk."""
+
+
+@runtime_checkable
+class FusedAdd(Protocol):
+    """A part that computes ``y + weight·Δy`` in one fused operation."""
+
+    def add_into(self, x: Any, y: Any, weight: float = 1.0) -> Any:
+        """``y + weight · f_φ(x, y)`` (at an input site: the call with the part's change applied)."""
+
+
+@runtime_checkable
+class InPlaceAdd(Protocol):
+    """A part that can add Δy into a site output the engine owns."""
+
+    def add_into_(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y += f_φ(x, y)`` in place; returns ``y``."""
+
+
+@runtime_checkable
+class WeightDelta(Protocol):
+    """A parameter-composition part: its effect is a change ΔW of the host weight."""
+
+    def delta_weight(self, layer: nn.Module | None) -> torch.Tensor:
+        """ΔW in the host weight's layout (``layer`` is the host layer, for kinds whose ΔW reads W)."""
+
+
+@runtime_checkable
+class BiasDelta(Protocol):
+    """A part whose merge also changes the host bias."""
+
+    def delta_bias(self, layer: nn.Module | None) -> torch.Tensor | None:
+        """Δb, or None when the host layer has no bias to change."""
+
+
+@runtime_checkable
+class ReadsHostLayer(Protocol):
+    """A part whose Δy reads the host layer at its site."""
+
+    def attach_layer(self, layer: nn.Module) -> None:
+        """Keep ``layer`` (a plain attribute, never a submodule)."""
+
+
+@runtime_checkable
+class SharedParameters(Protocol):
+    """A spec whose parts share parameters held by one of them."""
+
+    def link_parts(self, parts: dict[str, nn.Module]) -> None:
+        """Connect the parts of one module to their shared parameters."""
+
+
+@runtime_checkable
+class HostDependentSites(Protocol):
+    """A spec whose default sites depend on the host."""
+
+    def sites_for(self, host: nn.Module) -> Any:
+        """The site selection to use on ``host`` (a selector string, list or SiteSelector)."""
 
 
 _KINDS: dict[str, type] = {}
@@ -151,15 +211,15 @@ class Module(nn.Module):
     def __init__(self, spec: Any, sites: list[Site], parts: list[nn.Module], card: Card | None = None):
         super().__init__()
         if len(sites) != len(parts):
-            raise ValueError("one part per site is required")
+            raise ConfigError(f"a {spec.kind} module needs one part per site, got {len(parts)} parts for "
+                              f"{len(sites)} sites")
         self.spec = spec
         self.sites: dict[str, Site] = {s.name: s for s in sites}
         self.parts = nn.ModuleDict({escape(s.name): p for s, p in zip(sites, parts, strict=True)})
         self.card = card if card is not None else Card(kind=spec.kind, config=spec_to_dict(spec))
         self.card.sites = list(self.sites)
-        link = getattr(spec, "link_parts", None)
-        if link is not None:  # kinds whose parts share parameters (hypernetworks)
-            link({s.name: p for s, p in zip(sites, parts, strict=True)})
+        if isinstance(spec, SharedParameters):  # kinds whose parts share parameters (hypernetworks)
+            spec.link_parts({s.name: p for s, p in zip(sites, parts, strict=True)})
 
     @property
     def kind(self) -> str:
@@ -178,7 +238,7 @@ class Module(nn.Module):
     @property
     def mergeable(self) -> bool:
         """Whether every part exposes a weight delta (parameter composition)."""
-        return all(hasattr(p, "delta_weight") for p in self.parts.values())
+        return all(isinstance(p, WeightDelta) for p in self.parts.values())
 
     def delta(self, layers: dict[str, nn.Module] | None = None) -> dict[str, torch.Tensor]:
         """ΔW per site, in the host weight's layout.

@@ -120,7 +120,7 @@ class IA3:
         part = IA3Part(site.kind, site.in_features if scales_input else site.out_features, scales_input)
         if layer is not None:
             part.to(device=layer.weight.device, dtype=layer.weight.dtype)
-            part.bind(layer)
+            part.attach_layer(layer)
         return part
 
 
@@ -144,7 +144,7 @@ class IA3Part(nn.Module):
         # A weak reference keeps the host layer out of this part's state dict, parameters and deep copies.
         self._layer: weakref.ref | None = None
 
-    def bind(self, layer: nn.Module) -> None:
+    def attach_layer(self, layer: nn.Module) -> None:
         """Remember the host layer (input scaling needs its weight to compute Δy)."""
         self._layer = weakref.ref(layer)
 

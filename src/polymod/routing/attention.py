@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from polymod.errors import ConfigError, StateError
-from polymod.routing.base import Router, register_router
+from polymod.routing.base import Router, RoutingInputs, register_router
 from polymod.sites import Site
 
 
@@ -66,7 +66,8 @@ class AttentionFusion(Router):
             fusion.to(device=like.device, dtype=like.dtype)
         return fusion
 
-    def weights(self, ctx: Any, site: str | None, x: Any, y: torch.Tensor, outputs: Any = None) -> torch.Tensor:
+    def weights(self, inputs: RoutingInputs, site: str | None, x: Any, y: torch.Tensor,
+                outputs: Any = None) -> torch.Tensor:
         if outputs is None:
             raise StateError("AttentionFusion needs the candidates' outputs (it only works inside a Mix)")
         fusion = self.site_params(site)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -70,6 +71,35 @@ def router_from_json(data: Any) -> Router:
 def registered_routers() -> list[str]:
     """Names of every registered router type."""
     return sorted(_ROUTERS)
+
+
+@dataclass
+class RoutingInputs:
+    """What a router may read besides the hidden state at a site.
+
+    The per-call inputs of :meth:`polymod.Modular.route` (task ids, module names
+    per example, token spans) and what the host was called with (the attention
+    mask, the token ids it embedded). One instance lives in the model's routing
+    state; routers receive it as the first argument of :meth:`Router.weights`.
+
+    Attributes:
+        task: task ids, (R,) with R = 1 (the batch) or one per row.
+        names: module names per row, for ``ExampleRouter``.
+        spans: per row, ``(start, end, name)`` token spans, for ``SpanRouter``.
+        token_ids: the token ids the host embedded last.
+        attention_mask: the (B, T) padding mask of the last host call.
+    """
+
+    task: torch.Tensor | None = None
+    names: list[str | None] | None = None
+    spans: list[Any] | None = None
+    token_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    ids_by_shape: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
+
+    def ids_for(self, lead: tuple[int, ...]) -> torch.Tensor | None:
+        """The most recently embedded token ids of shape ``lead`` (B, T), e.g. the encoder's at cross-attention."""
+        return self.ids_by_shape.get(tuple(lead))
 
 
 class RouterStats:
@@ -145,6 +175,7 @@ class Router(nn.Module):
     local: ClassVar[bool] = False  # computed at each site (per-site parameters)
     reads_hidden: ClassVar[bool] = False  # needs the site's hidden state x
     needs_outputs: ClassVar[bool] = False  # needs the candidates' outputs (attention fusion)
+    heads: int = 1  # H, routing heads (multi-head routing, MHR, splits A and B into H blocks)
 
     def __init__(self, level: Level):
         super().__init__()
@@ -202,7 +233,7 @@ class Router(nn.Module):
 
     # -- routing ------------------------------------------------------------------------
 
-    def weights(self, ctx: Any, site: str | None, x: torch.Tensor | None, y: torch.Tensor | None,
+    def weights(self, inputs: RoutingInputs, site: str | None, x: torch.Tensor | None, y: torch.Tensor | None,
                 outputs: torch.Tensor | None = None) -> Any:
         """Weights over the candidates (override).
 
@@ -216,7 +247,7 @@ class Router(nn.Module):
         """
         raise NotImplementedError
 
-    def cache_key(self, ctx: Any, y: torch.Tensor) -> Any:
+    def cache_key(self, inputs: RoutingInputs, y: torch.Tensor) -> Any:
         """What a global router's weights depend on besides the forward (token level: the site's shape)."""
         return tuple(y.shape[:-1]) if self.level == "token" else None
 

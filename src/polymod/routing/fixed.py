@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from polymod.errors import CompositionError, ConfigError, StateError
-from polymod.routing.base import Router, register_router
+from polymod.routing.base import Router, RoutingInputs, register_router
 from polymod.routing.groups import RowGroups
 
 
@@ -46,7 +46,8 @@ class Static(Router):
                 f"Static has {len(self.fixed)} weights but the Mix has {len(candidates)} candidates {candidates}"
             )
 
-    def weights(self, ctx: Any, site: str | None, x: Any, y: torch.Tensor, outputs: Any = None) -> torch.Tensor:
+    def weights(self, inputs: RoutingInputs, site: str | None, x: Any, y: torch.Tensor,
+                outputs: Any = None) -> torch.Tensor:
         w = self.fixed if self.fixed is not None else [1.0 / self.num] * self.num
         out = torch.tensor([w], dtype=y.dtype, device=y.device)  # (1, E)
         self.stats.update(out)
@@ -82,10 +83,11 @@ class TaskRouter(Router):
             raise CompositionError(f"TaskRouter maps tasks to {missing}, which are not candidates of the Mix "
                                    f"{candidates}")
 
-    def weights(self, ctx: Any, site: str | None, x: Any, y: torch.Tensor, outputs: Any = None) -> RowGroups:
-        if ctx.task is None:
+    def weights(self, inputs: RoutingInputs, site: str | None, x: Any, y: torch.Tensor,
+                outputs: Any = None) -> RowGroups:
+        if inputs.task is None:
             raise StateError("TaskRouter needs task ids: run the host inside `with model.route(task=ids):`")
-        ids = ctx.task.tolist()
+        ids = inputs.task.tolist()
         if any(not 0 <= t < len(self.table) for t in ids):
             raise StateError(f"task ids {ids} outside the TaskRouter table of {len(self.table)} tasks")
         pos = {n: i for i, n in enumerate(self.candidates)}
@@ -96,7 +98,7 @@ class TaskRouter(Router):
         self.stats.update(groups.weights(y.dtype))
         return groups
 
-    def cache_key(self, ctx: Any, y: torch.Tensor) -> Any:
+    def cache_key(self, inputs: RoutingInputs, y: torch.Tensor) -> Any:
         return y.shape[0]
 
     def config(self) -> dict[str, Any]:
@@ -112,15 +114,16 @@ class ExampleRouter(Router):
     def __init__(self) -> None:
         super().__init__("example")
 
-    def weights(self, ctx: Any, site: str | None, x: Any, y: torch.Tensor, outputs: Any = None) -> RowGroups:
-        if ctx.names is None:
+    def weights(self, inputs: RoutingInputs, site: str | None, x: Any, y: torch.Tensor,
+                outputs: Any = None) -> RowGroups:
+        if inputs.names is None:
             raise StateError("ExampleRouter needs names per example: run the host inside "
                              "`with model.route(names=[...]):`")
         pos = {n: i for i, n in enumerate(self.candidates)}
-        bad = [n for n in ctx.names if n is not None and n not in pos]
+        bad = [n for n in inputs.names if n is not None and n not in pos]
         if bad:
             raise StateError(f"route(names=...) names {bad}, which are not candidates of the Mix {self.candidates}")
-        groups = RowGroups.from_list([pos[n] if n is not None else -1 for n in ctx.names], self.num, y.device)
+        groups = RowGroups.from_list([pos[n] if n is not None else -1 for n in inputs.names], self.num, y.device)
         self.stats.update(groups.weights(y.dtype))
         return groups
 
@@ -151,15 +154,17 @@ class SpanRouter(Router):
         if self.default is not None and self.default not in candidates:
             raise CompositionError(f"SpanRouter default {self.default!r} is not a candidate of the Mix {candidates}")
 
-    def weights(self, ctx: Any, site: str | None, x: Any, y: torch.Tensor, outputs: Any = None) -> torch.Tensor:
-        if ctx.spans is None:
+    def weights(self, inputs: RoutingInputs, site: str | None, x: Any, y: torch.Tensor,
+                outputs: Any = None) -> torch.Tensor:
+        if inputs.spans is None:
             raise StateError("SpanRouter needs token spans: run the host inside `with model.route(spans=[...]):`")
-        if y.dim() < 3 or len(ctx.spans) != y.shape[0]:
-            raise StateError(f"route(spans=...) has {len(ctx.spans)} rows; the site output has shape {tuple(y.shape)}")
+        if y.dim() < 3 or len(inputs.spans) != y.shape[0]:
+            raise StateError(f"route(spans=...) has {len(inputs.spans)} rows; the site output has shape "
+                             f"{tuple(y.shape)}")
         rows, length = y.shape[0], y.shape[1]
         pos = {n: i for i, n in enumerate(self.candidates)}
         choice = torch.full((rows, length), pos.get(self.default, -1), dtype=torch.long)  # (B, T)
-        for b, row in enumerate(ctx.spans):
+        for b, row in enumerate(inputs.spans):
             for start, end, name in row:
                 if name is not None and name not in pos:
                     raise StateError(f"span {(start, end, name)} names a module that is not a candidate "

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from polymod.errors import StateError
-from polymod.routing.base import Router, register_router
+from polymod.routing.base import Router, RoutingInputs, register_router
 
 _KNUTH = 2654435761
 
@@ -42,19 +42,20 @@ class HashRouter(Router):
         """The expert index of each token id (same shape as ``ids``)."""
         return ((ids.long() * _KNUTH + self.seed) % (1 << 32)) % self.num
 
-    def weights(self, ctx: Any, site: str | None, x: Any, y: torch.Tensor, outputs: Any = None) -> torch.Tensor:
-        if ctx.token_ids is None:
+    def weights(self, inputs: RoutingInputs, site: str | None, x: Any, y: torch.Tensor,
+                outputs: Any = None) -> torch.Tensor:
+        if inputs.token_ids is None:
             raise StateError("HashRouter hashes token ids, but the host was called without input_ids")
-        ids = ctx.ids_for(y.shape[:-1])
+        ids = inputs.ids_for(y.shape[:-1])
         if ids is None:
-            raise StateError(f"HashRouter has token ids of shape {tuple(ctx.token_ids.shape)} but a site output of "
+            raise StateError(f"HashRouter has token ids of shape {tuple(inputs.token_ids.shape)} but a site output of "
                              f"shape {tuple(y.shape)}; hash routing needs sites that see the embedded tokens")
         w = torch.nn.functional.one_hot(self.expert_of(ids), self.num).to(y.dtype)  # (B, T, E)
         self.stats.update(w)
         return w
 
-    def cache_key(self, ctx: Any, y: torch.Tensor) -> Any:
-        return (id(ctx.ids_for(y.shape[:-1])), tuple(y.shape[:-1]))
+    def cache_key(self, inputs: RoutingInputs, y: torch.Tensor) -> Any:
+        return (id(inputs.ids_for(y.shape[:-1])), tuple(y.shape[:-1]))
 
     def config(self) -> dict[str, Any]:
         return {"seed": self.seed}

@@ -33,7 +33,7 @@ from torch import nn
 from torch.distributions import RelaxedBernoulli
 
 from polymod.errors import ConfigError, StateError
-from polymod.routing.base import Router, register_router
+from polymod.routing.base import Router, RoutingInputs, register_router
 from polymod.sites import Site
 
 
@@ -71,13 +71,14 @@ class Polytropon(Router):
     def build_site(self, site: Site, num: int, like: torch.Tensor | None) -> nn.Module:
         return _Allocation(self.n_tasks, self.heads, num, like)
 
-    def weights(self, ctx: Any, site: str | None, x: Any, y: torch.Tensor, outputs: Any = None) -> torch.Tensor:
-        if ctx.task is None:
+    def weights(self, inputs: RoutingInputs, site: str | None, x: Any, y: torch.Tensor,
+                outputs: Any = None) -> torch.Tensor:
+        if inputs.task is None:
             raise StateError("Polytropon routes by task: run the host inside `with model.route(task=ids):`")
-        if int(ctx.task.max()) >= self.n_tasks or int(ctx.task.min()) < 0:
-            raise StateError(f"task ids {ctx.task.tolist()} outside Polytropon's {self.n_tasks} tasks")
+        if int(inputs.task.max()) >= self.n_tasks or int(inputs.task.min()) < 0:
+            raise StateError(f"task ids {inputs.task.tolist()} outside Polytropon's {self.n_tasks} tasks")
         table = self.site_params(site) if self.local else self.shared
-        logits = table.logits[ctx.task]  # (R, H, E)
+        logits = table.logits[inputs.task]  # (R, H, E)
         if self.training:
             z = RelaxedBernoulli(torch.tensor(self.temperature, device=logits.device), logits=logits).rsample()
         else:
@@ -87,7 +88,7 @@ class Polytropon(Router):
         w = w.to(y.dtype)
         return w[:, 0] if self.heads == 1 else w  # (R, E) or (R, H, E)
 
-    def cache_key(self, ctx: Any, y: torch.Tensor) -> Any:
+    def cache_key(self, inputs: RoutingInputs, y: torch.Tensor) -> Any:
         return None
 
     def config(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from polymod.errors import ConfigError, StateError
-from polymod.routing.base import Router, pool, register_router
+from polymod.routing.base import Router, RoutingInputs, pool, register_router
 from polymod.sites import Site
 
 
@@ -52,16 +52,17 @@ class SoftmaxGate(Router):
             gate.to(device=like.device, dtype=like.dtype)
         return gate
 
-    def logits(self, ctx: Any, site: str, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, inputs: RoutingInputs, site: str, x: torch.Tensor) -> torch.Tensor:
         """Gate logits: (B, E) at example level, ``x.shape[:-1] + (E,)`` at token level."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise StateError(f"{self} reads the hidden state at each site, but site {site!r} takes token ids; "
                              "keep embedding sites out of a Mix with a learned router")
-        h = pool(x, ctx.attention_mask) if self.level == "example" else x  # (B, D) or (…, D)
+        h = pool(x, inputs.attention_mask) if self.level == "example" else x  # (B, D) or (…, D)
         return self.site_params(site)(h)
 
-    def weights(self, ctx: Any, site: str | None, x: Any, y: torch.Tensor, outputs: Any = None) -> torch.Tensor:
-        w = torch.softmax(self.logits(ctx, site, x) / self.temperature, dim=-1)  # (…, E)
+    def weights(self, inputs: RoutingInputs, site: str | None, x: Any, y: torch.Tensor,
+                outputs: Any = None) -> torch.Tensor:
+        w = torch.softmax(self.logits(inputs, site, x) / self.temperature, dim=-1)  # (…, E)
         self.stats.update(w)
         return w
 

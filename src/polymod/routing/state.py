@@ -1,12 +1,13 @@
-"""A model's routing state: bound routers, per-call routing inputs, per-forward caches.
+"""A model's routing state: bound routers, the inputs they read, per-forward memos.
 
 One :class:`RoutingState` lives in every :class:`~polymod.Modular` (as
 ``model.routing``). It
 
 * holds the routers of the active composition as sub-modules, so their
   parameters train, move with ``.to()`` and appear in ``state_dict()``;
-* receives the per-call inputs of routing through ``model.route(...)``: one
-  composition per row, task ids, module names per example, token spans;
+* holds the :class:`~polymod.routing.base.RoutingInputs` that routers read:
+  the per-call inputs given to ``model.route(...)`` (scoped by :meth:`scoped`)
+  and what the host is called with;
 * starts every host forward (a forward pre-hook on the host): it forgets the
   previous forward's global routings and auxiliary losses, puts the routers in
   the host's train/eval mode, and keeps the attention mask for pooling;
@@ -18,7 +19,6 @@ One :class:`RoutingState` lives in every :class:`~polymod.Modular` (as
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -26,9 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from polymod.aggregation.representation import StackCache
 from polymod.errors import ConfigError, StateError
-from polymod.routing.base import Router
+from polymod.routing.base import Router, RoutingInputs
 from polymod.sites import Site
 
 
@@ -38,18 +37,11 @@ class RoutingState(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.routers = nn.ModuleDict()
-        self.cache = StackCache()
-        self.task: torch.Tensor | None = None
-        self.names: list[str | None] | None = None
-        self.spans: list[Any] | None = None
-        self.token_ids: torch.Tensor | None = None
-        self._ids_by_shape: dict[tuple[int, ...], torch.Tensor] = {}
-        self.attention_mask: torch.Tensor | None = None
-        self.root: Any = None  # a composition acting on the whole host call (Parallel, output Mix)
-        self.in_root_pass = False
+        self.inputs = RoutingInputs()
+        self.whole_call: str | None = None  # the active composition, when it acts on the whole host call
+        self._in_whole_call = False
         self._forward: dict[Any, Any] = {}
         self._handles: list[Any] = []
-        self._rows: OrderedDict[Any, dict] = OrderedDict()
 
     # -- hooks --------------------------------------------------------------------------
 
@@ -71,29 +63,32 @@ class RoutingState(nn.Module):
             handle.remove()
         self._handles.clear()
         self.routers = nn.ModuleDict()
-        self.root = None
+        self.whole_call = None
 
     def _host_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.root is not None and not self.in_root_pass:
-            from polymod.compose import describe
-
+        if self.whole_call is not None and not self._in_whole_call:
             raise StateError(
-                f"the active composition {describe(self.root)} acts on the whole host call (one output per branch "
+                f"the active composition {self.whole_call} acts on the whole host call (one output per branch "
                 "or an ensemble of outputs); call model(**batch) instead of the host itself"
             )
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor):
-            self.attention_mask = mask
+            self.inputs.attention_mask = mask
         self.begin_forward(module.training)
 
     def _embed_pre_hook(self, module: nn.Module, args: tuple) -> None:
         if args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
-            self.token_ids = args[0]
-            self._ids_by_shape[tuple(args[0].shape)] = args[0]
+            self.inputs.token_ids = args[0]
+            self.inputs.ids_by_shape[tuple(args[0].shape)] = args[0]
 
-    def ids_for(self, lead: tuple[int, ...]) -> torch.Tensor | None:
-        """The most recently embedded token ids of shape ``lead`` (B, T), e.g. the encoder's at cross-attention."""
-        return self._ids_by_shape.get(tuple(lead))
+    @contextmanager
+    def whole_call_pass(self) -> Iterator[None]:
+        """Let the host run inside a whole-call composition's own pass (Parallel, output ensembles)."""
+        self._in_whole_call = True
+        try:
+            yield
+        finally:
+            self._in_whole_call = False
 
     def begin_forward(self, training: bool) -> None:
         """Forget the last forward's global routings and auxiliary losses; follow the host's mode."""
@@ -105,10 +100,15 @@ class RoutingState(nn.Module):
 
     # -- routers ------------------------------------------------------------------------
 
-    def start_compile(self, root: Any) -> None:
-        """Forget the routers of the previous composition (called when a composition is compiled)."""
+    def start_compile(self, whole_call: str | None) -> None:
+        """Forget the routers of the previous composition (called when a composition is compiled).
+
+        Args:
+            whole_call: a description of the new composition when it acts on the whole host
+                call (the host may then only run inside :meth:`whole_call_pass`), else None.
+        """
         self.routers = nn.ModuleDict()
-        self.root = root
+        self.whole_call = whole_call
         self._forward = {}
 
     def register(self, router: Router, candidates: Sequence[str], sites: Sequence[Site],
@@ -118,15 +118,15 @@ class RoutingState(nn.Module):
         if router not in list(self.routers.values()):
             self.routers[str(len(self.routers))] = router
 
-    def routing(self, router: Router, site: str, x: torch.Tensor | None, y: torch.Tensor,
+    def routing(self, router: Router, site: str | None, x: torch.Tensor | None, y: torch.Tensor,
                 outputs: torch.Tensor | None = None) -> Any:
         """The router's weights at ``site``; computed once per forward for global routers."""
         if router.local:
-            return router.weights(self, site, x, y, outputs)
-        key = (id(router), router.cache_key(self, y))
+            return router.weights(self.inputs, site, x, y, outputs)
+        key = (id(router), router.cache_key(self.inputs, y))
         hit = self._forward.get(key)
         if hit is None:
-            hit = self._forward[key] = router.weights(self, None, None, y)
+            hit = self._forward[key] = router.weights(self.inputs, None, None, y)
         return hit
 
     def aux_loss(self) -> torch.Tensor | None:
@@ -138,83 +138,35 @@ class RoutingState(nn.Module):
         """Each bound router's statistics, keyed by ``"<index>: <router>"``."""
         return {f"{k}: {r}": r.stats.summary() for k, r in self.routers.items()}
 
-    # -- per-call routing ---------------------------------------------------------------
+    # -- per-call inputs ----------------------------------------------------------------
 
     @contextmanager
-    def route(self, model: Any, rows: Sequence[Any] | None, task: Any, names: Sequence[str | None] | None,
-              spans: Sequence[Any] | None) -> Iterator[None]:
-        """See :meth:`polymod.Modular.route`."""
-        device = _device(model.host)
-        saved = (self.task, self.names, self.spans, model._plan, model._active, model.names(), model.merged)
+    def scoped(self, task: Any, names: Sequence[str | None] | None, spans: Sequence[Any] | None,
+               device: torch.device | None) -> Iterator[None]:
+        """Set the per-call routing inputs for a ``with`` block; the previous ones are restored after it.
+
+        Raises:
+            ConfigError: task ids that are not one integer or one per row.
+        """
+        saved = (self.inputs.task, self.inputs.names, self.inputs.spans)
         if task is not None:
-            self.task = _task_tensor(task, device)
+            self.inputs.task = task_tensor(task, device)
         if names is not None:
-            self.names = list(names)
+            self.inputs.names = list(names)
         if spans is not None:
-            self.spans = list(spans)
-        if rows is not None:
-            model._plan = self.row_plan(model, rows, device)
+            self.inputs.spans = list(spans)
         try:
             yield
         finally:
-            self.task, self.names, self.spans = saved[:3]
-            if rows is not None:
-                if (model._active, model.names(), model.merged) == saved[4:]:
-                    model._plan = saved[3]
-                else:
-                    model._recompile()
-
-    def row_plan(self, model: Any, rows: Sequence[Any], device: torch.device | None) -> dict:
-        """The per-site ops of a per-example assignment (the last few are cached)."""
-        from polymod import compose
-        from polymod.plan import Env, compile_rows
-
-        if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
-            raise ConfigError(f"route() takes one composition per row (a list), got {rows!r}")
-        if model.merged:
-            raise StateError(
-                f"modules {model.merged} are merged into the host weights and act on every row; "
-                "unmerge them before routing per example"
-            )
-        key = (tuple(compose.describe(r) for r in rows), tuple((n, id(m)) for n, m in model.library.items()), device)
-        plan = self._rows.get(key)
-        if plan is None:
-            for r in rows:
-                for leaf in compose.leaves(r) if r is not None else []:
-                    if leaf not in model.library:
-                        raise compose.unknown(leaf, r, model.library)
-            plan = compile_rows(rows, Env(model.library, set(), model._layers, self), device)
-            self._rows[key] = plan
-            if len(self._rows) > 8:
-                self._rows.popitem(last=False)
-        else:
-            self._rows.move_to_end(key)
-        return plan
-
-    def sync_library(self, library: Any) -> None:
-        """Drop cached stacks, parts tables and row plans when the attached modules changed."""
-        token = tuple((n, id(m)) for n, m in library.items())
-        if token != getattr(self, "_library", None):
-            self._library = token
-            self.cache.clear()
-            self._rows.clear()
-            self._parts: dict[str, dict[str, nn.Module]] = {}
-
-    def parts_of(self, name: str, module: Any) -> dict[str, nn.Module]:
-        """``{site: part}`` of an attached module, built once per library state."""
-        table = self.__dict__.setdefault("_parts", {})
-        if name not in table:
-            table[name] = dict(module.items())
-        return table[name]
+            self.inputs.task, self.inputs.names, self.inputs.spans = saved
 
 
-def _device(host: nn.Module) -> torch.device | None:
-    p = next(host.parameters(), None)
-    return p.device if p is not None else None
+def task_tensor(task: Any, device: torch.device | None) -> torch.Tensor:
+    """Task ids as a (R,) long tensor: one id for the whole batch (R = 1) or one per row.
 
-
-def _task_tensor(task: Any, device: torch.device | None) -> torch.Tensor:
-    """Task ids as a (R,) long tensor: one id for the whole batch (R = 1) or one per row."""
+    Raises:
+        ConfigError: not one integer id or a flat list of them.
+    """
     t = torch.as_tensor(task, dtype=torch.long, device=device)
     if t.dim() > 1 or t.numel() == 0 or t.is_floating_point():
         raise ConfigError(f"route(task=...) takes one task id or one per row, got {task!r}")

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymod.errors import ConfigError, StateError
-from polymod.routing.base import Router, pool, register_router
+from polymod.routing.base import Router, RoutingInputs, pool, register_router
 from polymod.sites import Site
 
 
@@ -96,11 +96,12 @@ class TopK(Router):
             gate.to(device=like.device, dtype=like.dtype)
         return gate
 
-    def weights(self, ctx: Any, site: str | None, x: Any, y: torch.Tensor, outputs: Any = None) -> torch.Tensor:
+    def weights(self, inputs: RoutingInputs, site: str | None, x: Any, y: torch.Tensor,
+                outputs: Any = None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise StateError(f"{self} reads the hidden state at each site, but site {site!r} takes token ids; "
                              "keep embedding sites out of a Mix with a learned router")
-        h = pool(x, ctx.attention_mask) if self.level == "example" else x  # (B, D) or (…, D)
+        h = pool(x, inputs.attention_mask) if self.level == "example" else x  # (B, D) or (…, D)
         logits = self.site_params(site)(h).float()  # (…, E)
         lead, num = logits.shape[:-1], logits.shape[-1]
         logits = logits.reshape(-1, num)  # (N, E)
