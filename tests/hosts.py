@@ -69,3 +69,15 @@ def randomize(module: torch.nn.Module, std: float = 0.2) -> None:
     with torch.no_grad():
         for p in module.parameters():
             p.normal_(0.0, std)
+
+
+def zero_host_dropout(host: torch.nn.Module) -> torch.nn.Module:
+    """Set every dropout rate inside the host to 0 (``nn.Dropout`` layers and float ``dropout`` attributes), so that
+    in training mode only the attached modules' dropout is random."""
+    for m in host.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for attr in ("dropout", "attention_dropout", "dropout_prob"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
+    return host

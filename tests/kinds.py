@@ -38,3 +38,14 @@ KINDS: dict[str, tuple[Callable[[str], Any], bool]] = {
     "prefix": (lambda family: PrefixTuning(length=3), False),
     "hyper-lora": (lambda family: HyperLoRA(tasks=("t",), languages=("en",), rank=2, embedding_dim=4, hidden=8), True),
 }
+
+# Every kind that has dropout, with dropout > 0: the mode matrix (tests/test_mode.py) checks that the attached
+# module follows the host's train/eval mode. ``factory(family)`` as above.
+DROPOUT_KINDS: dict[str, Callable[[str], Any]] = {
+    "lora-attn": lambda family: pm.LoRA(rank=4, dropout=0.3, sites="attn.q|attn.v"),
+    "lora-linear-rs": lambda family: pm.LoRA(rank=2, alpha=4, rslora=True, dropout=0.3, sites="linear"),
+    "adapter-pfeiffer": lambda family: Adapter(dropout=0.3),
+    "adapter-houlsby-norms": lambda family: Adapter(placement="houlsby", norm_before=True, norm_after=True,
+                                                    dropout=0.3),
+    "adapter-parallel": lambda family: Adapter(placement="parallel", reduction=4, dropout=0.3),
+}

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import polymod as pm
-from polymod.rows import ensemble
 from polymod.compose import Mix
 from polymod.modules.adapter import Adapter
 from polymod.modules.prefix import PrefixTuning
 from polymod.modules.prompt import PromptTuning
 from polymod.routing import Polytropon, Static, TaskRouter, TopK
+from polymod.rows import ensemble
 from tests.hosts import make_batch, make_host, randomize
 from tests.kinds import KINDS
 

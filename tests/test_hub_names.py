@@ -38,8 +38,9 @@ def test_good_names_and_versions():
     for bad in ("1.0", "01.0.0", "1.0.0+build", "v1.0.0", "1.0.0-", "1" * 60 + ".0.0"):
         with pytest.raises(InvalidNameError, match="version"):
             check_version(bad)
-    with pytest.raises(InvalidNameError, match="reference"):
-        Ref.parse("alice/m/x@1.0.0")
+    for bad in ("alice/m/x@1.0.0", "a@b/c", "alice@1.0.0/m"):  # the '/' must sit before any '@'
+        with pytest.raises(InvalidNameError, match="reference"):
+            Ref.parse(bad)
 
 
 def test_semver_precedence():

@@ -232,6 +232,7 @@ class Modular(nn.Module):
     def _recompile(self) -> None:
         """Compile the active composition; drop cached stacks and row plans when the library changed."""
         token = tuple((n, id(m)) for n, m in self.library.items())
+        self.routing.attached = tuple(self.library.values())  # they follow the host's train/eval mode
         if token != self._library_token:
             self._library_token = token
             self._stacks.clear()

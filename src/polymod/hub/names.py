@@ -129,10 +129,10 @@ class Ref:
         Raises:
             InvalidNameError: malformed reference or invalid part.
         """
-        if not isinstance(text, str) or len(text) > 256 or text.count("/") != 1:
+        path, _, version = text.partition("@") if isinstance(text, str) else ("", "", "")
+        if not isinstance(text, str) or len(text) > 256 or path.count("/") != 1 or "/" in version:
             raise InvalidNameError(f"module reference {_shown(text)} is invalid; expected 'owner/name' or "
-                             "'owner/name@version', e.g. 'alice/sentiment@1.0.0'")
-        path, _, version = text.partition("@")
+                                   "'owner/name@version', e.g. 'alice/sentiment@1.0.0'")
         owner, name = path.split("/")
         version = version or default_version or LATEST
         return cls(check_owner(owner), check_name(name), check_version(version, allow_latest=True))

@@ -12,6 +12,8 @@ Supported: ``lora`` (``composition_mode="add"``, no gating, no DoRA/VeRA) as
 :class:`~polymod.modules.lora.LoRA` with s = α/r. Bottleneck adapters
 (``SeqBnConfig``, ``DoubleSeqBnConfig``, ``ParBnConfig``) map to polymod's
 ``adapter`` kind when that kind is registered (see :func:`read_adapters`).
+Configs are read by allow-list (:mod:`polymod.interop.adapters_options`): every
+key understood, or refused by name unless at its default.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from torch import nn
 
 from polymod.card import Card, Lineage
 from polymod.errors import FormatError
+from polymod.interop import adapters_options as options
+from polymod.interop.options import check
 from polymod.modules.contract import Module, spec_to_dict
 from polymod.sites import Site
 
@@ -79,10 +83,7 @@ def _lora(meta: dict[str, Any], tensors: dict[str, torch.Tensor], host: nn.Modul
     from polymod.modules.lora import LoRA
 
     config, name = meta["config"], meta["name"]
-    unsupported = [k for k in ("use_gating", "use_dora") if config.get(k)]
-    if config.get("composition_mode", "add") != "add" or config.get("vera_d") is not None or unsupported:
-        raise FormatError(f"this adapters LoRA uses composition_mode={config.get('composition_mode')!r} "
-                          f"{unsupported}, which polymod's LoRA does not represent (only 'add', no gating/DoRA/VeRA)")
+    check(config, options.LORA, "adapters LoRAConfig")
     marker = f".loras.{name}."
     per_site: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -119,6 +120,7 @@ def read_adapters(path: str | os.PathLike, host: nn.Module | None = None) -> Mod
     """
     path = Path(path)
     meta, tensors = _read(path)
+    check(meta, options.META, "adapters saved adapter")
     architecture = meta["config"].get("architecture")
     if architecture == "lora":
         return _lora(meta, tensors, host)

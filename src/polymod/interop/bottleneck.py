@@ -8,10 +8,11 @@ as ``<owner>.adapters.<name>.adapter_down.0.{weight,bias}``,
 inside that owner (``attention.output.dense``, ``output.LayerNorm``'s input,
 ``output``'s input), so each polymod site maps to the owner that contains it.
 
-The three configurations are recognised by their structural flags; anything
-else (PHM layers, gating, cross-attention adapters, stochastic depth, learned
-scaling, residual variants) is refused with the flag named. The host is needed:
-an adapter's sites depend on the host's architecture family.
+The three configurations are recognised by their structural flags; the config
+is read by allow-list (:data:`polymod.interop.adapters_options.BOTTLENECK`), so
+anything else (PHM layers, gating, cross-attention adapters, stochastic depth,
+learned scaling, residual variants, unknown keys) is refused with the key named.
+The host is needed: an adapter's sites depend on the host's architecture family.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 from torch import nn
 
 from polymod.errors import ConfigError, FormatError
+from polymod.interop.adapters_options import BOTTLENECK
+from polymod.interop.options import check
 from polymod.modules.contract import Module
 
 # placement -> the structural flags adapters' config must have for polymod's placement to be the same maths
@@ -34,8 +37,6 @@ _PLACEMENTS = {
     "parallel": {"mh_adapter": False, "output_adapter": True, "is_parallel": True, "original_ln_before": False,
                  "original_ln_after": True, "residual_before_ln": True},
 }
-_ALWAYS = {"adapter_residual_before_ln": False, "cross_adapter": False, "inv_adapter": None, "phm_layer": False,
-           "use_gating": False, "stochastic_depth": 0.0}
 _ACTIVATIONS = {"relu": "relu", "swish": "silu", "silu": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                 "gelu_orig": "gelu", "tanh": "tanh"}
 _TENSORS = {"adapter_down.0.weight": "down.weight", "adapter_down.0.bias": "down.bias",
@@ -45,10 +46,7 @@ _TENSORS = {"adapter_down.0.weight": "down.weight", "adapter_down.0.bias": "down
 
 
 def _placement(config: dict[str, Any]) -> str:
-    for key, want in _ALWAYS.items():
-        if config.get(key, want) != want:
-            raise FormatError(f"adapters bottleneck option {key}={config.get(key)!r} is not represented by "
-                              f"polymod's Adapter (expected {want!r})")
+    check(config, BOTTLENECK, "adapters bottleneck config")
     for placement, flags in _PLACEMENTS.items():
         if all(config.get(k) == v for k, v in flags.items()):
             return placement

@@ -17,10 +17,11 @@ PREFIX_...                                                 :mod:`polymod.interop
 =========== ============================================ =======================================
 
 ``fan_in_fan_out`` marks transformers' ``Conv1D`` layers (GPT-2). Only the
-safetensors file is read: an ``adapter_model.bin`` (pickle) is refused. PEFT
-features polymod does not represent (DoRA, per-module ranks, trained biases,
-``modules_to_save`` copies of whole layers) are refused with a message naming
-them rather than silently dropped.
+safetensors file is read: an ``adapter_model.bin`` (pickle) is refused. Configs
+are read by allow-list (:mod:`polymod.interop.peft_options`): every key is either
+understood or, set to anything but its default, refused by name with the reason
+— never silently dropped. Tensors are read by allow-list too: a key that is none
+of the kind's tensors is refused.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from torch import nn
 
 from polymod.card import Card, Lineage
 from polymod.errors import ConfigError, FormatError
+from polymod.interop.options import check
+from polymod.interop.peft_options import CLASS_NAMES, TABLES
 from polymod.modules.contract import Module, spec_to_dict
 from polymod.sites import Site
 
@@ -78,6 +81,7 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise FormatError(f"{path / WEIGHTS_FILE} is not a readable safetensors file: {exc}") from None
     if config.get("peft_type") not in SUPPORTED:
         raise FormatError(f"PEFT type {config.get('peft_type')!r} is not supported; polymod reads {SUPPORTED}")
+    check(config, TABLES[config["peft_type"]], f"PEFT {CLASS_NAMES[config['peft_type']]}")
     return config, tensors
 
 
@@ -136,10 +140,6 @@ def _site(name: str, kind: str, d_in: int | None, d_out: int | None, host: nn.Mo
 def _lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], host: nn.Module | None) -> Module:
     from polymod.modules.lora import LoRA
 
-    refused = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save") if config.get(k)]
-    if config.get("bias", "none") != "none" or refused:
-        raise FormatError(f"this PEFT LoRA uses {refused or ['bias=' + config['bias']]}, which polymod's LoRA "
-                          "does not represent")
     per_site = _split(tensors, ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B"), host)
     rank = int(config["r"])
     spec = LoRA(rank=rank, alpha=float(config.get("lora_alpha", rank)), dropout=float(config.get("lora_dropout", 0)),

@@ -26,6 +26,7 @@ from torch import nn
 
 from polymod.errors import ConfigError, FormatError
 from polymod.modules.contract import Module
+from polymod.sites import kv_geometry
 
 KEY = "prompt_embeddings"
 _TASKS = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
@@ -56,6 +57,15 @@ def _check_saved_host_copies(host: nn.Module, extra: dict[str, torch.Tensor]) ->
                               "(modules_to_save), which polymod's prompt module does not represent")
 
 
+def _check_geometry(config: dict[str, Any], host_values: dict[str, int | None]) -> None:
+    """Refuse, by name, config values that contradict the host (PEFT fills them in from the host's config)."""
+    wrong = [f"{k}={config[k]!r} (the host has {v})" for k, v in host_values.items()
+             if config.get(k) is not None and v is not None and int(config[k]) != v]
+    if wrong:
+        raise FormatError(f"this PEFT {config['peft_type']} adapter was made for another host geometry: "
+                          f"{', '.join(wrong)}; load it onto the model it was trained on")
+
+
 def read_prompt_learning(config: dict[str, Any], tensors: dict[str, torch.Tensor], host: nn.Module | None,
                          card: Any) -> Module:
     """Build a prompt or prefix module from a PEFT prompt-learning adapter.
@@ -80,6 +90,8 @@ def read_prompt_learning(config: dict[str, Any], tensors: dict[str, torch.Tensor
                               "prompt tuning prompts the encoder only")
         module = _scratch(host, PromptTuning(length=n))
         name = "prompt"
+        width = next(iter(module.sites.values())).in_features
+        _check_geometry(config, {"token_dim": width})
     else:
         from polymod.modules.prefix import PrefixTuning
 
@@ -88,6 +100,9 @@ def read_prompt_learning(config: dict[str, Any], tensors: dict[str, torch.Tensor
                               "from polymod (Li and Liang); only decoder-only and encoder-only hosts are read")
         module = _scratch(host, PrefixTuning(length=n))
         name = "prefix"
+        layers, heads, head_dim = kv_geometry(host.config) or (None, None, None)
+        _check_geometry(config, {"num_layers": layers, "num_attention_heads": heads,
+                                 "token_dim": heads * head_dim if heads and head_dim else None})
     part = next(p for p in module.parts.values() if name in dict(p.named_parameters()))
     target = dict(part.named_parameters())[name]
     if target.shape != weights.shape:

@@ -9,8 +9,10 @@ One :class:`RoutingState` lives in every :class:`~polymod.Modular` (as
   the per-call inputs given to ``model.route(...)`` (scoped by :meth:`scoped`)
   and what the host is called with;
 * starts every host forward (a forward pre-hook on the host): it forgets the
-  previous forward's global routings and auxiliary losses, puts the routers in
-  the host's train/eval mode, and keeps the attention mask for pooling;
+  previous forward's global routings and auxiliary losses, puts the routers and
+  the attached modules in the host's train/eval mode (so ``host.eval()`` alone
+  turns every module's dropout off, and ``host.train()`` on), and keeps the
+  attention mask for pooling;
 * records the token ids the host embeds (a pre-hook on its input embeddings),
   for token-level routers that read them (hash routing);
 * computes each *global* router once per forward and hands the same weights
@@ -42,6 +44,7 @@ class RoutingState(nn.Module):
         self._in_whole_call = False
         self._forward: dict[Any, Any] = {}
         self._handles: list[Any] = []
+        self.attached: tuple[nn.Module, ...] = ()  # the library's modules (a tuple: not sub-modules of this one)
 
     # -- hooks --------------------------------------------------------------------------
 
@@ -91,12 +94,19 @@ class RoutingState(nn.Module):
             self._in_whole_call = False
 
     def begin_forward(self, training: bool) -> None:
-        """Forget the last forward's global routings and auxiliary losses; follow the host's mode."""
+        """Forget the last forward's global routings and auxiliary losses; follow the host's mode.
+
+        The host's mode decides: routers and attached modules are switched (``train(mode)``,
+        recursively) only when their mode differs, so a steady state costs one flag check each.
+        """
         self._forward = {}
         for router in self.routers.values():
             router.begin_forward()
             if router.training != training:
                 router.train(training)
+        for module in self.attached:
+            if module.training != training:
+                module.train(training)
 
     # -- routers ------------------------------------------------------------------------
 
