@@ -62,21 +62,44 @@ class Recipe:
 
 
 def load_recipe(path: str | os.PathLike, seed: int = 0) -> Recipe:
-    """Read and validate a recipe file; paths in it are relative to the file's directory.
+    """Read and validate a recipe file (one YAML document).
+
+    Relative model paths resolve against the working directory, as ``mergekit-yaml``
+    resolves them; a relative path that names a different checkpoint next to the
+    recipe file is refused as ambiguous (see :func:`parse_recipe`).
 
     Raises:
         ConfigError: listing every problem of the recipe at once.
     """
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read recipe {path}: {exc}") from exc
-    return parse_recipe(data, root=path.parent, seed=seed, source=str(path))
+    if len(docs) != 1:
+        raise ConfigError(f"{path} holds {len(docs)} YAML documents; a recipe is exactly one document (mergekit "
+                          "reads one too): put each merge in its own file" + (" (documents are separated by "
+                          "'---')" if docs else ""))
+    return parse_recipe(docs[0], root=Path.cwd(), seed=seed, source=str(path), recipe_dir=path.parent)
 
 
-def parse_recipe(data: Any, root: Path = Path("."), seed: int = 0, source: str = "recipe") -> Recipe:
-    """Validate a recipe given as parsed YAML (see :func:`load_recipe`)."""
+def parse_recipe(data: Any, root: Path | None = None, seed: int = 0, source: str = "recipe",
+                 recipe_dir: Path | None = None) -> Recipe:
+    """Validate a recipe given as parsed YAML (see :func:`load_recipe`).
+
+    Args:
+        data: the parsed YAML document.
+        root: the directory relative model paths resolve against (default: the working
+            directory, as in mergekit).
+        seed: seed of random masks (DARE).
+        source: the recipe's name in messages.
+        recipe_dir: the recipe file's folder; a relative path that exists there but names
+            another checkpoint than under ``root`` is refused as ambiguous.
+
+    Raises:
+        ConfigError: listing every problem of the recipe at once.
+    """
+    root = Path.cwd() if root is None else root
     problems: list[str] = []
     if not isinstance(data, dict):
         raise ConfigError(f"{source} must be a YAML mapping with {', '.join(_TOP_KEYS)}; got {type(data).__name__}")
@@ -91,8 +114,9 @@ def parse_recipe(data: Any, root: Path = Path("."), seed: int = 0, source: str =
         shared = {}
     problems += [f"parameters: unknown parameter {k!r} (expected {', '.join(_SHARED_PARAMS)})" for k in shared
                  if k not in _SHARED_PARAMS]
-    base = _path(data.get("base_model"), "base_model", root, problems) if data.get("base_model") is not None else None
-    if base is None and method in RECIPE_METHODS and method != "linear":
+    base_given = data.get("base_model") is not None
+    base = _path(data.get("base_model"), "base_model", root, problems, recipe_dir) if base_given else None
+    if not base_given and method in RECIPE_METHODS and method != "linear":
         problems.append(f"base_model is required by {method} (task vectors are taken against it)")
     models, weights, density, gamma = [], [], [], []
     entries = data.get("models")
@@ -106,7 +130,7 @@ def parse_recipe(data: Any, root: Path = Path("."), seed: int = 0, source: str =
             continue
         problems += [f"{where}: unknown key {k!r} (expected model, parameters)" for k in entry
                      if k not in ("model", "parameters")]
-        p = _path(entry["model"], f"{where}.model", root, problems)
+        p = _path(entry["model"], f"{where}.model", root, problems, recipe_dir)
         params = entry.get("parameters") or {}
         if not isinstance(params, dict):
             problems.append(f"{where}.parameters must be a mapping, got {params!r}")
@@ -148,12 +172,23 @@ def parse_recipe(data: Any, root: Path = Path("."), seed: int = 0, source: str =
     return Recipe(base if method != "linear" else None, tuple(models), spec, DTYPES.get(dtype))
 
 
-def _path(value: Any, where: str, root: Path, problems: list[str]) -> Path | None:
+def _path(value: Any, where: str, root: Path, problems: list[str], recipe_dir: Path | None = None) -> Path | None:
     if not isinstance(value, str) or not value:
         problems.append(f"{where} must be a path, got {value!r}")
         return None
-    p = Path(value).expanduser()
-    p = p if p.is_absolute() else root / p
+    given = Path(value).expanduser()
+    p = given if given.is_absolute() else root / given
+    beside = None if given.is_absolute() or recipe_dir is None else recipe_dir / given
+    if beside is not None and beside.exists() and (not p.exists() or beside.resolve() != p.resolve()):
+        if p.exists():
+            problems.append(f"{where}: {value!r} is ambiguous: relative to the working directory it is {p}, relative "
+                            f"to the recipe's folder it is {beside}; polymod resolves relative paths against the "
+                            "working directory, as mergekit does — write the path absolute to say which")
+        else:
+            problems.append(f"{where}: {p} does not exist; relative paths resolve against the working directory "
+                            f"{root} (as in mergekit), and {value!r} exists only beside the recipe ({beside}): "
+                            f"run from {recipe_dir} or write the path absolute")
+        return None
     try:
         checkpoint_files(p)
     except FormatError as exc:
@@ -177,7 +212,9 @@ def _shared(shared: dict[str, Any], problems: list[str]) -> dict[str, Any]:
             out["lam"] = float(lam)
     rescale = shared.get("rescale", True)
     if rescale not in (True, False, "inverse", "l1", "none"):
-        problems.append(f"parameters.rescale must be true, false or 'inverse', got {rescale!r}")
+        problems.append(f"parameters.rescale must be one of true or 'l1' (match the task vector's L1 norm, "
+                        "mergekit's), 'inverse' (x 1/density, the DARE paper's), false or 'none' (no rescaling); "
+                        f"got {rescale!r}")
     else:
         out["rescale"] = {True: "l1", False: "none"}.get(rescale, rescale)
     consensus = shared.get("consensus", "sum")
@@ -217,14 +254,24 @@ def run_recipe(recipe: Recipe, out_dir: str | os.PathLike, *, shard_bytes: int =
                TimeRemainingColumn())
     with Progress(*columns, transient=True, console=Console(stderr=True), disable=not progress) as bar:
         task = bar.add_task("merge", total=total, tensor="")
-        out = merge_checkpoints(recipe.base, list(recipe.models), recipe.spec, out_dir, dtype=recipe.dtype,
-                                shard_bytes=shard_bytes,
-                                progress=lambda name, n: bar.update(task, advance=n, tensor=name))
+        return merge_checkpoints(recipe.base, list(recipe.models), recipe.spec, out_dir, dtype=recipe.dtype,
+                                 shard_bytes=shard_bytes, finish=lambda stage: _finish(recipe, stage),
+                                 progress=lambda name, n: bar.update(task, advance=n, tensor=name))
+
+
+def _finish(recipe: Recipe, out: Path) -> None:
+    """Lineage beside the weights, and the output dtype in ``config.json`` (as mergekit writes it)."""
     dtype = str(recipe.dtype).removeprefix("torch.") if recipe.dtype else None
     lineage = {"base_model": str(recipe.base) if recipe.base else None, "models": [str(m) for m in recipe.models],
                "recipe": recipe_of(recipe.spec), "dtype": dtype}
     (out / "merge_recipe.json").write_text(json.dumps(lineage, indent=2) + "\n")
-    return out
+    config = out / "config.json"
+    if dtype is not None and config.is_file():
+        data = json.loads(config.read_text())
+        for key in ("dtype", "torch_dtype"):  # transformers >= 4.56 writes "dtype"; older ones "torch_dtype"
+            if key == "dtype" or key in data:
+                data[key] = dtype
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def parse_size(text: str) -> int:

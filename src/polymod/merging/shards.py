@@ -18,7 +18,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,3 +249,44 @@ class ShardedWriter:
         index.write_text(json.dumps({"metadata": {"total_size": self.total_size}, "weight_map": weight_map},
                                     indent=2) + "\n")
         return index
+
+
+_OUTPUT_MARKERS = ("*.safetensors", "config.json", INDEX_FILE, "merge_recipe.json")
+
+
+@contextmanager
+def staged_output(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """A fresh staging directory beside ``out_dir`` that replaces it whole on success.
+
+    A merge writes everything into the staging directory; only when it completes is
+    an existing ``out_dir`` moved aside, the staging directory renamed into place
+    (one ``rename`` on the same file system) and the old one deleted. So an output
+    directory never mixes shards of two merges, and a failed merge leaves it as it was.
+
+    Raises:
+        FormatError: ``out_dir`` is a file, or a non-empty directory that holds no
+            checkpoint (so replacing it would delete someone's files).
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FormatError(f"output {out} is a file; give a directory for the merged checkpoint")
+    if out.is_dir() and any(out.iterdir()) and not any(any(out.glob(m)) for m in _OUTPUT_MARKERS):
+        raise FormatError(f"output {out} is a non-empty directory that holds no checkpoint; a merge replaces its "
+                          "output directory whole, so give a new or empty directory (or a previous merge's)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    stage.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary directory
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "previous")
+    os.replace(stage, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -35,7 +35,7 @@ from polymod.card import Lineage, Parent
 from polymod.errors import ConfigError
 from polymod.format import fingerprint
 from polymod.merging.methods import MergeSpec, TensorMerge, merge_tensor
-from polymod.merging.shards import Checkpoint, ShardedWriter
+from polymod.merging.shards import Checkpoint, ShardedWriter, staged_output
 from polymod.merging.sparsify import kth_largest, top_k_trim
 from polymod.modules.contract import Module
 from polymod.modules.delta import Delta
@@ -80,8 +80,13 @@ def merge_state_dicts(base: Mapping[str, torch.Tensor] | None, models: list[Mapp
 def merge_checkpoints(base: str | os.PathLike | None, models: list[str | os.PathLike], spec: MergeSpec,
                       out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
                       shard_bytes: int = 2 * 1024**3, block: int = 1 << 20,
-                      progress: Callable[[str, int], None] | None = None) -> Path:
+                      progress: Callable[[str, int], None] | None = None,
+                      finish: Callable[[Path], None] | None = None) -> Path:
     """Merge sharded safetensors checkpoints tensor by tensor into ``out_dir``.
+
+    The output is written into a staging directory beside ``out_dir`` that replaces
+    ``out_dir`` whole when the merge completes (no stale shards of an earlier merge
+    survive; a failed merge leaves ``out_dir`` untouched).
 
     Args:
         base: the base checkpoint θ_0 (None for ``linear``).
@@ -93,16 +98,29 @@ def merge_checkpoints(base: str | os.PathLike | None, models: list[str | os.Path
         shard_bytes: maximum bytes per output shard.
         block: entries of each tensor read, merged and written at a time (bounds memory).
         progress: called as ``progress(tensor_name, bytes_done)`` after each tensor.
+        finish: called with the staging directory once every tensor is written, to add
+            files (lineage, config edits) before the output is moved into place.
 
     Returns:
         The output directory.
 
     Raises:
         ConfigError: the checkpoints do not share tensor names and shapes (every mismatch listed).
+        FormatError: ``out_dir`` is a file or a non-empty directory holding no checkpoint.
     """
     if spec.trim == "global" and spec.sparsify == "magnitude":
         raise ConfigError("a streaming merge trims each tensor (trim='tensor'); trim='global' needs every "
                           "tensor of a checkpoint at once — use pm.merge on task-vector modules for it")
+    with staged_output(out_dir) as stage:
+        _merge_into(base, models, spec, stage, dtype, shard_bytes, block, progress)
+        if finish is not None:
+            finish(stage)
+    return Path(out_dir)
+
+
+def _merge_into(base: str | os.PathLike | None, models: list[str | os.PathLike], spec: MergeSpec, out_dir: Path,
+                dtype: torch.dtype | None, shard_bytes: int, block: int,
+                progress: Callable[[str, int], None] | None) -> None:
     ckpts = [Checkpoint(p) for p in models]
     ref_ck = Checkpoint(base) if base is not None else ckpts[0]
     threads = torch.get_num_threads()
@@ -129,7 +147,6 @@ def merge_checkpoints(base: str | os.PathLike | None, models: list[str | os.Path
     for f in COPIED_FILES:
         if src.is_dir() and (src / f).is_file():
             shutil.copyfile(src / f, Path(out_dir) / f)
-    return Path(out_dir)
 
 
 class _Scratch:
