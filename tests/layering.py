@@ -40,6 +40,12 @@ OPTIONAL: dict[str, str] = {
     "ray": "serving extra only: Ray Serve deployments",
 }
 
+# Required dependencies that are still imported where used, each for a measured reason.
+SLOW: dict[str, str] = {
+    "cma": "only LoraHub's search uses it and `import cma` takes 3.4 s (python -X importtime, after torch "
+           "and transformers): at the top of merging/lorahub.py it would triple `import polymod`",
+}
+
 
 @dataclass(frozen=True)
 class Import:
@@ -250,7 +256,7 @@ def analyse(root: Path | str, long_file: int = 400) -> Report:
                     graph[module].add(target)
                 if in_function:
                     top = target.split(".")[0]
-                    (report.function_optional if not internal and top in OPTIONAL
+                    (report.function_optional if not internal and (top in OPTIONAL or top in SLOW)
                      else report.function_other).append(edge)
                 if internal and _layer(root.name, module) == "core" and _layer(root.name, target) == "outer":
                     report.upward.append(edge)

@@ -109,3 +109,14 @@ def test_unreadable_config(tmp_path, monkeypatch, capsys, text):
     (tmp_path / "x.yaml").write_text(text)
     code, _, err = _cli(monkeypatch, capsys, "train", str(tmp_path / "x.yaml"))
     assert code == 1 and ("cannot read" in err or "must be a YAML mapping" in err)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["train"], "Missing argument 'config'"),
+    (["no-such-command"], "No such command 'no-such-command'"),
+])
+def test_usage_errors_exit_with_a_message_not_a_traceback(monkeypatch, capsys, args, message):
+    code, out, err = _cli(monkeypatch, capsys, *args)
+    assert code == 2
+    assert message in err and "polymod --help" in err
+    assert "Traceback" not in err + out

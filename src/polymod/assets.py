@@ -25,6 +25,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml  # PyYAML, part of the ``assets`` extra
+
 from polymod.errors import ConfigError
 
 
@@ -165,7 +167,6 @@ def chatterbot_conversations(language: str, topic: str, root: str | Path | None 
     Raises:
         ConfigError: missing package, language or topic.
     """
-    import yaml  # PyYAML, part of the ``assets`` extra
 
     path = (Path(root) if root else chatterbot_dir()) / language / f"{topic}.yml"
     if not path.is_file():

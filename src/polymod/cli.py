@@ -7,6 +7,7 @@ with a one-line message, never a traceback (:func:`main` catches
 
 from __future__ import annotations
 
+import json
 import sys
 
 import typer
@@ -14,6 +15,9 @@ from rich.console import Console
 
 import polymod
 from polymod.errors import PolymodError
+from polymod.hub.cli import app as _hub_app
+from polymod.merging.recipe import merge_command
+from polymod.training.run_config import run_file
 
 app = typer.Typer(name="polymod", help="Modular deep learning: modules, routing, merging and a module hub.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -42,8 +46,6 @@ def merge(
     quiet: bool = typer.Option(False, "--quiet", help="Hide the progress bar."),
 ) -> None:
     """Merge whole safetensors checkpoints by a mergekit-style recipe, tensor by tensor."""
-    from polymod.merging.recipe import merge_command
-
     print(merge_command(recipe, out, seed=seed, shard_size=shard_size, progress=not quiet))
 
 
@@ -54,15 +56,10 @@ def train(
     check: bool = typer.Option(False, "--check", help="Only validate the config (every problem is listed)."),
 ) -> None:
     """Train modules on a frozen host from a YAML config (data parallel under torchrun)."""
-    import json
-
-    from polymod.training.run_config import run_file
-
     print(json.dumps(run_file(config, resume=resume, check_only=check), indent=2, sort_keys=True))
 
 
-from polymod.hub.cli import app as _hub_app  # noqa: E402 - sub-apps are mounted after the root commands
-
+# sub-apps are mounted after the root commands, so `polymod --help` lists the root commands first
 app.add_typer(_hub_app, name="hub")
 
 
@@ -78,13 +75,9 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except typer.TyperException as exc:  # usage errors: unknown command, missing argument, bad option value
+        console.print(f"[red]error:[/red] {exc.format_message()} (see `polymod --help`)")
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

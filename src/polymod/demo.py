@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 import polymod as pm
 from polymod import assets
@@ -143,9 +145,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test", type=int, default=400, help="held-out examples per task")
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="where modules and the hub go")
     args = parser.parse_args(argv)
-
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)

@@ -29,9 +29,13 @@ from torch import nn
 
 from polymod.card import Card, Lineage
 from polymod.errors import FormatError
+from polymod.format import fingerprint
 from polymod.interop import adapters_options as options
+from polymod.interop.bottleneck import read_bottleneck
 from polymod.interop.options import check
+from polymod.interop.peft import exact
 from polymod.modules.contract import Module, spec_to_dict
+from polymod.modules.lora import LoRA
 from polymod.sites import Site
 
 CONFIG_FILE = "adapter_config.json"
@@ -64,8 +68,6 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 
 def _card(kind: str, spec: Any, sites: list[Site], host: nn.Module | None, meta: dict[str, Any]) -> Card:
-    from polymod.format import fingerprint
-
     if host is not None:
         geometry = fingerprint(host, {s.name: s for s in sites})
     else:
@@ -79,9 +81,6 @@ def _card(kind: str, spec: Any, sites: list[Site], host: nn.Module | None, meta:
 
 
 def _lora(meta: dict[str, Any], tensors: dict[str, torch.Tensor], host: nn.Module | None) -> Module:
-    from polymod.interop.peft import exact
-    from polymod.modules.lora import LoRA
-
     config, name = meta["config"], meta["name"]
     check(config, options.LORA, "adapters LoRAConfig")
     marker = f".loras.{name}."
@@ -125,8 +124,6 @@ def read_adapters(path: str | os.PathLike, host: nn.Module | None = None) -> Mod
     if architecture == "lora":
         return _lora(meta, tensors, host)
     if architecture in (None, "bottleneck"):
-        from polymod.interop.bottleneck import read_bottleneck
-
         return read_bottleneck(meta, tensors, host, _card)
     raise FormatError(f"adapters architecture {architecture!r} is not supported; polymod reads 'lora' and "
                       "bottleneck adapters")

@@ -26,7 +26,10 @@ from torch import nn
 from polymod.errors import ConfigError, FormatError
 from polymod.interop.adapters_options import BOTTLENECK
 from polymod.interop.options import check
+from polymod.modular import Modular
+from polymod.modules.adapter import Adapter
 from polymod.modules.contract import Module
+from polymod.sites import INPUT
 
 # placement -> the structural flags adapters' config must have for polymod's placement to be the same maths
 _PLACEMENTS = {
@@ -57,7 +60,6 @@ def _placement(config: dict[str, Any]) -> str:
 
 def _owner(site: str) -> str:
     """The sub-module ``adapters`` hangs the adapter acting at ``site`` on."""
-    from polymod.sites import INPUT
 
     name = site.removesuffix("." + INPUT)
     head, _, leaf = name.rpartition(".")
@@ -72,8 +74,6 @@ def read_bottleneck(meta: dict[str, Any], tensors: dict[str, torch.Tensor], host
         ConfigError: no host was given.
         FormatError: unsupported options, or tensors that do not map onto the host's sites.
     """
-    from polymod.modular import Modular
-    from polymod.modules.adapter import Adapter
 
     if host is None:
         raise ConfigError("reading an adapters bottleneck adapter needs the host (host=...): its sites depend on "

@@ -38,10 +38,14 @@ from torch import nn
 
 from polymod.card import Card, Lineage
 from polymod.errors import ConfigError, FormatError
+from polymod.format import fingerprint
 from polymod.interop.options import check
 from polymod.interop.peft_options import CLASS_NAMES, TABLES
+from polymod.interop.peft_prompts import prompt_config, read_prompt_learning
 from polymod.modules.contract import Module, spec_to_dict
-from polymod.sites import Site
+from polymod.modules.ia3 import IA3
+from polymod.modules.lora import LoRA
+from polymod.sites import Site, named_layers, site_of
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -113,8 +117,6 @@ def _split(tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...],
 
 
 def _card(kind: str, spec: Any, sites: list[Site], host: nn.Module | None, config: dict[str, Any]) -> Card:
-    from polymod.format import fingerprint
-
     if host is not None:
         geometry = fingerprint(host, {s.name: s for s in sites})
     else:
@@ -129,7 +131,6 @@ def _card(kind: str, spec: Any, sites: list[Site], host: nn.Module | None, confi
 def _site(name: str, kind: str, d_in: int | None, d_out: int | None, host: nn.Module | None) -> Site:
     if host is None:
         return Site(name, kind, d_in, d_out)  # type: ignore[arg-type]
-    from polymod.sites import named_layers, site_of
 
     layer = named_layers(host).get(name)
     if layer is None:
@@ -138,8 +139,6 @@ def _site(name: str, kind: str, d_in: int | None, d_out: int | None, host: nn.Mo
 
 
 def _lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], host: nn.Module | None) -> Module:
-    from polymod.modules.lora import LoRA
-
     per_site = _split(tensors, ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B"), host)
     rank = int(config["r"])
     spec = LoRA(rank=rank, alpha=float(config.get("lora_alpha", rank)), dropout=float(config.get("lora_dropout", 0)),
@@ -160,8 +159,6 @@ def _lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], host: nn.Mod
 
 
 def _ia3(config: dict[str, Any], tensors: dict[str, torch.Tensor], host: nn.Module | None) -> Module:
-    from polymod.modules.ia3 import IA3
-
     per_site = _split(tensors, ("ia3_l",))
     feedforward = [n for n in per_site if per_site[n]["ia3_l"].shape[0] == 1]
     spec = IA3(sites=exact(sorted(per_site)), feedforward=exact(sorted(feedforward)) if feedforward else "")
@@ -194,8 +191,6 @@ def read_peft(path: str | os.PathLike, host: nn.Module | None = None) -> Module:
     path = Path(path)
     config, tensors = _read(path)
     if config["peft_type"] in ("PROMPT_TUNING", "PREFIX_TUNING"):
-        from polymod.interop.peft_prompts import read_prompt_learning
-
         return read_prompt_learning(config, tensors, host, _card)
     return (_lora if config["peft_type"] == "LORA" else _ia3)(config, tensors, host)
 
@@ -216,8 +211,6 @@ def write_peft(module: Module, path: str | os.PathLike, base_model: str | None =
     """
     kinds = {s.kind for s in module.sites.values()}
     if module.kind == "prompt":
-        from polymod.interop.peft_prompts import prompt_config
-
         config, tensors = prompt_config(module, host)
         return _write(Path(path), {**config, "base_model_name_or_path": base_model}, tensors)
     if module.kind not in ("lora", "ia3"):

@@ -25,7 +25,10 @@ import torch
 from torch import nn
 
 from polymod.errors import ConfigError, FormatError
+from polymod.modular import Modular
 from polymod.modules.contract import Module
+from polymod.modules.prefix import PrefixTuning
+from polymod.modules.prompt import PromptTuning
 from polymod.sites import kv_geometry
 
 KEY = "prompt_embeddings"
@@ -35,7 +38,6 @@ _TASKS = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSeque
 
 def _scratch(host: nn.Module, spec: Any) -> Module:
     """Build ``spec``'s module on ``host`` exactly as ``Modular.add`` would, leaving the host untouched."""
-    from polymod.modular import Modular
 
     scratch = Modular(host, freeze=False)
     try:
@@ -83,8 +85,6 @@ def read_prompt_learning(config: dict[str, Any], tensors: dict[str, torch.Tensor
     weights, n = tensors[KEY], int(config["num_virtual_tokens"])
     is_seq2seq = bool(getattr(getattr(host, "config", None), "is_encoder_decoder", False))
     if peft_type == "PROMPT_TUNING":
-        from polymod.modules.prompt import PromptTuning
-
         if int(config.get("num_transformer_submodules") or 1) != 1 or weights.shape[0] != n:
             raise FormatError("this PEFT prompt also prompts the decoder (num_transformer_submodules=2); polymod's "
                               "prompt tuning prompts the encoder only")
@@ -93,8 +93,6 @@ def read_prompt_learning(config: dict[str, Any], tensors: dict[str, torch.Tensor
         width = next(iter(module.sites.values())).in_features
         _check_geometry(config, {"token_dim": width})
     else:
-        from polymod.modules.prefix import PrefixTuning
-
         if is_seq2seq:
             raise FormatError("PEFT prefix tuning on encoder-decoder hosts lays out decoder prefixes differently "
                               "from polymod (Li and Liang); only decoder-only and encoder-only hosts are read")

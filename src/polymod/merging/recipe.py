@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 import yaml
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from polymod.errors import ConfigError, FormatError
 from polymod.merging.merge import recipe_of
@@ -245,8 +247,6 @@ def run_recipe(recipe: Recipe, out_dir: str | os.PathLike, *, shard_bytes: int =
     Returns:
         The output directory.
     """
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Checkpoint(recipe.base or recipe.models[0]) as ref:
         total = sum(i.end - i.start for i in ref.infos.values())

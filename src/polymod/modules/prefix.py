@@ -52,6 +52,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers import DynamicCache, EncoderDecoderCache
 
 from polymod import inputs
 from polymod.card import Lineage, Parent
@@ -173,8 +174,6 @@ class PrefixPart(nn.Module):
 
 
 def _new_cache(module: nn.Module, call: dict[str, Any]) -> Any:
-    from transformers import DynamicCache, EncoderDecoderCache
-
     config = getattr(module, "config", None)
     if call.get("encoder_hidden_states") is not None or getattr(config, "is_encoder_decoder", False):
         return EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polymod.errors import ConfigError, StateError
+from polymod.errors import CompositionError, ConfigError, StateError
 from polymod.routing.base import Router, RoutingInputs, pool, register_router
 from polymod.sites import Site
 
@@ -84,8 +84,6 @@ class TopK(Router):
 
     def check_candidates(self, candidates: list[str]) -> None:
         if self.k > len(candidates):
-            from polymod.errors import CompositionError
-
             raise CompositionError(f"TopK(k={self.k}) needs at least {self.k} candidates; the Mix has "
                                    f"{len(candidates)}")
 

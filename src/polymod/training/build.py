@@ -10,19 +10,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers as tf
+from transformers import AutoTokenizer
 
+from polymod.compose import from_json
 from polymod.errors import ConfigError
+from polymod.format import load
+from polymod.modular import Modular
+from polymod.modules.contract import spec_from_dict
 from polymod.training import distributed as ddp
 from polymod.training.config import TrainConfig
-from polymod.training.data import causal_lm_labels
+from polymod.training.data import causal_lm_labels, read_records
 from polymod.training.multitask import Task
-from polymod.training.run_config import read_records
 from polymod.training.trainer import Trainer
 
 
 def load_host(host: dict[str, Any], base: Path) -> torch.nn.Module:
     """The host model of a config's ``host`` section, on its device."""
-    import transformers as tf
 
     task = host.get("task", "classification")
     cls = {"classification": tf.AutoModelForSequenceClassification, "causal-lm": tf.AutoModelForCausalLM,
@@ -46,8 +50,6 @@ class _Examples:
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
             self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path, local_files_only=True)
         return self._tokenizer
 
@@ -91,10 +93,6 @@ class _Examples:
 
 def build_run(cfg: dict[str, Any], base: Path, *, resume: bool = False) -> Trainer:
     """A :class:`~polymod.training.trainer.Trainer` for a validated config (joins ``torchrun``'s group first)."""
-    from polymod.compose import from_json
-    from polymod.format import load
-    from polymod.modular import Modular
-    from polymod.modules.contract import spec_from_dict
 
     ddp.init_from_env()
     host_cfg = cfg["host"]

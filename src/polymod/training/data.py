@@ -15,7 +15,9 @@ dropped and every batch has the same size (which data parallelism needs).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -166,3 +168,23 @@ class EpochStream:
         """Move to a saved position."""
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
         self._order = self._permutation(self.epoch)
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Examples of a JSON-lines file.
+
+    Raises:
+        ConfigError: a line that is not a JSON object.
+    """
+    records = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{i} is not JSON: {exc}") from exc
+        if not isinstance(record, dict):
+            raise ConfigError(f"{path}:{i} must be a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records

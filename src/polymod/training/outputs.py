@@ -16,6 +16,8 @@ from typing import Any
 
 from safetensors.torch import save_file
 
+from polymod.format import save
+
 
 def recipe(trainer: Any) -> dict[str, Any]:
     """The lineage recipe recorded on trained modules' cards."""
@@ -28,7 +30,6 @@ def recipe(trainer: Any) -> dict[str, Any]:
 
 def write_outputs(trainer: Any, result: Any) -> None:
     """Write ``trained.safetensors``, ``modules/`` and ``result.json`` under ``trainer.output_dir``."""
-    from polymod.format import save
 
     out: Path = trainer.output_dir
     out.mkdir(parents=True, exist_ok=True)

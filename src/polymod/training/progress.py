@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
 
 class MetricsLog:
     """Append-only JSONL log (no-op without a path)."""
@@ -62,7 +64,6 @@ class ProgressBar:
         self._progress = None
         if not (enabled and sys.stderr.isatty()):
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self._progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

@@ -26,11 +26,15 @@ parallel (:mod:`polymod.training.distributed`).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from polymod.compose import from_json, leaves
 from polymod.errors import ConfigError, PolymodError
+from polymod.modules.contract import spec_from_dict
+from polymod.training.build import build_run
 from polymod.training.config import TrainConfig, config_problems
 from polymod.training.evaluate import METRICS
 
@@ -64,8 +68,6 @@ def _data_problems(where: str, spec: Any, base: Path) -> list[str]:
 
 def problems(cfg: Any, base: Path) -> list[str]:
     """Every problem of a parsed config (empty when it is valid); paths are relative to ``base``."""
-    from polymod.compose import from_json, leaves
-    from polymod.modules.contract import spec_from_dict
 
     if not isinstance(cfg, dict):
         return [f"the config must be a YAML mapping, got {type(cfg).__name__}"]
@@ -134,7 +136,6 @@ def load_config(path: str | Path) -> dict[str, Any]:
     Raises:
         ConfigError: unreadable YAML or any invalid setting (all of them in one message).
     """
-    import yaml
 
     path = Path(path)
     try:
@@ -145,26 +146,6 @@ def load_config(path: str | Path) -> dict[str, Any]:
     if found:
         raise ConfigError(f"{path} has {len(found)} problem(s):\n  " + "\n  ".join(found))
     return cfg
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Examples of a JSON-lines file.
-
-    Raises:
-        ConfigError: a line that is not a JSON object.
-    """
-    records = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{i} is not JSON: {exc}") from exc
-        if not isinstance(record, dict):
-            raise ConfigError(f"{path}:{i} must be a JSON object, got {type(record).__name__}")
-        records.append(record)
-    return records
 
 
 def run_file(path: str | Path, *, resume: bool = False, check_only: bool = False) -> dict[str, Any]:
@@ -179,7 +160,6 @@ def run_file(path: str | Path, *, resume: bool = False, check_only: bool = False
     cfg = load_config(path)
     if check_only:
         return {"valid": True}
-    from polymod.training.build import build_run
 
     trainer = build_run(cfg, Path(path).parent, resume=resume)
     result = trainer.fit()

@@ -43,6 +43,7 @@ from polymod.training.evaluate import METRICS, LossFn, Metric, host_loss
 from polymod.training.host import HostGuard, resolve_trainables
 from polymod.training.multitask import TaskStream, as_tasks, evaluate_tasks, routing
 from polymod.training.optim import autocast_dtype, autocast_factory, build_optimizer, grad_scaler
+from polymod.training.outputs import write_outputs
 from polymod.training.progress import MetricsLog, ProgressBar
 
 # Settings that may change between a run and its resumption without changing what is computed.
@@ -175,8 +176,6 @@ class Trainer:
                              best=None if state.best is None else {"step": state.best_step, "value": state.best},
                              history=state.history, output_dir=self.output_dir)
         if self.output_dir is not None and self.rank == 0:
-            from polymod.training.outputs import write_outputs
-
             write_outputs(self, result)
         return result
 

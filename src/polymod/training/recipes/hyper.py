@@ -12,10 +12,11 @@ other tasks' rows stay bit-identical, so the known tasks are unaffected.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import ExitStack
 from typing import Any
 
 from polymod.modules import hyper as hyper_kind
-from polymod.training.multitask import Task
+from polymod.training.multitask import Task, routing
 from polymod.training.recipes.common import only_rows, without_decay
 from polymod.training.trainer import Trainer, TrainResult
 
@@ -24,10 +25,6 @@ def task_route(model: Any, name: str, task: str) -> Any:
     """A route for :class:`~polymod.training.multitask.Task`: module ``name`` active, generating for ``task``."""
 
     def scope() -> Any:
-        from contextlib import ExitStack
-
-        from polymod.training.multitask import routing
-
         stack = ExitStack()
         stack.enter_context(routing(model, name))
         stack.enter_context(hyper_kind.selected(model[name], task))

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from polymod.compose import Stack
+from polymod.modules.contract import Module
 from polymod.training.trainer import Trainer, TrainResult
 
 
@@ -97,7 +98,6 @@ def attach_language(task_model: Any, lm_model: Any, language: str) -> list[str]:
 
     Sites the task host lacks (the LM head's input of an invertible adapter) are dropped.
     """
-    from polymod.modules.contract import Module
 
     names = []
     for name in language_modules(lm_model, language):
