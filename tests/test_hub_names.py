@@ -10,8 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from polymod.card import Card
-from polymod.errors import FormatError
-from polymod.hub.errors import InvalidNameError
+from polymod.errors import FormatError, InvalidNameError
 from polymod.hub.names import Ref, SemVer, check_name, check_owner, check_version
 from polymod.hub.package import card_bytes, parse_card
 

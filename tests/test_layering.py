@@ -78,7 +78,6 @@ def polymod_report():
     return analyse(PACKAGE)
 
 
-@pytest.mark.xfail(strict=True, reason="training.build <-> run_config and hub.client <-> remote: being cut (issue 12)")
 def test_polymod_has_no_import_cycles(polymod_report):
     assert polymod_report.cycles == [], summary(polymod_report)
 
@@ -87,7 +86,6 @@ def test_polymod_core_never_imports_outer_layers(polymod_report):
     assert polymod_report.upward == [], summary(polymod_report)
 
 
-@pytest.mark.xfail(strict=True, reason="71 function-level imports left on main: being moved (issue 12)")
 def test_polymod_imports_inside_functions_only_optional_dependencies(polymod_report):
     where = [f"{e.source}:{e.line} -> {e.target}" for e in polymod_report.function_other]
     assert where == [], "move these imports to the top of their file (or name the dependency in OPTIONAL)"

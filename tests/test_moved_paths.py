@@ -9,6 +9,8 @@ import pytest
     ("polymod.aggregation.merge", "polymod.merging.merge", "merge"),
     ("polymod.aggregation.checkpoint", "polymod.merging.streaming", "task_vector"),
     ("polymod.aggregation.lorahub", "polymod.merging.lorahub", "lorahub"),
+    ("polymod.hub.errors", "polymod.errors", "HubError"),
+    ("polymod.hub.errors", "polymod.errors", "IntegrityError"),
 ])
 def test_documented_old_paths_alias_the_moved_modules(old, new, name):
     assert getattr(importlib.import_module(old), name) is getattr(importlib.import_module(new), name)

@@ -19,6 +19,7 @@ from polymod.errors import (
     ConfigError,
     FormatError,
     HostMismatchWarning,
+    HubError,
     IncompatibleHostError,
     PolymodError,
     SiteNotFoundError,
@@ -27,7 +28,6 @@ from polymod.errors import (
 )
 from polymod.format import load, save
 from polymod.hub.composition import load_composition
-from polymod.hub.errors import HubError
 from polymod.interop import read_adapters, read_peft, write_peft
 from polymod.merging.lorahub import few_shot_loss, lorahub
 from polymod.merging.merge import merge

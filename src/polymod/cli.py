@@ -15,7 +15,7 @@ from rich.console import Console
 
 import polymod
 from polymod.errors import PolymodError
-from polymod.hub.cli import app as _hub_app
+from polymod.hub.commands import app as _hub_app
 from polymod.merging.recipe import merge_command
 from polymod.training.run_config import run_file
 

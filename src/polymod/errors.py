@@ -44,5 +44,61 @@ class CompositionError(PolymodError, ValueError):
     """A composition expression (Stack, Mix, Parallel) is invalid."""
 
 
+# The module hub's errors. Each carries the HTTP status the hub server answers with, so one exception
+# type means the same thing locally and over the wire (the remote client re-raises the server's error
+# as the same class, found by name in HUB_ERRORS).
+
+class HubError(PolymodError):
+    """Base of the hub's errors."""
+
+    status = 400
+
+
+class InvalidNameError(HubError, ValueError):
+    """An owner, module name, version or reference is malformed."""
+
+    status = 422
+
+
+class NotFoundError(HubError, LookupError):
+    """No such module, version, blob or user."""
+
+    status = 404
+
+
+class ConflictError(HubError, ValueError):
+    """The version already exists with different content (versions are immutable)."""
+
+    status = 409
+
+
+class AuthError(HubError, PermissionError):
+    """Missing, wrong or expired token, or no right to the namespace."""
+
+    status = 401
+
+
+class ForbiddenError(AuthError):
+    """The token is valid but its user may not write to this namespace."""
+
+    status = 403
+
+
+class TooLargeError(HubError, ValueError):
+    """An upload exceeds the hub's size limit."""
+
+    status = 413
+
+
+class IntegrityError(HubError, FormatError):
+    """Content does not match its sha256, is truncated, or is not safetensors (e.g. a pickle)."""
+
+    status = 422
+
+
+HUB_ERRORS = {cls.__name__: cls for cls in (HubError, InvalidNameError, NotFoundError, ConflictError, AuthError,
+                                           ForbiddenError, TooLargeError, IntegrityError)}
+
+
 class HostMismatchWarning(UserWarning):
     """A module is loaded onto a host whose touched weights differ but fit."""

@@ -5,10 +5,10 @@ a local store (a directory, no server needed) or a remote hub URL with the
 same API. See docs/hub.md for the package format, the server API and the CLI.
 """
 
-from polymod.format import load, save
-from polymod.hub.api import get, lineage, login, pull, push, search, show, versions, yank
-from polymod.hub.client import LocalHub, connect
-from polymod.hub.errors import (
+import sys
+
+from polymod import errors
+from polymod.errors import (
     AuthError,
     ConflictError,
     ForbiddenError,
@@ -18,8 +18,15 @@ from polymod.hub.errors import (
     NotFoundError,
     TooLargeError,
 )
+from polymod.format import load, save
+from polymod.hub.api import get, lineage, login, pull, push, search, show, versions, yank
+from polymod.hub.client import LocalHub, connect
 from polymod.hub.store import Store, VersionInfo
 
 __all__ = ["AuthError", "ConflictError", "ForbiddenError", "HubError", "IntegrityError", "InvalidNameError",
            "LocalHub", "NotFoundError", "Store", "TooLargeError", "VersionInfo", "connect", "get", "lineage", "load",
            "login", "pull", "push", "save", "search", "show", "versions", "yank"]
+
+# The hub's errors joined polymod's one hierarchy in polymod.errors (0.2); `from polymod.hub.errors import ...`
+# was documented, so that path keeps working as an alias of the module that now holds them.
+sys.modules.setdefault("polymod.hub.errors", errors)

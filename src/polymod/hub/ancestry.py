@@ -9,6 +9,7 @@ version. Parents not in this hub stay in the graph as external nodes.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from polymod.hub import names
@@ -64,7 +65,6 @@ def lineage(store: Store, owner: str, name: str, version: str = names.LATEST, de
     Raises:
         NotFoundError: no such version.
     """
-    import json
 
     root = store.get(owner, name, version)
     conn = store.connect()

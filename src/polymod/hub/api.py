@@ -22,6 +22,7 @@ from torch import nn
 from polymod import format
 from polymod.hub.client import connect
 from polymod.hub.query import SearchResult
+from polymod.hub.remote import RemoteHub, save_token
 from polymod.hub.store import VersionInfo
 
 
@@ -118,7 +119,6 @@ def login(url: str, token: str) -> str:
     Raises:
         AuthError: the hub rejects the token.
     """
-    from polymod.hub.remote import RemoteHub, save_token
 
     user = RemoteHub(url, token).whoami()
     save_token(url, token)

@@ -13,8 +13,8 @@ import hashlib
 import secrets
 import time
 
+from polymod.errors import AuthError, ForbiddenError, NotFoundError
 from polymod.hub import db, names
-from polymod.hub.errors import AuthError, ForbiddenError, NotFoundError
 from polymod.hub.store import Store
 
 TOKEN_PREFIX = "pmh_"

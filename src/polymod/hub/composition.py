@@ -23,9 +23,9 @@ from typing import Any
 
 from polymod import compose
 from polymod.card import Card, Lineage, Parent
-from polymod.errors import CompositionError
+from polymod.errors import CompositionError, FormatError, IntegrityError
 from polymod.hub import names
-from polymod.hub.errors import IntegrityError
+from polymod.hub.api import get, show
 from polymod.hub.package import CARD_FILE, card_bytes, parse_card
 
 KIND = "composition"
@@ -46,7 +46,6 @@ class CompositionPackage:
             IntegrityError: a pulled module's content hash differs from the one the composition recorded.
             IncompatibleHostError: a module does not fit the model's host.
         """
-        from polymod.hub.api import get, show
 
         expected = {p.name: p.sha256 for p in self.card.lineage.parents}
         for leaf, ref in self.modules.items():
@@ -74,7 +73,6 @@ def save_composition(expr: Any, modules: dict[str, str], path: str | os.PathLike
         CompositionError: a leaf without a reference, or a reference without an exact version.
         NotFoundError: a referenced module is not in the hub.
     """
-    from polymod.hub.api import show
 
     refs = {leaf: names.Ref.parse(ref) for leaf, ref in modules.items()}
     missing = set(compose.leaves(expr)) - set(refs)
@@ -102,7 +100,6 @@ def load_composition(path: str | os.PathLike) -> CompositionPackage:
     Raises:
         FormatError: not a composition card, or a malformed expression or reference.
     """
-    from polymod.errors import FormatError
 
     card = parse_card((Path(path) / CARD_FILE).read_bytes())
     config = card.config

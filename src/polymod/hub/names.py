@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from functools import total_ordering
 
-from polymod.hub.errors import InvalidNameError
+from polymod.errors import InvalidNameError
 
 __all__ = ["InvalidNameError", "Ref", "SemVer", "check_owner", "check_name", "check_version", "LATEST"]
 

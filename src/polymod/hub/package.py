@@ -10,7 +10,7 @@ this hash, so lineage survives renames.
 This file holds the strict checks used on push and pull:
 
 * :func:`parse_card` — a card from untrusted bytes, every field type-checked, only
-  :class:`~polymod.hub.errors.IntegrityError` / :class:`~polymod.errors.FormatError` on bad input;
+  :class:`~polymod.errors.IntegrityError` / :class:`~polymod.errors.FormatError` on bad input;
 * :func:`check_safetensors` — the weights really are safetensors, complete and not
   truncated, and not a pickle posing as one.
 """
@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from polymod.card import FORMAT_VERSION, Card
-from polymod.errors import FormatError
+from polymod.errors import FormatError, IntegrityError
 from polymod.hub import names
-from polymod.hub.errors import IntegrityError
 
 CARD_FILE = "module.json"
 WEIGHTS_FILE = "weights.safetensors"

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from polymod.errors import ConfigError
 from polymod.hub import names
 from polymod.hub.store import Store
 
@@ -79,7 +80,6 @@ def search(store: Store, query: str = "", limit: int = 20, offset: int = 0, owne
     Raises:
         ConfigError: an unknown facet or a bad limit.
     """
-    from polymod.errors import ConfigError
 
     unknown = set(facets) - set(FACETS)
     if unknown:

@@ -11,6 +11,7 @@ local ones.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -20,12 +21,12 @@ from typing import Any
 
 import httpx
 
+from polymod.errors import HUB_ERRORS, ConflictError, HubError
 from polymod.hub import names
-from polymod.hub.client import materialize, prepare_push, progress_bar
-from polymod.hub.errors import ERRORS_BY_NAME, ConflictError, HubError
-from polymod.hub.package import CARD_FILE
+from polymod.hub.package import CARD_FILE, file_sha256
 from polymod.hub.query import SearchResult
 from polymod.hub.store import CHUNK, Store, VersionInfo, home
+from polymod.hub.transfer import materialize, prepare_push, progress_bar
 
 API = "/api/v1"
 
@@ -104,7 +105,7 @@ class RemoteHub:
             return
         try:
             body = response.json()
-            cls, detail = ERRORS_BY_NAME.get(body.get("error"), HubError), body.get("detail", response.text)
+            cls, detail = HUB_ERRORS.get(body.get("error"), HubError), body.get("detail", response.text)
         except ValueError:
             cls, detail = HubError, response.text[:300]
         raise cls(f"{detail} (hub answered HTTP {response.status_code})")
@@ -116,15 +117,12 @@ class RemoteHub:
     def push(self, path: str | os.PathLike, ref: str, version: str | None = None,
              progress: bool = False) -> VersionInfo:
         """Upload the package at ``path`` and publish it as ``ref``; see :func:`polymod.hub.push`."""
-        import hashlib
 
         target, card = prepare_push(path, ref, version)
         self._request("GET", "/whoami", params={"namespace": target.owner})  # refuse before uploading anything
         blobs: dict[str, tuple[str, int, Any]] = {CARD_FILE: (hashlib.sha256(card).hexdigest(), len(card), card)}
         for extra in sorted(Path(path).iterdir()):
             if extra.name != CARD_FILE:
-                from polymod.hub.package import file_sha256
-
                 blobs[extra.name] = (file_sha256(extra), extra.stat().st_size, extra)
         missing = [(n, s, z, src) for n, (s, z, src) in blobs.items()
                    if self.http.head(f"{API}/blobs/{s}", headers=self._headers()).status_code != 200]

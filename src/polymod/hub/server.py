@@ -28,17 +28,18 @@ class's HTTP status; the client raises the same class.
 
 from typing import Annotated, Any
 
+import uvicorn
 from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from polymod.errors import FormatError, PolymodError
+from polymod.errors import FormatError, HubError, PolymodError, TooLargeError
 from polymod.hub import auth, names
 from polymod.hub.ancestry import lineage
-from polymod.hub.errors import HubError, TooLargeError
 from polymod.hub.query import FACETS, owner_modules, search
 from polymod.hub.store import BlobWriter, Store
+from polymod.hub.web import add_routes
 
 DEFAULT_MAX_UPLOAD = 2 << 30  # 2 GiB per file
 
@@ -195,8 +196,6 @@ def create_app(store: Store | str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, w
         return owner_modules(store, owner)
 
     if web:
-        from polymod.hub.web import add_routes
-
         add_routes(app, store)
     return app
 
@@ -204,6 +203,5 @@ def create_app(store: Store | str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, w
 def serve(store: Store | str, host: str = "127.0.0.1", port: int = 8000,
           max_upload_bytes: int = DEFAULT_MAX_UPLOAD) -> None:
     """Run the hub with uvicorn until interrupted (binds to ``host``, by default loopback only)."""
-    import uvicorn
 
     uvicorn.run(create_app(store, max_upload_bytes), host=host, port=port, log_level="warning")

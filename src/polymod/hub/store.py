@@ -16,6 +16,7 @@ never a partial version. Identical files are stored once (deduplication).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -25,9 +26,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from polymod.errors import ConflictError, FormatError, IntegrityError, NotFoundError, TooLargeError
 from polymod.hub import db, names
-from polymod.hub.errors import ConflictError, IntegrityError, NotFoundError, TooLargeError
-from polymod.hub.package import CARD_FILE, PACKAGE_FILES, WEIGHTS_FILE, check_safetensors, parse_card
+from polymod.hub.package import CARD_FILE, PACKAGE_FILES, WEIGHTS_FILE, check_safetensors, file_sha256, parse_card
 
 CHUNK = 1 << 20
 STALE_TMP_SECONDS = 3600.0
@@ -77,8 +78,6 @@ class BlobWriter:
     """
 
     def __init__(self, store: Store, expected: str | None = None, max_bytes: int | None = None):
-        import hashlib
-
         if expected is not None:
             store.blob_path(expected)  # validates the hex digest before anything is written
         self.store, self.expected, self.max_bytes = store, expected, max_bytes
@@ -232,7 +231,6 @@ class Store:
             FormatError / IntegrityError: unknown files, missing blobs, an invalid card, bad weights.
             ConflictError: the version exists with different content (versions are immutable).
         """
-        from polymod.errors import FormatError
 
         names.check_owner(owner), names.check_name(name), names.check_version(version)
         if not isinstance(files, dict) or set(files) - set(PACKAGE_FILES) or CARD_FILE not in files:
@@ -382,7 +380,6 @@ class Store:
         Returns:
             Problems found (empty when consistent).
         """
-        from polymod.hub.package import file_sha256
 
         problems = []
         conn = self.connect()

@@ -13,13 +13,15 @@ API; no JavaScript is needed, so every page also works in a text browser.
 
 import json
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from jinja2 import DictLoader, Environment, select_autoescape
 
+from polymod.card import Lineage, Parent
+from polymod.errors import HubError
 from polymod.hub.ancestry import lineage
-from polymod.hub.errors import HubError
 from polymod.hub.query import FACETS, owner_modules, search
 from polymod.hub.store import Store
 from polymod.hub.svg import lineage_svg
@@ -98,13 +100,10 @@ def _page(template: str, status: int = 200, **values: Any) -> HTMLResponse:
 
 def add_routes(app: FastAPI, store: Store) -> None:
     """Add the web pages to ``app``."""
-    from urllib.parse import urlencode
 
     @app.exception_handler(HubError)
     async def hub_error(request: Request, exc: HubError):
         if request.url.path.startswith("/api/"):
-            from fastapi.responses import JSONResponse
-
             return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=exc.status)
         return _page("error", status=exc.status, message=str(exc))
 
@@ -121,8 +120,6 @@ def add_routes(app: FastAPI, store: Store) -> None:
     @app.get("/m/{owner}/{name}", response_class=HTMLResponse, include_in_schema=False)
     @app.get("/m/{owner}/{name}/{version}", response_class=HTMLResponse, include_in_schema=False)
     def module_page(owner: str, name: str, version: str = "latest") -> HTMLResponse:
-        from polymod.card import Lineage, Parent
-
         info = store.get(owner, name, version)
         card = info.card
         lin = card.get("lineage", {})

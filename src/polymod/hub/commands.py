@@ -15,6 +15,8 @@ from typing import Annotated
 import typer
 
 from polymod import hub as pmhub
+from polymod.hub.auth import create_token, grant, revoke_token
+from polymod.hub.server import serve as run
 
 app = typer.Typer(help="Publish, find, version and pull modules: a local store or a hub server.",
                   no_args_is_help=True)
@@ -40,7 +42,6 @@ def serve(store: StoreOpt = None,
           port: Annotated[int, typer.Option(help="TCP port")] = 8000,
           max_upload_mb: Annotated[int, typer.Option(help="largest file accepted, in MiB")] = 2048) -> None:
     """Run the hub server (API under /api/v1, web pages under /, schema at /docs)."""
-    from polymod.hub.server import serve as run
 
     print(f"polymod hub on http://{host}:{port} (store {store or pmhub.Store().root})")
     run(store if store is not None else pmhub.Store(), host=host, port=port, max_upload_bytes=max_upload_mb << 20)
@@ -161,7 +162,6 @@ def user_add(name: Annotated[str, typer.Argument(help="user name (also their nam
              expires_days: Annotated[float | None, typer.Option(help="token lifetime in days")] = None,
              label: Annotated[str, typer.Option(help="a note about the token")] = "") -> None:
     """Create a user (if needed) and print a new token for them (shown once)."""
-    from polymod.hub.auth import create_token
 
     expires = expires_days * 86400 if expires_days is not None else None
     print(create_token(pmhub.Store(store), name, expires_in=expires, label=label))
@@ -171,7 +171,6 @@ def user_add(name: Annotated[str, typer.Argument(help="user name (also their nam
 def user_grant(namespace: Annotated[str, typer.Argument(help="namespace, e.g. an organisation")],
                name: Annotated[str, typer.Argument(help="user")], store: StoreOpt = None) -> None:
     """Let a user publish in another namespace."""
-    from polymod.hub.auth import grant
 
     grant(pmhub.Store(store), namespace, name)
     print(f"{name} may publish in {namespace}")
@@ -180,6 +179,5 @@ def user_grant(namespace: Annotated[str, typer.Argument(help="namespace, e.g. an
 @user_app.command("revoke")
 def user_revoke(token: Annotated[str, typer.Argument(help="the token to revoke")], store: StoreOpt = None) -> None:
     """Revoke a token."""
-    from polymod.hub.auth import revoke_token
 
     print("revoked" if revoke_token(pmhub.Store(store), token) else "no such token")
