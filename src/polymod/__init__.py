@@ -29,6 +29,7 @@ from polymod.errors import (
 from polymod.format import load, save
 from polymod.hub.composition import load_composition
 from polymod.interop import read_adapters, read_peft, write_peft
+from polymod.merging.genknowsub import gen_know_sub
 from polymod.merging.lorahub import few_shot_loss, lorahub
 from polymod.merging.merge import merge
 from polymod.merging.streaming import merge_checkpoints, task_vector
@@ -47,6 +48,7 @@ from polymod.modules import (
     registered_kinds,
 )
 from polymod.routing import (
+    Arrow,
     AttentionFusion,
     ExampleRouter,
     HashRouter,
@@ -71,6 +73,7 @@ format.register_package_kind("composition", load_composition)
 
 __all__ = [
     "Adapter",
+    "Arrow",
     "AttachReport",
     "AttentionFusion",
     "Card",
@@ -80,6 +83,7 @@ __all__ = [
     "ExampleRouter",
     "few_shot_loss",
     "FormatError",
+    "gen_know_sub",
     "HashRouter",
     "HostMismatchWarning",
     "hub",

@@ -3,6 +3,7 @@
 ``Modular.use`` calls :func:`check_tree` before compiling. The structural
 checks are here (every leaf attached, at most one Parallel and only at the
 root); what a Mix can combine is asked of its router (``check_candidates``) and
+of routers that read the candidates' weights (``check_modules``, Arrow) and
 of its registered aggregator (``check``: parameter aggregation of modules
 without a weight delta, token-level weights for a per-input weight matrix,
 several outputs inside a mixture, ...). Each refusal gives the reason and a fix.
@@ -16,6 +17,7 @@ from polymod.aggregation import aggregator
 from polymod.compose import Composition, Mix, Parallel, Stack, describe, leaves, unknown
 from polymod.errors import CompositionError
 from polymod.modules.contract import Module
+from polymod.routing.base import ReadsModules
 
 
 def check_tree(expr: Composition, library: Mapping[str, Module]) -> None:
@@ -70,6 +72,13 @@ def _check_mix(mix: Mix, path: str, library: Mapping[str, Module], root: bool) -
         raise _fail(mix, path, f"its router {router} already serves another Mix over {router.candidates}; "
                     "create a new router instance for this Mix")
     router.check_candidates(names)
+    if isinstance(router, ReadsModules):
+        if any(not isinstance(c, str) for c in mix.children):
+            raise _fail(mix, path, f"{router} derives its routing from each candidate's weights, so its candidates "
+                        "must be module names (not compositions)")
+        why = router.check_modules(names, modules)
+        if why:
+            raise _fail(mix, path, why)
     try:
         why = aggregator(mix.aggregate).check(mix, modules, root)
     except CompositionError as exc:  # an unknown aggregate: name the node

@@ -31,6 +31,7 @@ from polymod.aggregation.mixers import mix, mixer_for
 from polymod.compose import Mix, leaves
 from polymod.modules.contract import Module
 from polymod.routing.attention import AttentionFusion
+from polymod.routing.base import ReadsModules
 from polymod.routing.groups import RowGroups
 from polymod.sites import is_input_site
 
@@ -62,10 +63,13 @@ class Representation:
         sites = site_objects(leaves(mix), env)
         env.routing.register(mix.router, labels(mix), list(sites.values()), like_tensor(list(sites), env))
         ops: dict[str, SiteOp] = {}
-        for site in sites:
+        for site, info in sites.items():
             present = tuple(i for i, p in enumerate(plans) if site in p)
             if not present:
                 continue
+            if isinstance(mix.router, ReadsModules) and names is not None:  # library routers read the weights
+                mix.router.bind_modules(info, names, [env.library[n].part(site) if site in env.library[n].sites
+                                                      else None for n in names], env.layers.get(site))
             parts = [env.library[names[i]].part(site) for i in present] if names is not None else None
             ops[site] = MixOp(site, present, len(mix.children), parts, [plans[i][site] for i in present], mix,
                               self.name, env)

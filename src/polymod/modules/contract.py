@@ -23,6 +23,9 @@ time, never per token):
 * :class:`WeightDelta` — ``delta_weight(layer) -> ΔW``: the change of the host weight in the host's own
   layout, which makes the module *mergeable* and lets parameter aggregation
   treat it like any other delta-bearing module;
+* :class:`LowRankDelta` — ``delta_factors() -> (U, V)``: ΔW = U V as a (D_out, D_in) map of the site
+  input, in factored form (LoRA: U = s·B, V = A), so spectral quantities of ΔW (Arrow's
+  prototypes) cost O((D_in + D_out)·r²) instead of forming ΔW;
 * :class:`BiasDelta` — ``delta_bias(layer) -> Δb | None``: the change of the host bias, for kinds
   whose merge also touches it (IA³ scaling a layer's output scales its bias);
   :meth:`~polymod.modular.Modular.merge_into_host` applies and restores it;
@@ -105,6 +108,14 @@ class WeightDelta(Protocol):
 
     def delta_weight(self, layer: nn.Module | None) -> torch.Tensor:
         """ΔW in the host weight's layout (``layer`` is the host layer, for kinds whose ΔW reads W)."""
+
+
+@runtime_checkable
+class LowRankDelta(Protocol):
+    """A part whose weight change is a product of two thin factors."""
+
+    def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, V) with U (D_out, r) and V (r, D_in): the map x ↦ U V x that the part adds at its site."""
 
 
 @runtime_checkable

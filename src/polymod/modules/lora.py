@@ -145,5 +145,9 @@ class LoRAPart(nn.Module):
         delta = (self.B @ self.A) * self.scaling  # (D_out, D_in)
         return delta if self.site_kind == "linear" else delta.t()
 
+    def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s·B, A): ΔW = (s·B) A as a map of the site input, (D_out, r) and (r, D_in)."""
+        return self.B * self.scaling, self.A
+
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}, A={tuple(self.A.shape)}, B={tuple(self.B.shape)}"

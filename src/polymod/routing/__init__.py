@@ -4,9 +4,11 @@ One file per router, each registering itself for composition JSON:
 :mod:`~polymod.routing.fixed` (Static, TaskRouter, ExampleRouter, SpanRouter),
 :mod:`~polymod.routing.softmax` (SoftmaxGate), :mod:`~polymod.routing.polytropon`
 (Polytropon / MHR), :mod:`~polymod.routing.topk` (TopK), :mod:`~polymod.routing.hash`
-(HashRouter), :mod:`~polymod.routing.attention` (AttentionFusion).
+(HashRouter), :mod:`~polymod.routing.attention` (AttentionFusion); library routers that need
+no routing data: :mod:`~polymod.routing.arrow` (Arrow).
 """
 
+from polymod.routing.arrow import Arrow, arrow_prototypes
 from polymod.routing.attention import AttentionFusion
 from polymod.routing.base import Router, RouterStats, register_router, registered_routers, router_from_json
 from polymod.routing.fixed import ExampleRouter, SpanRouter, Static, TaskRouter
@@ -17,6 +19,7 @@ from polymod.routing.softmax import SoftmaxGate
 from polymod.routing.topk import TopK
 
 __all__ = [
+    "Arrow",
     "AttentionFusion",
     "ExampleRouter",
     "HashRouter",
@@ -29,6 +32,7 @@ __all__ = [
     "Static",
     "TaskRouter",
     "TopK",
+    "arrow_prototypes",
     "register_router",
     "registered_routers",
     "router_from_json",

@@ -25,7 +25,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -279,6 +279,24 @@ class Router(nn.Module):
         return f"{type(self).__name__}({args})"
 
     __str__ = __repr__
+
+
+@runtime_checkable
+class ReadsModules(Protocol):
+    """A router whose decision is computed from the candidates' own weights (library routers: Arrow).
+
+    Validation asks :meth:`check_modules` whether the candidates' kinds allow it;
+    compilation calls :meth:`bind_modules` once per site with the candidates'
+    parts there (None where a candidate does not act), so the router can derive
+    its per-site data (prototypes) from the weights, with no training data.
+    """
+
+    def check_modules(self, names: Sequence[str], modules: Sequence[Any]) -> str | None:
+        """Why this router cannot route these modules (kind, site), or None."""
+
+    def bind_modules(self, site: Site, names: Sequence[str], parts: Sequence[nn.Module | None],
+                     layer: nn.Module | None) -> None:
+        """Derive the router's data at ``site`` from the parts of the candidates acting there."""
 
 
 def pool(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
