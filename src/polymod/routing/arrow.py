@@ -196,7 +196,7 @@ class Arrow(Router):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise StateError(f"{self} reads the hidden state at each site, but site {site!r} takes token ids")
         p = protos.vectors if protos.vectors.dtype == x.dtype else protos.vectors.to(x.dtype)
-        scores = (x @ p.t())  # (…, E'): |⟨x, vᵢ⟩|
+        scores = (x @ p.t()).abs()  # (…, E'): |⟨x, vᵢ⟩|
         top_v, top_i = scores.topk(min(self.top_k, p.shape[0]), dim=-1)  # (…, k)
         coeff = torch.softmax(top_v.float() / self.temperature, dim=-1)  # (…, k)
         w = scores.new_zeros(*scores.shape[:-1], self.num, dtype=torch.float32)  # (…, E)
