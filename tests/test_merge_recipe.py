@@ -127,12 +127,12 @@ def test_a_failed_merge_leaves_the_old_output_and_foreign_directories_are_refuse
     out = tmp_path / "out"
     merge_command(recipe, out, progress=False)
     before = (out / "model.safetensors").read_bytes()
-    import polymod.merging.streaming as streaming
+    import polymod.merging.jobs as jobs
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(streaming, "_stream_tensor", boom)
+    monkeypatch.setattr(jobs, "_stream_tensor", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         merge_command(recipe, out, progress=False)
     assert (out / "model.safetensors").read_bytes() == before

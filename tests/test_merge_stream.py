@@ -176,7 +176,7 @@ def test_a_bad_recipe_lists_every_problem_at_once(checkpoints, tmp_path):
     root, _, _ = checkpoints
     recipe = write_recipe(tmp_path / "bad.yaml", f"""
 merge_method: ties
-slices: []
+modules: {{}}
 models:
   - model: {root / 'ft0'}
     parameters: {{weight: 1.0, density: 1.5}}
@@ -185,16 +185,17 @@ models:
   - model: {root / 'ft1'}
     parameters: {{density: 0.2, epsilon: 0.1}}
   - model: {root / 'ft2'}
-    parameters: {{weight: [0.1, 0.9]}}
+    parameters: {{weight: [0.1, heavy]}}
 parameters: {{normalize: yes please}}
 dtype: float8
 """)
     with pytest.raises(pm.ConfigError) as info:
         load_recipe(recipe)
     message = str(info.value)
-    expected = ["unknown key 'slices'", "base_model is required by ties", "models[0].parameters.density must be in",
-                "models[1].model:", "does not exist", "models[2]", "has no parameters.weight",
-                "unknown parameter 'epsilon'", "models[3].parameters.weight must be a number",
+    expected = ["modules: per-module recipes", "base_model is required by ties",
+                "models[0].parameters.density must be in", "models[1].model:", "does not exist", "models[2]",
+                "has no parameters.weight", "unknown parameter 'epsilon' for ties",
+                "models[3].parameters.weight: every gradient anchor must be a number",
                 "parameters.normalize must be true or false", "dtype is 'float8'"]
     for fragment in expected:
         assert fragment in message, fragment
@@ -217,12 +218,12 @@ models:
 
 
 def test_cli_errors_exit_1_without_a_traceback(tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", "merge_method: slerp\nmodels: []\n")
+    recipe = write_recipe(tmp_path / "r.yaml", "merge_method: karcher\nmodels: []\n")
     cmd = [sys.executable, "-c", "from polymod.cli import main; main()", "merge", str(recipe), str(tmp_path / "o")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "merge_method is 'slerp'" in proc.stderr and "models must be a non-empty list" in proc.stderr
+    assert "merge_method is 'karcher'" in proc.stderr and "models must be a non-empty list" in proc.stderr
 
 
 def test_streaming_refuses_global_trimming(checkpoints, tmp_path):

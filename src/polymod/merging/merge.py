@@ -129,7 +129,9 @@ def recipe_of(spec: MergeSpec) -> dict[str, Any]:
         recipe["gamma"] = list(spec.gamma)
     if spec.sparsify == "magnitude":
         recipe["trim"] = spec.trim
-    if spec.sparsify == "random":
+    if spec.sparsify == "della":
+        recipe["epsilon"] = list(spec.epsilon)
+    if spec.sparsify in ("random", "della"):
         recipe["rescale"] = spec.rescale
     if spec.elect:
         recipe["consensus"] = spec.consensus
@@ -204,7 +206,8 @@ def _spec(method: str, weights: Sequence[float] | None, n: int, seed: int, param
         raise ConfigError(f"unknown merge method {method!r}; expected one of {', '.join(METHODS)}")
     sparsify, elect, _ = METHODS[method]
     allowed = ["lam", "normalize"] + (["density"] if sparsify else []) + (["gamma"] if sparsify == "outliers" else [])
-    allowed += (["trim"] if sparsify == "magnitude" else []) + (["rescale"] if sparsify == "random" else [])
+    allowed += (["trim"] if sparsify == "magnitude" else []) + (["rescale"] if sparsify in ("random", "della") else [])
+    allowed += ["epsilon"] if sparsify == "della" else []
     allowed += ["consensus"] if elect else []
     bad = sorted(set(params) - set(allowed))
     if bad:
@@ -214,7 +217,7 @@ def _spec(method: str, weights: Sequence[float] | None, n: int, seed: int, param
     if isinstance(weights, (int, float)) or len(weights) != n:
         raise ConfigError(f"weights must be a list with one number per module ({n}), got {weights!r}")
     per_input = {k: tuple(v) if isinstance(v, Sequence) else (v,) * n
-                 for k, v in params.items() if k in ("density", "gamma")}
+                 for k, v in params.items() if k in ("density", "gamma", "epsilon")}
     return MergeSpec(method, tuple(weights), seed=seed, **per_input,
                      **{k: v for k, v in params.items() if k not in per_input})
 

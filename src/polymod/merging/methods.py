@@ -15,6 +15,9 @@ from three choices (the decomposition mergekit uses too):
   by matching the L1 norm as mergekit 0.1.5 does); ``outliers`` (Model
   Breadcrumbs, Davari & Belilovsky 2023, arXiv 2312.06795: drop the ``gamma``
   largest entries as outliers, then the smallest, keeping ``density``);
+  ``della`` (DELLA's MagPrune, Deep et al. 2024, arXiv 2406.11617: keep each
+  entry with a probability that grows with its magnitude rank in its row,
+  ``density`` ± ``epsilon``, then rescale);
 * **sign election** m_i (TIES, Yadav et al. 2023, arXiv 2306.01708): the
   majority sign per entry is that of Σ_i w_i s_i(τ_i) (``consensus="sum"``) or
   of the count of signs (``"count"``); only agreeing entries are kept;
@@ -42,13 +45,13 @@ from typing import Literal
 import torch
 
 from polymod.errors import ConfigError
-from polymod.merging.sparsify import SLICE, MaskStream, Trim, dare_mask, top_k_trim
+from polymod.merging.sparsify import SLICE, MaskStream, Trim, dare_mask, della_keep, della_rows, top_k_trim
 
 MethodName = Literal[
     "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs",
-    "breadcrumbs_ties",
+    "breadcrumbs_ties", "della", "della_linear",
 ]
-Sparsify = Literal["magnitude", "random", "outliers"]
+Sparsify = Literal["magnitude", "random", "outliers", "della"]
 
 # method -> (sparsification, sign election, default normalize); as mergekit 0.1.5's registry.
 METHODS: dict[str, tuple[Sparsify | None, bool, bool]] = {
@@ -60,6 +63,8 @@ METHODS: dict[str, tuple[Sparsify | None, bool, bool]] = {
     "magnitude_prune": ("magnitude", False, False),
     "breadcrumbs": ("outliers", False, False),
     "breadcrumbs_ties": ("outliers", True, False),
+    "della": ("della", True, True),
+    "della_linear": ("della", False, False),
 }
 
 
@@ -72,13 +77,14 @@ class MergeSpec:
         weights: w_i, one per input (negative weights subtract: task negation).
         density: fraction kept by sparsification, one per input, in (0, 1].
         gamma: Breadcrumbs' fraction of largest entries dropped, one per input, in [0, 1).
+        epsilon: DELLA's spread of keep probabilities (density ± epsilon), one per input.
         lam: λ, scaling of the merged task vector (task arithmetic).
         normalize: divide by Σ w_i m_i (None: the method's default).
         trim: ``tensor`` — TIES/magnitude trimming per tensor (mergekit, PEFT); ``global`` —
             one threshold per input over all its tensors (the TIES paper's code). Global
             thresholds are computed by the caller and passed to :class:`TensorMerge`.
-        rescale: DARE's rescaling: ``inverse`` (×1/density, paper and PEFT), ``l1`` (match the
-            L1 norm of τ_i, mergekit 0.1.5's ``rescale: true``) or ``none``.
+        rescale: DARE's and DELLA's rescaling: ``inverse`` (×1/keep probability, the papers' and
+            PEFT's), ``l1`` (match the L1 norm of τ_i, mergekit 0.1.5's ``rescale: true``) or ``none``.
         consensus: TIES sign election by ``sum`` of values (paper) or ``count`` of signs.
         seed: seed of DARE's random masks.
     """
@@ -87,6 +93,7 @@ class MergeSpec:
     weights: tuple[float, ...]
     density: tuple[float, ...] = ()
     gamma: tuple[float, ...] = ()
+    epsilon: tuple[float, ...] = ()
     lam: float = 1.0
     normalize: bool | None = None
     trim: Literal["tensor", "global"] = "tensor"
@@ -104,19 +111,24 @@ class MergeSpec:
             object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
             object.__setattr__(self, "density", tuple(float(d) for d in self.density) or (1.0,) * n)
             object.__setattr__(self, "gamma", tuple(float(g) for g in self.gamma) or (0.01,) * n)
+            object.__setattr__(self, "epsilon", tuple(float(e) for e in self.epsilon) or (0.15,) * n)
             object.__setattr__(self, "lam", float(self.lam))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{self.method}: weights, density, gamma and lambda must be numbers: {exc}") from exc
         if self.normalize is None:
             object.__setattr__(self, "normalize", METHODS[self.method][2])
         bad = []
-        for name, values in (("density", self.density), ("gamma", self.gamma)):
+        for name, values in (("density", self.density), ("gamma", self.gamma), ("epsilon", self.epsilon)):
             if len(values) != n:
                 bad.append(f"{name} has {len(values)} values for {n} inputs")
         if any(not 0.0 < d <= 1.0 for d in self.density):
             bad.append(f"density must be in (0, 1], got {list(self.density)}")
         if any(not 0.0 <= g < 1.0 for g in self.gamma):
             bad.append(f"gamma must be in [0, 1), got {list(self.gamma)}")
+        if self.sparsify == "della" and any(d < 1.0 and not (d - e > 0.0 and d + e < 1.0)
+                                            for d, e in zip(self.density, self.epsilon)):
+            bad.append(f"epsilon must keep density ± epsilon inside (0, 1), got density {list(self.density)} "
+                       f"and epsilon {list(self.epsilon)}")
         if not all(math.isfinite(w) for w in self.weights) or not math.isfinite(self.lam):
             bad.append(f"weights and lambda must be finite, got {list(self.weights)} and {self.lam}")
         for name, value, allowed in (("trim", self.trim, ("tensor", "global")),
@@ -155,10 +167,19 @@ class TensorMerge:
         name: the tensor's name (seeds DARE's masks).
         numel: number of entries of the full tensor.
         trims: per-input magnitude trims decided elsewhere (the TIES paper's global trimming).
+        shape: the tensor's shape (DELLA ranks within rows; default: flat).
     """
 
-    def __init__(self, spec: MergeSpec, name: str, numel: int, trims: list[Trim | None] | None = None):
+    needs_block_stats = False
+
+    def __init__(self, spec: MergeSpec, name: str, numel: int, trims: list[Trim | None] | None = None,
+                 shape: tuple[int, ...] | None = None):
         self.spec, self.name, self.numel = spec, name, numel
+        try:
+            self._della = della_rows(tuple(shape) if shape is not None else (numel,)) \
+                if spec.sparsify == "della" else None
+        except ValueError as exc:
+            raise ConfigError(f"{spec.method} cannot merge {name}: {exc}") from exc
         n = len(spec.weights)
         self._trims: list[list[Trim | None] | None] = [None] * n  # magnitude: [keep]; outliers: [top, top+kept]
         self._scale: list[float | None] = [None] * n
@@ -171,6 +192,15 @@ class TensorMerge:
         self._tiny = min((abs(x) for x in w if x), default=1.0) * 1e-3  # below any non-empty divisor
 
     @property
+    def align(self) -> int:
+        """Flat ranges passed to the merger must start at multiples of this (DELLA: whole row blocks)."""
+        return self._della[1] * self._della[2] if self._della is not None else 1
+
+    def observe_block(self, xs: list[torch.Tensor], offset: int) -> None:
+        """Task-vector methods take their statistics one input at a time (:meth:`observe`)."""
+        raise NotImplementedError("TensorMerge takes statistics through observe()")
+
+    @property
     def needs_stats(self) -> bool:
         """Whether :meth:`observe` must see every input's full task vector first."""
         s, trimming = self.spec, any(d < 1.0 for d in self.spec.density)
@@ -178,7 +208,21 @@ class TensorMerge:
             return trimming and not self._given
         if s.sparsify == "outliers":
             return trimming
-        return s.sparsify == "random" and s.rescale == "l1" and trimming
+        return s.sparsify in ("random", "della") and s.rescale == "l1" and trimming
+
+    def _della_kept(self, index: int, x: torch.Tensor, offset: int) -> torch.Tensor:
+        """DELLA's sparsified flat range ``x`` (whole row blocks starting at ``offset``), before L1 rescaling."""
+        s = self.spec
+        _, cols, per_block = self._della
+        first = offset // cols
+        out = []
+        for start in range(0, x.numel(), cols * per_block):
+            rows = x[start:start + cols * per_block].view(-1, cols)  # (R, C)
+            mask, probs = della_keep(s.seed, self.name, index, (first + start // cols) // per_block, rows,
+                                     s.density[index], s.epsilon[index])
+            kept = rows * mask
+            out.append((kept / probs if s.rescale == "inverse" else kept).reshape(-1))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def observe(self, index: int, delta: torch.Tensor, inplace: bool = False) -> None:
         """Record the statistics of input ``index`` from its full task vector.
@@ -192,6 +236,11 @@ class TensorMerge:
         if d >= 1.0:
             return
         flat = delta.reshape(-1)
+        if s.sparsify == "della":  # mergekit's L1 rescaling over the whole tensor
+            before = flat.abs().sum()
+            after = self._della_kept(index, flat, 0).abs().sum()
+            self._scale[index] = None if before < 1e-7 or after < 1e-7 else float(before / after)
+            return
         if s.sparsify == "random":  # mergekit's L1 rescaling: ‖τ‖₁ / ‖m ⊙ τ‖₁ over the whole tensor
             before = flat.abs().sum()
             after = (flat * dare_mask(s.seed, self.name, index, flat.numel(), d, flat.dtype)).abs().sum()
@@ -206,9 +255,16 @@ class TensorMerge:
             n_top = min(int(s.gamma[index] * n), n - kept)
             self._trims[index] = [top_k_trim(a, n_top), top_k_trim(a, n_top + kept)]
 
+    def _della_input(self, index: int, x: torch.Tensor, offset: int) -> torch.Tensor:
+        if self.spec.density[index] >= 1.0:
+            return x
+        kept = self._della_kept(index, x, offset)
+        scale = self._scale[index]
+        return kept * scale if self.spec.rescale == "l1" and scale is not None else kept
+
     def _sparsified(self, index: int, x: torch.Tensor, offset: int) -> torch.Tensor:
         s, d = self.spec, self.spec.density[index]
-        if s.sparsify is None or d >= 1.0:
+        if s.sparsify is None or s.sparsify == "della" or d >= 1.0:  # DELLA: done per range in __call__
             return x
         if s.sparsify == "random":
             if self._masks[index] is None:
@@ -237,6 +293,10 @@ class TensorMerge:
         """
         flat = [d.reshape(-1) for d in deltas]
         out = torch.empty_like(flat[0]) if out is None else out
+        if self._della is not None:  # rows are ranked whole: sparsify the range first, then combine
+            if offset % self.align:
+                raise ValueError(f"TensorMerge({self.name}): DELLA ranges start at multiples of {self.align}")
+            flat = [self._della_input(i, x, offset) for i, x in enumerate(flat)]
         for start in range(0, out.numel(), SLICE):
             part = [x[start:start + SLICE] for x in flat]
             out[start:start + SLICE] = self._kernel(part, offset + start)
@@ -293,7 +353,7 @@ def merge_tensor(spec: MergeSpec, name: str, deltas: list[torch.Tensor],
     Returns:
         The merged task vector τ.
     """
-    merger = TensorMerge(spec, name, deltas[0].numel(), trims)
+    merger = TensorMerge(spec, name, deltas[0].numel(), trims, shape=tuple(deltas[0].shape))
     if merger.needs_stats:
         for i, d in enumerate(deltas):
             merger.observe(i, d)

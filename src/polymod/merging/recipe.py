@@ -1,37 +1,38 @@
-"""Merge recipes: the mergekit-compatible YAML subset behind ``polymod merge recipe.yaml``.
+"""Merge recipes: the mergekit-compatible YAML behind ``polymod merge recipe.yaml``.
 
 A recipe names checkpoints and a method, as mergekit's ``mergekit-yaml``
 does::
 
-    merge_method: ties            # linear, task_arithmetic, ties, dare_linear, dare_ties,
-                                  # breadcrumbs, breadcrumbs_ties
-    base_model: ./llama-base      # required except for linear
+    merge_method: ties            # see RECIPE_METHODS
+    base_model: ./llama-base      # required by the task-vector methods, slerp and model_stock
     models:
       - model: ./llama-math
-        parameters: {weight: 1.0, density: 0.2}
+        parameters: {weight: 1.0, density: [0.1, 0.5]}     # a per-layer gradient
       - model: ./llama-code
         parameters: {weight: 0.5, density: 0.2}
-    parameters: {normalize: true, lambda: 1.0}   # shared; weight/density here are defaults
-    dtype: bfloat16                               # output dtype (default: the base's)
+    parameters:                   # shared; per-input parameters here are defaults
+      normalize: true
+      weight: [{filter: mlp, value: 0.8}, {value: 1.0}]  # a filter override
+    dtype: bfloat16               # output dtype (default: the base's), also written to config.json
 
-Semantics follow mergekit 0.1.5: the same per-method ``normalize`` defaults,
-``linear`` merges the weights themselves (normalised by default), a model equal
-to ``base_model`` is not an input of the task-vector methods, and DARE's
-``rescale: true`` (the default) matches each task vector's L1 norm; polymod
-also accepts ``rescale: inverse`` (×1/density, the DARE paper's). Two documented
-differences: arithmetic runs in float32 whatever ``dtype`` says (mergekit
-computes in ``dtype``), and DARE's random masks come from polymod's seeded
-per-tensor generators, so they differ from mergekit's draws.
+or, instead of ``models``, ``slices:`` of layer ranges (``sources: [{model,
+layer_range: [a, b]}]``, each slice with its own ``parameters`` and optional
+``base_model``), e.g. a ``passthrough`` frankenmerge that stacks layers of
+several models. Methods, parameters, gradients, filters and slices follow
+mergekit 0.1.5 (:mod:`.recipe_plan`, :mod:`.settings`); arithmetic runs in
+float32 whatever ``dtype`` says (mergekit computes in ``dtype``), and random
+masks (DARE, DELLA) come from polymod's seeded per-tensor generators.
 
-The whole recipe is validated before anything is read or written, and every
-problem is reported in one :class:`~polymod.errors.ConfigError`.
+The whole recipe is validated, and planned tensor by tensor against the
+checkpoints' headers, before anything is written; every problem is reported in
+one :class:`~polymod.errors.ConfigError`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,26 +42,71 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from polymod.errors import ConfigError, FormatError
+from polymod.merging.interp import InterpSpec
+from polymod.merging.jobs import Job, run_jobs
+from polymod.merging.layers import NUM_LAYER_KEYS
 from polymod.merging.merge import recipe_of
-from polymod.merging.methods import MergeSpec
-from polymod.merging.shards import Checkpoint, checkpoint_files
-from polymod.merging.streaming import layout_problems, merge_checkpoints
+from polymod.merging.methods import METHODS, MergeSpec
+from polymod.merging.recipe_plan import (
+    BASE_USE,
+    INPUTS,
+    PARAMS,
+    PER_INPUT,
+    RECIPE_METHODS,
+    SHARED,
+    Source,
+    job_problems,
+    plan_models,
+    plan_slices,
+)
+from polymod.merging.settings import check
+from polymod.merging.shards import Checkpoint, checkpoint_files, staged_output
+from polymod.merging.streaming import copy_files
 
-RECIPE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-_TOP_KEYS = ("models", "base_model", "merge_method", "parameters", "dtype")
-_MODEL_PARAMS = ("weight", "density", "gamma")
-_SHARED_PARAMS = ("normalize", "lambda", "rescale", "int8_mask", "consensus", *_MODEL_PARAMS)
+_TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype")
+_REFUSED = {
+    "modules": "per-module recipes (several layer stacks, e.g. vision + text) are not supported; use models or slices",
+    "tokenizer": "the tokenizer block (per-token embedding sources) is not supported; polymod copies the tokenizer "
+                 "files of the base model (or the first model)",
+    "tokenizer_source": "merging tokenizers is not supported: polymod copies the tokenizer files of the base model "
+                        "(or the first model) with its embeddings unchanged; remove tokenizer_source when the models "
+                        "share one vocabulary",
+    "chat_template": "chat templates are not set by polymod merge; edit tokenizer_config.json of the output",
+}
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """A validated recipe: what :func:`run_recipe` merges."""
+    """A validated, planned recipe: what :func:`run_recipe` streams.
 
+    Attributes:
+        method: the merge method.
+        base: the base model, when the method uses one.
+        models: the other inputs (lineage).
+        checkpoints: every distinct checkpoint, indexed by the jobs.
+        jobs: one per output tensor, parameters resolved.
+        dtype: output dtype of floating tensors (None: each reference tensor's).
+        config_from: the checkpoint whose config and tokenizer files are copied.
+        layers: the output's number of layers when ``slices`` restack them (written to config.json).
+        data: the recipe as parsed (kept in the output's lineage).
+    """
+
+    method: str
     base: Path | None
     models: tuple[Path, ...]
-    spec: MergeSpec
+    checkpoints: tuple[Path, ...]
+    jobs: tuple[Job, ...]
     dtype: torch.dtype | None
+    config_from: Path
+    layers: int | None = None
+    data: Any = None
+
+    @property
+    def spec(self) -> MergeSpec | InterpSpec | None:
+        """The one resolved method of every tensor, or None when parameters vary per tensor."""
+        specs = {job.spec for job in self.jobs if job.inputs}
+        return next(iter(specs)) if len(specs) == 1 else None
 
 
 def load_recipe(path: str | os.PathLike, seed: int = 0) -> Recipe:
@@ -87,13 +133,13 @@ def load_recipe(path: str | os.PathLike, seed: int = 0) -> Recipe:
 
 def parse_recipe(data: Any, root: Path | None = None, seed: int = 0, source: str = "recipe",
                  recipe_dir: Path | None = None) -> Recipe:
-    """Validate a recipe given as parsed YAML (see :func:`load_recipe`).
+    """Validate a recipe given as parsed YAML and plan it against the checkpoints (see :func:`load_recipe`).
 
     Args:
         data: the parsed YAML document.
         root: the directory relative model paths resolve against (default: the working
             directory, as in mergekit).
-        seed: seed of random masks (DARE).
+        seed: seed of random masks (DARE, DELLA).
         source: the recipe's name in messages.
         recipe_dir: the recipe file's folder; a relative path that exists there but names
             another checkpoint than under ``root`` is refused as ambiguous.
@@ -102,76 +148,222 @@ def parse_recipe(data: Any, root: Path | None = None, seed: int = 0, source: str
         ConfigError: listing every problem of the recipe at once.
     """
     root = Path.cwd() if root is None else root
-    problems: list[str] = []
     if not isinstance(data, dict):
         raise ConfigError(f"{source} must be a YAML mapping with {', '.join(_TOP_KEYS)}; got {type(data).__name__}")
-    problems += [f"unknown key {k!r} (polymod reads the subset {', '.join(_TOP_KEYS)})" for k in data
-                 if k not in _TOP_KEYS]
+    problems: list[str] = []
+    for key in data:
+        if key in _REFUSED:
+            problems.append(f"{key}: {_REFUSED[key]}")
+        elif key not in _TOP_KEYS:
+            problems.append(f"unknown key {key!r} (polymod reads {', '.join(_TOP_KEYS)})")
     method = data.get("merge_method")
     if method not in RECIPE_METHODS:
         problems.append(f"merge_method is {method!r}; expected one of {', '.join(RECIPE_METHODS)}")
-    shared = data.get("parameters") or {}
-    if not isinstance(shared, dict):
-        problems.append(f"parameters must be a mapping, got {shared!r}")
-        shared = {}
-    problems += [f"parameters: unknown parameter {k!r} (expected {', '.join(_SHARED_PARAMS)})" for k in shared
-                 if k not in _SHARED_PARAMS]
-    base_given = data.get("base_model") is not None
-    base = _path(data.get("base_model"), "base_model", root, problems, recipe_dir) if base_given else None
-    if not base_given and method in RECIPE_METHODS and method != "linear":
-        problems.append(f"base_model is required by {method} (task vectors are taken against it)")
-    models, weights, density, gamma = [], [], [], []
-    entries = data.get("models")
-    if not isinstance(entries, list) or not entries:
-        problems.append(f"models must be a non-empty list of {{model: path, parameters: {{...}}}}, got {entries!r}")
-        entries = []
-    for i, entry in enumerate(entries):
-        where = f"models[{i}]"
-        if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
-            problems.append(f"{where} must be a mapping with a 'model' path, got {entry!r}")
-            continue
-        problems += [f"{where}: unknown key {k!r} (expected model, parameters)" for k in entry
-                     if k not in ("model", "parameters")]
-        p = _path(entry["model"], f"{where}.model", root, problems, recipe_dir)
-        params = entry.get("parameters") or {}
-        if not isinstance(params, dict):
-            problems.append(f"{where}.parameters must be a mapping, got {params!r}")
-            params = {}
-        problems += [f"{where}.parameters: unknown parameter {k!r} (expected {', '.join(_MODEL_PARAMS)})"
-                     for k in params if k not in _MODEL_PARAMS]
-        if base is not None and p is not None and p.resolve() == base.resolve() and method != "linear":
-            continue  # mergekit lists the base among the models; it is no task vector
-        values = {k: params.get(k, shared.get(k)) for k in _MODEL_PARAMS}
-        if values["weight"] is None:
-            problems.append(f"{where} ({entry['model']}) has no parameters.weight and parameters sets no default")
-        for key, value in values.items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                problems.append(f"{where}.parameters.{key} must be a number, got {value!r} "
-                                "(per-layer gradients and filters are not supported)")
-                values[key] = None
-        if values["density"] is not None and not 0 < values["density"] <= 1:
-            problems.append(f"{where}.parameters.density must be in (0, 1], got {values['density']}")
-        if values["gamma"] is not None and not 0 <= values["gamma"] < 1:
-            problems.append(f"{where}.parameters.gamma must be in [0, 1), got {values['gamma']}")
-        models.append(p)
-        weights.append(values["weight"] if values["weight"] is not None else 1.0)
-        density.append(values["density"] if values["density"] is not None else 1.0)
-        gamma.append(values["gamma"] if values["gamma"] is not None else 0.01)
-    if entries and not models:
-        problems.append("models lists only the base model; nothing to merge")
-    dtype = data.get("dtype")
-    if dtype is not None and dtype not in DTYPES:
-        problems.append(f"dtype is {dtype!r}; expected one of {', '.join(DTYPES)}")
-    kwargs = _shared(shared, problems)
-    if not problems and None not in models:
-        problems += _checkpoint_problems(base, models)
+        method = None
+    paths: list[Path] = []
+
+    def checkpoint(value: Any, where: str) -> Source | None:
+        p = _path(value, where, root, problems, recipe_dir)
+        if p is None:
+            return None
+        for i, q in enumerate(paths):
+            if q.resolve() == p.resolve():
+                return Source(i, q)
+        paths.append(p)
+        return Source(len(paths) - 1, p)
+
+    base = checkpoint(data["base_model"], "base_model") if data.get("base_model") is not None else None
+    uses_base = BASE_USE.get(method, "ignored")
+    if data.get("base_model") is None and uses_base in ("task", "first"):
+        problems.append(f"base_model is required by {method} ("
+                        + ("task vectors are taken against it)" if uses_base == "task" else "it is the first input)"))
+    global_scope = _params(data.get("parameters"), "parameters", method, shared=True, problems=problems)
+    has_models, has_slices = data.get("models") is not None, data.get("slices") is not None
+    if has_models == has_slices:
+        problems.append("give exactly one of models (a list of {model, parameters}) or slices (a list of "
+                        "{sources: [{model, layer_range}]}), as mergekit")
+    slices: list[tuple[list[Source], Source | None, Any]] = []
+    sources: list[Source] = []
+    if has_models:
+        entries = data["models"]
+        if not isinstance(entries, list) or not entries:
+            problems.append(f"models must be a non-empty list of {{model: path, parameters: {{...}}}}, got {entries!r}")
+            entries = []
+        for i, entry in enumerate(entries):
+            src = _entry(entry, f"models[{i}]", ("model", "parameters"), method, checkpoint, problems)
+            if src is None:
+                continue
+            if base is not None and src.ck == base.ck and uses_base != "ignored":
+                continue  # mergekit lists the base among the models; it is no task vector
+            if uses_base in ("task", "ignored") and method in PARAMS and "weight" in PARAMS[method][0] \
+                    and not _has(src.params, "weight") and not _has(global_scope, "weight"):
+                problems.append(f"models[{i}] ({entry['model']}) has no parameters.weight and parameters sets "
+                                "no default")
+            sources.append(src)
+        if entries and not sources and not problems:
+            problems.append("models lists only the base model; nothing to merge")
+        _count(method, len(sources), "models", problems)
+    elif has_slices:
+        slices = _slices(data["slices"], method, base, checkpoint, problems)
+    out_dtype = data.get("out_dtype", data.get("dtype"))
+    for key in ("dtype", "out_dtype"):
+        if data.get(key) is not None and data[key] not in DTYPES:
+            problems.append(f"{key} is {data[key]!r}; expected one of {', '.join(DTYPES)}")
     if problems:
-        lines = "\n  - ".join(problems)
-        raise ConfigError(f"{source} has {len(problems)} problem{'s' if len(problems) > 1 else ''}:\n  - {lines}")
-    if method == "linear" and "normalize" not in kwargs:
-        kwargs["normalize"] = True  # mergekit's linear normalises by default
-    spec = MergeSpec(method, tuple(weights), tuple(density), tuple(gamma), seed=seed, **kwargs)
-    return Recipe(base if method != "linear" else None, tuple(models), spec, DTYPES.get(dtype))
+        raise _error(source, problems)
+    cks = [Checkpoint(p) for p in paths]
+    try:
+        base_used = base if uses_base != "ignored" else None
+        if has_models:
+            ref = cks[(base_used or sources[0]).ck]
+            problems += [f"{paths[i]} {what}" for i, ck in enumerate(cks) if ck is not ref
+                         for what in _layout(ref, ck)]
+            jobs = [] if problems else plan_models(method, sources, base_used, cks, [global_scope], seed)
+            layers = None
+        else:
+            jobs, layers = plan_slices(method, slices, cks, global_scope, seed, problems)
+        problems += job_problems(jobs, cks, paths) if not problems else []
+    except ConfigError as exc:
+        problems.append(str(exc))
+    finally:
+        for ck in cks:
+            ck.close()
+    if problems:
+        raise _error(source, problems)
+    config_from = (base or (sources[0] if sources else slices[0][0][0])).path
+    models = tuple(s.path for s in sources) if has_models else tuple(dict.fromkeys(
+        s.path for srcs, _, _ in slices for s in srcs))
+    return Recipe(method, base.path if base_used else None, models, tuple(paths), tuple(jobs),
+                  DTYPES.get(out_dtype), config_from, layers, data)
+
+
+def _error(source: str, problems: list[str]) -> ConfigError:
+    lines = "\n  - ".join(problems)
+    return ConfigError(f"{source} has {len(problems)} problem{'s' if len(problems) > 1 else ''}:\n  - {lines}")
+
+
+def _has(scope: dict[str, Any] | None, name: str) -> bool:
+    return bool(scope) and name in scope
+
+
+def _count(method: str | None, n: int, where: str, problems: list[str]) -> None:
+    lo, hi = INPUTS.get(method, (1, None))
+    if n and (n < lo or (hi is not None and n > hi)):
+        want = f"exactly {lo}" if lo == hi else f"at least {lo}"
+        problems.append(f"{where}: {method} takes {want} model{'s' if lo > 1 else ''} besides the base model, "
+                        f"got {n}")
+
+
+def _layout(ref: Checkpoint, ck: Checkpoint) -> list[str]:
+    missing = [n for n in ref.infos if n not in ck.infos]
+    extra = [n for n in ck.infos if n not in ref.infos]
+    shapes = [f"{n} {list(ck.infos[n].shape)} vs {list(i.shape)}" for n, i in ref.infos.items()
+              if n in ck.infos and ck.infos[n].shape != i.shape]
+    out = []
+    for what, items in (("lacks", missing), ("has extra tensors", extra), ("has other shapes", shapes)):
+        if items:
+            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+            out.append(f"{what} relative to {ref.path}: {', '.join(items[:3])}{more}")
+    return out
+
+
+def _params(params: Any, where: str, method: str | None, shared: bool, problems: list[str]) -> dict[str, Any] | None:
+    """Validate a parameters mapping: names the method reads, value shapes (scalar, gradient, filters), ranges."""
+    if params is None:
+        return None
+    if not isinstance(params, dict):
+        problems.append(f"{where} must be a mapping, got {params!r}")
+        return None
+    per_input, shared_names = PARAMS.get(method, (set(PER_INPUT), set(SHARED)))
+    allowed = per_input | shared_names if shared else per_input
+    for key, setting in params.items():
+        if key not in allowed:
+            problems.append(f"{where}: unknown parameter {key!r} for {method} (expected "
+                            f"{', '.join(sorted(allowed)) or 'none'})")
+            continue
+        kind = (PER_INPUT.get(key) or SHARED[key])[0]
+        leaves = check(setting, kind, f"{where}.{key}", problems)
+        for v in leaves:
+            bad = _range(key, v, method)
+            if bad:
+                problems.append(f"{where}.{key} {bad}, got {v!r}")
+                break
+    return params
+
+
+def _range(key: str, v: Any, method: str | None) -> str | None:
+    if key == "density" and not 0 < v <= 1:
+        return "must be in (0, 1]"
+    if key == "gamma" and not 0 <= v < 1:
+        return "must be in [0, 1)"
+    if key == "epsilon" and not 0 <= v < 0.5:
+        return "must be in [0, 0.5)"
+    if key == "consensus" and v not in ("sum", "count"):
+        return "must be 'sum' or 'count'"
+    if key == "rescale":
+        if v not in (True, False, "inverse", "l1", "none"):
+            return ("must be one of true or 'l1' (match the task vector's L1 norm, mergekit's), 'inverse' "
+                    "(x 1/density, the DARE paper's), false or 'none' (no rescaling)")
+        if v not in (False, "none") and method in METHODS and METHODS[method][0] not in ("random", "della"):
+            return (f"rescales only random masks (dare_*, della*); {method} keeps its trimmed entries as they are "
+                    "(mergekit would L1-rescale them: not supported)")
+    return None
+
+
+def _entry(entry: Any, where: str, keys: tuple[str, ...], method: str | None, checkpoint: Any,
+           problems: list[str]) -> Source | None:
+    if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
+        problems.append(f"{where} must be a mapping with a 'model' path, got {entry!r}")
+        return None
+    problems += [f"{where}: unknown key {k!r} (expected {', '.join(keys)})" for k in entry if k not in keys]
+    params = _params(entry.get("parameters"), f"{where}.parameters", method, shared=False, problems=problems)
+    src = checkpoint(entry["model"], f"{where}.model")
+    if src is None:
+        return None
+    layers = None
+    if "layer_range" in keys:
+        lr = entry.get("layer_range")
+        if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                              for x in lr) and lr[0] < lr[1]):
+            problems.append(f"{where}.layer_range must be [first, end) with first < end, got {lr!r}")
+            return None
+        layers = (lr[0], lr[1])
+    return Source(src.ck, src.path, params, layers)
+
+
+def _slices(items: Any, method: str | None, base: Source | None, checkpoint: Any,
+            problems: list[str]) -> list[tuple[list[Source], Source | None, Any]]:
+    if not isinstance(items, list) or not items:
+        problems.append(f"slices must be a non-empty list of {{sources: [{{model, layer_range}}]}}, got {items!r}")
+        return []
+    out = []
+    for i, item in enumerate(items):
+        where = f"slices[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get("sources"), list) or not item["sources"]:
+            problems.append(f"{where} must be a mapping with a non-empty sources list, got {item!r}")
+            continue
+        problems += [f"{where}: unknown key {k!r} (expected sources, base_model, parameters)" for k in item
+                     if k not in ("sources", "base_model", "parameters")]
+        scope = _params(item.get("parameters"), f"{where}.parameters", method, shared=True, problems=problems)
+        slice_base = checkpoint(item["base_model"], f"{where}.base_model") if item.get("base_model") else base
+        srcs = [s for j, e in enumerate(item["sources"])
+                if (s := _entry(e, f"{where}.sources[{j}]", ("model", "layer_range", "parameters"), method,
+                                checkpoint, problems)) is not None]
+        if len(srcs) != len(item["sources"]):
+            continue
+        lengths = {s.layers[1] - s.layers[0] for s in srcs}
+        if len(lengths) > 1:
+            problems.append(f"{where}: every source of a slice spans the same number of layers, got "
+                            f"{sorted(lengths)}")
+        uses = BASE_USE.get(method, "ignored")
+        in_slice = slice_base is not None and any(s.ck == slice_base.ck for s in srcs)
+        if uses in ("task", "first") and not in_slice:
+            problems.append(f"{where}: {method} needs the base model among the slice's sources "
+                            f"({slice_base.path if slice_base else 'no base_model given'})")
+        n = len(srcs) - (1 if in_slice and uses != "ignored" else 0)
+        _count(method, n, where, problems)
+        out.append((srcs, slice_base if uses != "ignored" else None, scope))
+    return out
 
 
 def _path(value: Any, where: str, root: Path, problems: list[str], recipe_dir: Path | None = None) -> Path | None:
@@ -199,78 +391,59 @@ def _path(value: Any, where: str, root: Path, problems: list[str], recipe_dir: P
     return p
 
 
-def _shared(shared: dict[str, Any], problems: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in ("normalize", "int8_mask"):
-        if key in shared and not isinstance(shared[key], bool):
-            problems.append(f"parameters.{key} must be true or false, got {shared[key]!r}")
-    if "normalize" in shared and isinstance(shared["normalize"], bool):
-        out["normalize"] = shared["normalize"]
-    lam = shared.get("lambda")
-    if lam is not None:
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)):
-            problems.append(f"parameters.lambda must be a number, got {lam!r}")
-        else:
-            out["lam"] = float(lam)
-    rescale = shared.get("rescale", True)
-    if rescale not in (True, False, "inverse", "l1", "none"):
-        problems.append(f"parameters.rescale must be one of true or 'l1' (match the task vector's L1 norm, "
-                        "mergekit's), 'inverse' (x 1/density, the DARE paper's), false or 'none' (no rescaling); "
-                        f"got {rescale!r}")
-    else:
-        out["rescale"] = {True: "l1", False: "none"}.get(rescale, rescale)
-    consensus = shared.get("consensus", "sum")
-    if consensus not in ("sum", "count"):
-        problems.append(f"parameters.consensus must be 'sum' or 'count', got {consensus!r}")
-    else:
-        out["consensus"] = consensus
-    return out
-
-
-def _checkpoint_problems(base: Path | None, models: list[Path]) -> list[str]:
-    cks = [Checkpoint(p) for p in models]
-    ref = Checkpoint(base) if base is not None else cks[0]
-    try:
-        return layout_problems(ref, cks)
-    finally:
-        for ck in {id(c): c for c in [*cks, ref]}.values():
-            ck.close()
-
-
 def run_recipe(recipe: Recipe, out_dir: str | os.PathLike, *, shard_bytes: int = 2 * 1024**3,
                progress: bool = True) -> Path:
-    """Run a validated recipe, streaming tensor by tensor, with a progress bar on stderr.
+    """Run a planned recipe, streaming tensor by tensor, with a progress bar on stderr.
 
-    Besides the shards and the index, the output holds ``merge_recipe.json``: the inputs
-    and every resolved parameter (the lineage of the merged checkpoint).
+    The output is staged beside ``out_dir`` and replaces it whole when complete. Besides
+    the shards and the index it holds the config and tokenizer files of the base model
+    (or the first model) with the output dtype and, after ``slices``, the new number of
+    layers, and ``merge_recipe.json``: the inputs, the recipe and every resolved
+    parameter (the lineage of the merged checkpoint).
 
     Returns:
         The output directory.
     """
 
-    with Checkpoint(recipe.base or recipe.models[0]) as ref:
-        total = sum(i.end - i.start for i in ref.infos.values())
-    columns = (TextColumn("merging {task.fields[tensor]:<48.48}"), BarColumn(), DownloadColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, transient=True, console=Console(stderr=True), disable=not progress) as bar:
-        task = bar.add_task("merge", total=total, tensor="")
-        return merge_checkpoints(recipe.base, list(recipe.models), recipe.spec, out_dir, dtype=recipe.dtype,
-                                 shard_bytes=shard_bytes, finish=lambda stage: _finish(recipe, stage),
-                                 progress=lambda name, n: bar.update(task, advance=n, tensor=name))
+    cks = [Checkpoint(p) for p in recipe.checkpoints]
+    try:
+        total = sum(cks[ck].infos[n].end - cks[ck].infos[n].start for ck, n in
+                    (job.base or job.inputs[0] for job in recipe.jobs))
+        columns = (TextColumn("merging {task.fields[tensor]:<48.48}"), BarColumn(), DownloadColumn(),
+                   TimeRemainingColumn())
+        with Progress(*columns, transient=True, console=Console(stderr=True), disable=not progress) as bar, \
+                staged_output(out_dir) as stage:
+            task = bar.add_task("merge", total=total, tensor="")
+            run_jobs(cks, list(recipe.jobs), stage, dtype=recipe.dtype, shard_bytes=shard_bytes, block=1 << 20,
+                     progress=lambda name, n: bar.update(task, advance=n, tensor=name))
+            copy_files(recipe.config_from, stage)
+            _finish(recipe, stage)
+    finally:
+        for ck in cks:
+            ck.close()
+    return Path(out_dir)
 
 
 def _finish(recipe: Recipe, out: Path) -> None:
-    """Lineage beside the weights, and the output dtype in ``config.json`` (as mergekit writes it)."""
+    """Lineage beside the weights; the output dtype and layer count in ``config.json`` (as mergekit writes them)."""
     dtype = str(recipe.dtype).removeprefix("torch.") if recipe.dtype else None
-    lineage = {"base_model": str(recipe.base) if recipe.base else None, "models": [str(m) for m in recipe.models],
-               "recipe": recipe_of(recipe.spec), "dtype": dtype}
-    (out / "merge_recipe.json").write_text(json.dumps(lineage, indent=2) + "\n")
+    spec = recipe.spec
+    resolved = None if spec is None else recipe_of(spec) if isinstance(spec, MergeSpec) else asdict(spec)
+    lineage = {"method": recipe.method, "base_model": str(recipe.base) if recipe.base else None,
+               "models": [str(m) for m in recipe.models], "recipe": resolved, "dtype": dtype,
+               "layers": recipe.layers, "source": recipe.data}
+    (out / "merge_recipe.json").write_text(json.dumps(lineage, indent=2, default=str) + "\n")
     config = out / "config.json"
-    if dtype is not None and config.is_file():
+    if config.is_file() and (dtype is not None or recipe.layers is not None):
         data = json.loads(config.read_text())
-        for key in ("dtype", "torch_dtype"):  # transformers >= 4.56 writes "dtype"; older ones "torch_dtype"
-            if key == "dtype" or key in data:
-                data[key] = dtype
+        if dtype is not None:
+            for key in ("dtype", "torch_dtype"):  # transformers >= 4.56 writes "dtype"; older ones "torch_dtype"
+                if key == "dtype" or key in data:
+                    data[key] = dtype
+        if recipe.layers is not None:
+            for key in NUM_LAYER_KEYS:
+                if key in data:
+                    data[key] = recipe.layers
         config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 

@@ -141,3 +141,44 @@ def global_thresholds(density: tuple[float, ...], deltas: list[list[torch.Tensor
         below = torch.nextafter(torch.tensor(t, dtype=a.dtype), torch.tensor(0.0, dtype=a.dtype))
         out.append(Trim(float(below)) if t > 0 else Trim(0.0))
     return out
+
+
+def della_rows(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """DELLA's view of a tensor: (rows, row length, rows per mask block).
+
+    DELLA ranks the magnitudes within each row (a 1-D tensor is one row); its masks are
+    drawn per block of whole rows (about 2²⁰ entries), each block from its own seeded
+    generator, so a streaming merge reads whole row blocks.
+    """
+    if len(shape) > 2:
+        raise ValueError(f"DELLA ranks entries within rows of 1-D or 2-D tensors; got shape {list(shape)}")
+    rows, cols = (1, shape[0]) if len(shape) == 1 else (shape[0], shape[1])
+    return rows, cols, max(1, MASK_BLOCK // max(cols, 1))
+
+
+def della_keep(seed: int, name: str, index: int, block: int, rows: torch.Tensor, density: float,
+               epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DELLA's MagPrune keep-mask for one block of rows (Deep et al. 2024, arXiv 2406.11617).
+
+    Within each row the entry of rank r (1 = smallest |τ|) of C is kept with probability
+    p = density − ε + 2ε (r − 1)/(C − 1): large entries are kept more often, and the
+    mean keep probability is ``density``. Ranks break ties by position (a stable sort).
+
+    Args:
+        seed, name, index: as for DARE's masks; ``block`` numbers the row block.
+        rows: the block's task-vector rows, (R, C).
+        density: the mean keep probability.
+        epsilon: the spread of keep probabilities around ``density``.
+
+    Returns:
+        (mask, probabilities), both (R, C) in ``rows``' dtype.
+    """
+    magnitudes = rows.abs()
+    order = torch.argsort(magnitudes, dim=1, stable=True)  # (R, C)
+    ranks = torch.empty_like(magnitudes).scatter_(
+        1, order, torch.arange(1, rows.shape[1] + 1, dtype=rows.dtype).expand_as(order).contiguous())
+    low, high = 1.0, float(rows.shape[1])
+    spread = ((ranks - low) / (high - low)).clamp(0, 1) if high > low else torch.zeros_like(ranks)
+    probs = (density - epsilon) + spread * 2 * epsilon
+    gen = torch.Generator().manual_seed(mask_seed(seed, name, index, block))
+    return torch.bernoulli(probs, generator=gen), probs

@@ -34,8 +34,9 @@ from torch import nn
 from polymod.card import Lineage, Parent
 from polymod.errors import ConfigError
 from polymod.format import fingerprint
-from polymod.merging.methods import MergeSpec, TensorMerge, merge_tensor
-from polymod.merging.shards import Checkpoint, ShardedWriter, staged_output
+from polymod.merging.jobs import Job, run_jobs, work_dtype
+from polymod.merging.methods import MergeSpec, merge_tensor
+from polymod.merging.shards import Checkpoint, staged_output
 from polymod.merging.sparsify import kth_largest, top_k_trim
 from polymod.modules.contract import Module
 from polymod.modules.delta import Delta
@@ -44,10 +45,6 @@ from polymod.sites import Site, SiteSelector, named_layers, select, site_of
 
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def merge_state_dicts(base: Mapping[str, torch.Tensor] | None, models: list[Mapping[str, torch.Tensor]],
@@ -69,7 +66,7 @@ def merge_state_dicts(base: Mapping[str, torch.Tensor] | None, models: list[Mapp
         if not t.is_floating_point():
             out[name] = t.clone()
             continue
-        work = _work_dtype(t.dtype)
+        work = work_dtype(t.dtype)
         b = t.to(work) if base is not None else None
         xs = [m[name].to(work) - b if b is not None else m[name].to(work) for m in models]
         mixed = merge_tensor(spec, name, xs)
@@ -123,74 +120,26 @@ def _merge_into(base: str | os.PathLike | None, models: list[str | os.PathLike],
                 progress: Callable[[str, int], None] | None) -> None:
     ckpts = [Checkpoint(p) for p in models]
     ref_ck = Checkpoint(base) if base is not None else ckpts[0]
-    threads = torch.get_num_threads()
-    # The kernel works in cache-sized slices; PyTorch's intra-op threads only add a barrier per
-    # operation there (costly on a busy machine), so the merge runs in one thread.
-    torch.set_num_threads(1)
     try:
         problems = layout_problems(ref_ck, ckpts)
         if problems:
             raise ConfigError("the checkpoints do not match:\n  - " + "\n  - ".join(problems))
-        layout = [(n, dtype if dtype is not None and i.dtype.is_floating_point else i.dtype, i.shape)
-                  for n, i in ref_ck.infos.items()]
-        writer, scratch = ShardedWriter(out_dir, layout, shard_bytes), _Scratch()
-        for name, out_dtype, _ in layout:
-            _stream_tensor(name, ref_ck if base is not None else None, ckpts, spec, writer, out_dtype, block, scratch)
-            if progress is not None:
-                progress(name, ref_ck.infos[name].end - ref_ck.infos[name].start)
-        writer.close()
+        n = len(ckpts)
+        jobs = [Job(name, tuple((i, name) for i in range(n)), (n, name) if base is not None else None, spec)
+                for name in ref_ck.infos]
+        run_jobs([*ckpts, ref_ck], jobs, out_dir, dtype=dtype, shard_bytes=shard_bytes, block=block,
+                 progress=progress)
     finally:
-        torch.set_num_threads(threads)
         for ck in {id(c): c for c in [*ckpts, ref_ck]}.values():
             ck.close()
-    src = Path(base if base is not None else models[0])
+    copy_files(Path(base if base is not None else models[0]), out_dir)
+
+
+def copy_files(src: Path, out_dir: Path) -> None:
+    """Copy the config and tokenizer files of checkpoint ``src`` (when it is a directory) to ``out_dir``."""
     for f in COPIED_FILES:
         if src.is_dir() and (src / f).is_file():
             shutil.copyfile(src / f, Path(out_dir) / f)
-
-
-class _Scratch:
-    """Reusable read buffers: fresh allocations of large buffers cost a page fault per page."""
-
-    def __init__(self) -> None:
-        self._bufs: dict[str, torch.Tensor] = {}
-
-    def __call__(self, key: str, nbytes: int) -> torch.Tensor:
-        buf = self._bufs.get(key)
-        if buf is None or buf.numel() < nbytes:
-            buf = self._bufs[key] = torch.empty(nbytes, dtype=torch.uint8)
-        return buf[:nbytes]
-
-
-def _stream_tensor(name: str, base: Checkpoint | None, ckpts: list[Checkpoint], spec: MergeSpec,
-                   writer: ShardedWriter, out_dtype: torch.dtype, block: int, scratch: _Scratch) -> None:
-    info = (base or ckpts[0]).infos[name]
-    if not info.dtype.is_floating_point:
-        writer.write(name, (base or ckpts[0]).read(name))
-        return
-    work, size = _work_dtype(info.dtype), info.dtype.itemsize
-
-    def read(ck: Checkpoint, key: str, span: tuple[int, int] | None) -> torch.Tensor:
-        n = info.numel if span is None else span[1] - span[0]
-        return ck.read(name, span, out=scratch(key, n * size)).to(work)
-
-    merger = TensorMerge(spec, name, info.numel)
-    if merger.needs_stats:  # one full task vector at a time: base + one input in memory
-        b = read(base, "base-full", None) if base is not None else None
-        for i, ck in enumerate(ckpts):
-            x = read(ck, "input-full", None)
-            merger.observe(i, x.sub_(b) if b is not None else x, inplace=True)
-    if info.numel == 0:
-        writer.write(name, torch.empty(info.shape, dtype=out_dtype))
-    for start in range(0, info.numel, block):  # flat blocks: bounded memory, shape-agnostic kernel
-        span = (start, min(info.numel, start + block))
-        b = read(base, "base", span) if base is not None else None
-        xs = [read(ck, f"input{i}", span) for i, ck in enumerate(ckpts)]
-        if b is not None:
-            xs = [x.sub_(b) for x in xs]
-        out = scratch("out", (span[1] - span[0]) * work.itemsize).view(work)
-        mixed = merger(xs, offset=start, out=out)
-        writer.write(name, (mixed if b is None else mixed.add_(b)).to(out_dtype))
 
 
 def layout_problems(ref: Checkpoint, ckpts: list[Checkpoint]) -> list[str]:
@@ -268,10 +217,10 @@ def task_vector(pretrained: str | os.PathLike, finetuned: str | os.PathLike, hos
             site = site_of(layer_name, layer) if layer is not None else None
             ok = site is not None and site.kind != "block" and (chosen is None or layer_name in chosen)
             if ok and attr == "weight":
-                weights[layer_name] = (site, b.to(_work_dtype(a.dtype)) - a.to(_work_dtype(a.dtype)))
+                weights[layer_name] = (site, b.to(work_dtype(a.dtype)) - a.to(work_dtype(a.dtype)))
                 found.append(layer_name)
             elif ok and attr == "bias" and sparsify is None:
-                biases[layer_name] = b.to(_work_dtype(a.dtype)) - a.to(_work_dtype(a.dtype))
+                biases[layer_name] = b.to(work_dtype(a.dtype)) - a.to(work_dtype(a.dtype))
             else:
                 uncaptured.append(tname)
     if not weights:
