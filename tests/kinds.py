@@ -20,6 +20,8 @@ from polymod.modules.prefix import PrefixTuning
 from polymod.modules.prompt import PromptTuning
 from polymod.modules.sparse import SparseFT
 
+HEADS = {"bert": "classifier", "gpt2": "lm_head", "llama": "lm_head", "t5": "lm_head"}  # each family's task head
+
 KINDS: dict[str, tuple[Callable[[str], Any], bool]] = {
     "lora-attn": (lambda family: pm.LoRA(rank=4, sites="attn.q|attn.v"), True),
     "lora-linear-rs": (lambda family: pm.LoRA(rank=2, alpha=4, rslora=True, init="gaussian", sites="linear"), True),
@@ -36,6 +38,7 @@ KINDS: dict[str, tuple[Callable[[str], Any], bool]] = {
     "invertible": (lambda family: Invertible(), True),
     "prompt": (lambda family: PromptTuning(length=3), False),
     "prefix": (lambda family: PrefixTuning(length=3), False),
+    "head": (lambda family: pm.Head(sites=HEADS[family]), True),
     "hyper-lora": (lambda family: HyperLoRA(tasks=("t",), languages=("en",), rank=2, embedding_dim=4, hidden=8), True),
 }
 

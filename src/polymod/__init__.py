@@ -29,6 +29,7 @@ from polymod.errors import (
 from polymod.format import load, save
 from polymod.hub.composition import load_composition
 from polymod.interop import read_adapters, read_peft, write_peft
+from polymod.interop.peft import read_peft_modules
 from polymod.merging.genknowsub import gen_know_sub
 from polymod.merging.lorahub import few_shot_loss, lorahub
 from polymod.merging.merge import merge
@@ -38,6 +39,7 @@ from polymod.modules import (
     IA3,
     Adapter,
     Delta,
+    Head,
     HyperLoRA,
     Invertible,
     LoRA,
@@ -85,6 +87,7 @@ __all__ = [
     "FormatError",
     "gen_know_sub",
     "HashRouter",
+    "Head",
     "HostMismatchWarning",
     "hub",
     "HubError",
@@ -110,6 +113,7 @@ __all__ = [
     "PromptTuning",
     "read_adapters",
     "read_peft",
+    "read_peft_modules",
     "registered_kinds",
     "save",
     "select",

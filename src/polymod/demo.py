@@ -2,13 +2,17 @@
 
 1. Train two LoRA modules on all-MiniLM-L6-v2 (a 22.7M-parameter BERT) with
    polymod's ``Trainer``: ``rt`` on Rotten Tomatoes sentences and ``imdb`` on
-   IMDB reviews (sentiment).
+   IMDB reviews (sentiment), each with its own head module (``rt-head``,
+   ``imdb-head``: a trainable copy of the randomly initialised classifier, so
+   the host stays the pretrained checkpoint).
 2. Compose them: a uniform ``Mix`` (representation aggregation), a TIES merge
-   whose card records its lineage, and a heterogeneous batch where each row is
-   routed to its own task's module in one forward pass.
-3. Publish all three to a local hub (SQLite + content-addressed blobs under
+   of the LoRAs plus an average of the heads, each card recording its lineage,
+   and a heterogeneous batch where each row is routed to its own task's modules
+   in one forward pass.
+3. Publish them to a local hub (SQLite + content-addressed blobs under
    ``out/hub``), pull the merge back by name into a second store (another
-   "machine") and check it reproduces the outputs exactly.
+   "machine" whose host was loaded afresh, with another random classifier) and
+   check it reproduces the outputs exactly, without a host-mismatch warning.
 4. Print accuracy per composition and task and the trainable-parameter share,
    plot them to ``<out>/tour.png`` (when matplotlib is installed), and point to
    that plot and to the experiments' plots.
@@ -22,7 +26,9 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -32,7 +38,7 @@ from transformers.utils import logging as hf_logging
 
 import polymod as pm
 from polymod import assets
-from polymod.compose import Mix
+from polymod.compose import Mix, Stack
 from polymod.merging.merge import merge
 from polymod.routing import Static
 from polymod.training import TrainConfig, Trainer, TrainResult
@@ -64,21 +70,21 @@ def accuracy(logits: torch.Tensor, split: assets.TextSplit) -> float:
     return (logits.argmax(-1) == torch.tensor(split.labels)).float().mean().item()
 
 
-def train(model: pm.Modular, name: str, split: assets.TextSplit, tokenizer, epochs: int = 2, lr: float = 4e-3,
-          batch_size: int = 32, seed: int = 0) -> TrainResult:
-    """Train module ``name`` alone with polymod's :class:`~polymod.training.Trainer` (AdamW, linear decay)."""
+def train(model: pm.Modular, names: list[str], split: assets.TextSplit, tokenizer, epochs: int = 2,
+          lr: float = 4e-3, batch_size: int = 32, seed: int = 0) -> TrainResult:
+    """Train the modules ``names``, stacked, with polymod's :class:`~polymod.training.Trainer` (AdamW, linear decay)."""
     enc = tokenizer(split.texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
     data = {**enc, "labels": torch.tensor(split.labels)}  # columnar; the host computes the loss from labels
     steps = epochs * -(-len(split) // batch_size)
-    model.use(name)
+    model.use(Stack(*names))
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=0, seed=seed)
-    result = Trainer(model, [name], data, config=config).fit()
+    result = Trainer(model, names, data, config=config).fit()
     model.eval()
     return result
 
 
-def routed_accuracy(model: pm.Modular, tasks: dict[str, tuple[assets.TextSplit, str]], tokenizer) -> dict[str, float]:
-    """Accuracy when every batch mixes rows of all tasks, each row routed to its own module in one pass."""
+def routed_accuracy(model: pm.Modular, tasks: dict[str, tuple[assets.TextSplit, Any]], tokenizer) -> dict[str, float]:
+    """Accuracy when every batch mixes rows of all tasks, each row routed to its own modules in one pass."""
     texts, labels, owner = [], [], []
     for task, (split, module) in tasks.items():
         texts += split.texts
@@ -126,7 +132,7 @@ def plot(results: dict[str, dict[str, float]], out: Path) -> Path | None:
 
 
 def publish_and_pull(model: pm.Modular, names: list[str], out: Path, host_copy) -> tuple[Path, dict]:
-    """Save, push to a local hub, pull the last module into a second store and attach it to ``host_copy``."""
+    """Save and push ``names`` to a local hub; pull the last two (the merge and its head) into a second store."""
     hub_dir, other_dir = out / "hub", out / "hub-second-machine"
     for d in (hub_dir, other_dir):
         shutil.rmtree(d, ignore_errors=True)
@@ -134,8 +140,8 @@ def publish_and_pull(model: pm.Modular, names: list[str], out: Path, host_copy) 
         path = pm.save(model[name], out / "modules" / name)
         info = pm.hub.push(path, f"demo/{name}@1.0.0", hub=hub_dir)
         console.print(f"published [bold]{info.ref}[/bold]  sha256 {info.files['weights.safetensors']['sha256'][:12]}…")
-    pulled = pm.hub.pull(f"demo/{names[-1]}@1.0.0", other_dir / "pulled" / names[-1], hub=hub_dir)
-    return pulled, pm.hub.lineage(f"demo/{names[-1]}@1.0.0", hub=hub_dir)
+    pulled = {n: pm.hub.pull(f"demo/{n}@1.0.0", other_dir / "pulled" / n, hub=hub_dir) for n in names[-2:]}
+    return pulled, pm.hub.lineage(f"demo/{names[-2]}@1.0.0", hub=hub_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,8 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     path = assets.minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     host = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    twin = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    twin.load_state_dict(host.state_dict())  # the second "machine" gets the same host
+    twin = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)  # another random classifier
     data = {"rt": assets.rotten_tomatoes(args.train, args.test, seed=0), "imdb": assets.imdb(args.train, args.test)}
     console.rule("[bold]1. train two modules on a frozen host")
     console.print(f"host: all-MiniLM-L6-v2, {sum(p.numel() for p in host.parameters()):,} parameters; "
@@ -164,43 +169,56 @@ def main(argv: list[str] | None = None) -> None:
                                                            for t, s in test.items()}}
     seconds = {}
     for task, (train_split, _) in data.items():
-        report = model.add(task, pm.LoRA(rank=8, sites="attn.q|attn.v|classifier"))
-        model[task].card.version = "1.0.0"
+        report = model.add(task, pm.LoRA(rank=8, sites="attn.q|attn.v"))
+        model.add(f"{task}-head", pm.Head(sites="classifier"))  # the task head: a trainable copy of the classifier
+        model[task].card.version = model[f"{task}-head"].card.version = "1.0.0"
         start = time.perf_counter()
-        train(model, task, train_split, tokenizer)
+        train(model, [task, f"{task}-head"], train_split, tokenizer)
         seconds[task] = time.perf_counter() - start
     console.print(str(report).splitlines()[0])
 
     console.rule("[bold]2. compose: single modules, a Mix, a TIES merge with lineage, per-row routing")
     model.add("rt-imdb", merge({"rt": model["rt"], "imdb": model["imdb"]}, method="ties", density=0.5))
-    console.print(f"merged card lineage: {model['rt-imdb'].card.lineage.describe()}")
-    compositions = {"rt": "rt", "imdb": "imdb", "Mix uniform": Mix(["rt", "imdb"], router=Static()),
-                    "TIES merge": "rt-imdb"}
+    model.add("rt-imdb-head", merge({"rt-head": model["rt-head"], "imdb-head": model["imdb-head"]}))  # average
+    console.print(f"merged card lineage: {model['rt-imdb'].card.lineage.describe()}; "
+                  f"heads: {model['rt-imdb-head'].card.lineage.describe()}")
+    compositions = {"rt": Stack("rt", "rt-head"), "imdb": Stack("imdb", "imdb-head"),
+                    "Mix uniform": Stack(Mix(["rt", "imdb"], router=Static()),
+                                         Mix(["rt-head", "imdb-head"], router=Static())),
+                    "TIES merge": Stack("rt-imdb", "rt-imdb-head")}
     logits = {}
     for label, expr in compositions.items():
         model.use(expr)
         logits[label] = {t: predictions(host, s, tokenizer) for t, s in test.items()}
         results[label] = {t: accuracy(logits[label][t], s) for t, s in test.items()}
-    results["routed per row"] = routed_accuracy(model, {t: (s, t) for t, s in test.items()}, tokenizer)
+    results["routed per row"] = routed_accuracy(model, {t: (s, Stack(t, f"{t}-head")) for t, s in test.items()},
+                                                tokenizer)
 
     console.rule("[bold]3. publish to a local hub, pull on a second machine")
-    pulled, graph = publish_and_pull(model, ["rt", "imdb", "rt-imdb"], args.out, twin)
+    names = ["rt", "rt-head", "imdb", "imdb-head", "rt-imdb", "rt-imdb-head"]
+    pulled, graph = publish_and_pull(model, names, args.out, twin)
     second = pm.Modular(twin)
-    second.add("rt-imdb", pm.load(pulled))
-    second.use("rt-imdb")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", pm.HostMismatchWarning)
+        for name, where in pulled.items():
+            second.add(name, pm.load(where, host=twin))
+    mismatches = sum(issubclass(w.category, pm.HostMismatchWarning) for w in caught)
+    second.use(Stack("rt-imdb", "rt-imdb-head"))
     same = all(torch.equal(predictions(twin, s, tokenizer), logits["TIES merge"][t]) for t, s in test.items())
-    console.print(f"pulled {pulled} on the second machine: outputs identical to the original: {same}")
+    console.print(f"pulled {', '.join(pulled)} on the second machine (a fresh host, another random classifier): "
+                  f"host-mismatch warnings: {mismatches}; outputs identical to the original: {same}")
     console.print(f"lineage graph: {len(graph.get('nodes', []))} nodes, {len(graph.get('edges', []))} edges")
 
     console.rule("[bold]4. results")
-    table = Table(title="held-out accuracy, all-MiniLM-L6-v2 + LoRA r=8 (q, v, head)")
+    table = Table(title="held-out accuracy, all-MiniLM-L6-v2 + LoRA r=8 (q, v) + head module")
     for col in ("composition", "Rotten Tomatoes", "IMDB"):
         table.add_column(col)
     for label, accs in results.items():
         table.add_row(label, f"{accs['rt']:.3f}", f"{accs['imdb']:.3f}")
     console.print(table)
-    share = model["rt"].num_parameters() / sum(p.numel() for p in host.parameters())
-    console.print(f"trainable parameters per module: {model['rt'].num_parameters():,} ({100 * share:.2f}% of the "
+    size = model["rt"].num_parameters() + model["rt-head"].num_parameters()
+    share = size / sum(p.numel() for p in host.parameters())
+    console.print(f"trainable parameters per task (LoRA + head): {size:,} ({100 * share:.2f}% of the "
                   f"host); training: {seconds['rt']:.0f} s and {seconds['imdb']:.0f} s on "
                   f"{torch.get_num_threads()} threads")
     written = plot(results, args.out)

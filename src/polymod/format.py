@@ -99,8 +99,15 @@ def architecture(host: nn.Module) -> str:
     return archs[0] if archs else type(host).__name__
 
 
-def fingerprint(host: nn.Module, sites: dict[str, Site]) -> dict[str, Any]:
-    """The host fingerprint of a module acting at ``sites``: architecture plus touched tensors."""
+def fingerprint(host: nn.Module, sites: dict[str, Site], weights: bool = True) -> dict[str, Any]:
+    """The host fingerprint of a module acting at ``sites``: architecture plus touched tensors.
+
+    Args:
+        host: the host.
+        sites: the module's sites by name.
+        weights: record the shape, dtype and sha256 of the host weight at each site; False for
+            modules whose function does not read them (a head holds its own copy of the layer).
+    """
     layers = named_layers(host)
     out: dict[str, Any] = {
         "architecture": architecture(host),
@@ -110,7 +117,7 @@ def fingerprint(host: nn.Module, sites: dict[str, Site]) -> dict[str, Any]:
     for name, site in sites.items():
         entry: dict[str, Any] = {"kind": site.kind, "in": site.in_features, "out": site.out_features}
         weight = getattr(layers.get(name), "weight", None)
-        if isinstance(weight, torch.Tensor):
+        if weights and isinstance(weight, torch.Tensor):
             entry["weight"] = {"shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch."),
                                "sha256": tensor_sha256(weight)}
         out["sites"][name] = entry

@@ -37,7 +37,7 @@ from polymod.compose import Composition, describe, leaves, unknown
 from polymod.errors import ConfigError, IncompatibleHostError, StateError, UnknownModuleError
 from polymod.format import fingerprint, require_fit
 from polymod.inputs import bind_call
-from polymod.modules.contract import BiasDelta, HostDependentSites, Module, ModuleSpec, ReadsHostLayer
+from polymod.modules.contract import BiasDelta, CopiesLayers, HostDependentSites, Module, ModuleSpec, ReadsHostLayer
 from polymod.plan import compile_plan
 from polymod.roles import FUSED_QKV_NOTE, family_of
 from polymod.routing.state import RoutingState
@@ -158,7 +158,7 @@ class Modular(nn.Module):
                 raise IncompatibleHostError(f"{spec.kind} cannot act at {len(refusals)} selected sites ({listed})")
             parts = [spec.build_part(s, self._layer(s.name)) for s in chosen]
             module = Module(spec, chosen, parts)
-            module.card.host = fingerprint(self.host, module.sites)
+            module.card.host = fingerprint(self.host, module.sites, weights=not isinstance(spec, CopiesLayers))
         if family_of(self.host) == "gpt2" and any(n.endswith("attn.c_attn") for n in module.sites):
             notes.append(FUSED_QKV_NOTE)
         self.library[name] = module

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from polymod.format import Loader, detect
 from polymod.interop.adapters import is_adapters_dir, read_adapters
-from polymod.interop.peft import is_peft_dir, read_peft, write_peft
+from polymod.interop.peft import is_peft_dir, read_peft, read_peft_modules, write_peft
 
 LOADERS = (
     Loader("peft", is_peft_dir, read_peft),
     Loader("adapters", is_adapters_dir, read_adapters),
 )
 
-__all__ = ["LOADERS", "detect", "read_adapters", "read_peft", "write_peft"]
+__all__ = ["LOADERS", "detect", "read_adapters", "read_peft", "read_peft_modules", "write_peft"]

@@ -14,6 +14,8 @@ IA3         ``ia3_l``: (D_out, 1), or (1, D_in) for        :class:`~polymod.modu
             ``feedforward_modules``                        feedforward sites scale their input
 PROMPT_/    ``prompt_embeddings``                          prompt / prefix tuning; see
 PREFIX_...                                                 :mod:`polymod.interop.peft_prompts`
+modules_to_ ``<layer>.weight``, ``<layer>.bias`` (the copies)  a second module, a
+save                                                       :class:`~polymod.modules.head.Head`
 =========== ============================================ =======================================
 
 ``fan_in_fan_out`` marks transformers' ``Conv1D`` layers (GPT-2). Only the
@@ -43,6 +45,7 @@ from polymod.interop.options import check
 from polymod.interop.peft_options import CLASS_NAMES, TABLES
 from polymod.interop.peft_prompts import prompt_config, read_prompt_learning
 from polymod.modules.contract import Module, spec_to_dict
+from polymod.modules.head import Head
 from polymod.modules.ia3 import IA3
 from polymod.modules.lora import LoRA
 from polymod.sites import Site, named_layers, site_of
@@ -89,6 +92,25 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return config, tensors
 
 
+def _head_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    """Pop the ``modules_to_save`` copies out of ``tensors``: layer name -> {"weight": ..., "bias": ...}.
+
+    PEFT saves each copy under the layer's own name (``base_model.model.classifier.weight``);
+    ``modules_to_save`` lists names that match a layer or one of its parents by suffix.
+    """
+    names = [n for n in (config.get("modules_to_save") or []) if n]
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key in list(tensors):
+        name, _, leaf = key.removeprefix(PREFIX).rpartition(".")
+        if leaf not in ("weight", "bias") or ".lora_" in f".{name}" or name.endswith(".base_layer"):
+            continue
+        parts = name.split(".")
+        if any(".".join(parts[:i]) == n or ".".join(parts[:i]).endswith("." + n)
+               for n in names for i in range(1, len(parts) + 1)):
+            out.setdefault(name, {})[leaf] = tensors.pop(key)
+    return out
+
+
 def _split(tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...],
            host: nn.Module | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """site -> {suffix: tensor}; raises on keys that are none of ``suffixes``.
@@ -111,14 +133,14 @@ def _split(tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...],
                 out.setdefault(name[: -len(suffix) - 1], {})[suffix] = value
                 break
         else:
-            raise FormatError(f"PEFT tensor {key!r} is not one polymod can represent (e.g. modules_to_save copies "
-                              "of whole layers or trained biases); re-train without them or drop them first")
+            raise FormatError(f"PEFT tensor {key!r} is not one polymod can represent (e.g. trained biases of the "
+                              "host's layers); re-train without them or drop them first")
     return out
 
 
 def _card(kind: str, spec: Any, sites: list[Site], host: nn.Module | None, config: dict[str, Any]) -> Card:
     if host is not None:
-        geometry = fingerprint(host, {s.name: s for s in sites})
+        geometry = fingerprint(host, {s.name: s for s in sites}, weights=kind != "head")
     else:
         geometry = {"architecture": None, "model_type": None,
                     "sites": {s.name: {"kind": s.kind, "in": s.in_features, "out": s.out_features} for s in sites}}
@@ -176,8 +198,71 @@ def _ia3(config: dict[str, Any], tensors: dict[str, torch.Tensor], host: nn.Modu
     return Module(spec, sites, parts, card=_card("ia3", spec, sites, host, config))
 
 
+def _head(config: dict[str, Any], copies: dict[str, dict[str, torch.Tensor]], host: nn.Module | None) -> Module:
+    """The ``modules_to_save`` copies as one head module (the host tells each layer's kind and bias)."""
+    if host is None:
+        raise ConfigError(f"reading a PEFT adapter's modules_to_save ({sorted(copies)}) needs the host (host=...): "
+                          "a saved copy does not say whether it was a Linear, Conv1D or Embedding layer")
+    spec = Head(sites=exact(sorted(copies)))
+    sites, parts = [], []
+    for name, t in copies.items():
+        site = _site(name, "linear", None, None, host)
+        reason = spec.check_site(site)
+        if reason or "weight" not in t:
+            raise FormatError(f"the PEFT adapter's copy of {name} cannot be read as a head: "
+                              f"{reason or 'it has no weight'}")
+        part = spec.build_part(site, None)
+        state = {"weight": t["weight"]}
+        if part.bias is not None:
+            state["bias"] = t.get("bias", torch.zeros(site.out_features))
+        try:
+            part.load_state_dict(state)
+        except RuntimeError as exc:
+            raise FormatError(f"the PEFT adapter's copy of {name} does not fit the host's layer: {exc}") from None
+        sites.append(site)
+        parts.append(part)
+    return Module(spec, sites, parts, card=_card("head", spec, sites, host, config))
+
+
+def read_peft_modules(path: str | os.PathLike, host: nn.Module | None = None) -> dict[str, Module]:
+    """Read a PEFT adapter directory as polymod modules: its adapter and, with ``modules_to_save``, its head.
+
+    PEFT keeps trainable copies of whole layers (``modules_to_save``; for ``task_type="SEQ_CLS"``
+    the classifier) inside the adapter; polymod holds them as a separate
+    :class:`~polymod.modules.head.Head` module. Attach both and stack them::
+
+        modules = pm.read_peft_modules(path, host=host)   # {"lora": ..., "head": ...}
+        for name, module in modules.items():
+            model.add(name, module)
+        model.use(pm.Stack(*modules))
+
+    Args:
+        path: the directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+        host: the host it was trained on (required for IA3 and for ``modules_to_save``).
+
+    Returns:
+        ``{kind: module}``: the adapter under its kind (``lora``, ``ia3``, ``prompt``, ``prefix``)
+        and the head under ``head`` when the adapter has one.
+
+    Raises:
+        FormatError: not a PEFT directory, a pickle-only one, an unsupported type or feature.
+        ConfigError: ``host`` lacks a targeted layer, or is missing where it is needed.
+    """
+    path = Path(path)
+    config, tensors = _read(path)
+    copies = {} if config["peft_type"] in ("PROMPT_TUNING", "PREFIX_TUNING") else _head_tensors(tensors, config)
+    if config["peft_type"] in ("PROMPT_TUNING", "PREFIX_TUNING"):
+        adapter = read_prompt_learning(config, tensors, host, _card)
+    else:
+        adapter = (_lora if config["peft_type"] == "LORA" else _ia3)(config, tensors, host)
+    modules = {adapter.kind: adapter}
+    if copies:
+        modules["head"] = _head(config, copies, host)
+    return modules
+
+
 def read_peft(path: str | os.PathLike, host: nn.Module | None = None) -> Module:
-    """Read a PEFT adapter directory as a polymod module.
+    """Read a PEFT adapter directory as one polymod module (``pm.load`` calls this for PEFT directories).
 
     Args:
         path: the directory (``adapter_config.json`` + ``adapter_model.safetensors``).
@@ -185,18 +270,21 @@ def read_peft(path: str | os.PathLike, host: nn.Module | None = None) -> Module:
             required for IA3, whose vectors give only one side of each site's shape).
 
     Raises:
-        FormatError: not a PEFT directory, a pickle-only one, an unsupported type or feature.
+        FormatError: not a PEFT directory, a pickle-only one, an unsupported type or feature,
+            or an adapter with ``modules_to_save`` copies (two modules: use :func:`read_peft_modules`).
         ConfigError: ``host`` lacks a targeted layer, or IA3 without ``host``.
     """
-    path = Path(path)
-    config, tensors = _read(path)
-    if config["peft_type"] in ("PROMPT_TUNING", "PREFIX_TUNING"):
-        return read_prompt_learning(config, tensors, host, _card)
-    return (_lora if config["peft_type"] == "LORA" else _ia3)(config, tensors, host)
+    modules = read_peft_modules(path, host)
+    if "head" in modules:
+        names = sorted(modules["head"].sites)
+        raise FormatError(f"this PEFT adapter has modules_to_save (trained copies of {names}), which polymod holds "
+                          "as a second module, a head: read both with modules = pm.read_peft_modules(path, "
+                          "host=host), add each (model.add(name, module)) and use pm.Stack(*modules)")
+    return next(iter(modules.values()))
 
 
 def write_peft(module: Module, path: str | os.PathLike, base_model: str | None = None,
-               host: nn.Module | None = None) -> Path:
+               host: nn.Module | None = None, head: Module | None = None) -> Path:
     """Write a LoRA, IA³ or prompt-tuning module as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads.
 
     Args:
@@ -204,12 +292,18 @@ def write_peft(module: Module, path: str | os.PathLike, base_model: str | None =
         path: the directory to create.
         base_model: recorded as ``base_model_name_or_path``.
         host: the host; needed for a prompt module on a sequence classifier (PEFT saves its head).
+        head: a :class:`~polymod.modules.head.Head` module trained with a LoRA or IA³ module,
+            written as PEFT's ``modules_to_save`` (PEFT restores it as trainable copies of those layers).
 
     Raises:
         ConfigError: another kind, a module mixing ``Conv1D`` and ``Linear`` sites (one PEFT
-            config cannot say both), or LoRA on sites PEFT cannot target.
+            config cannot say both), LoRA on sites PEFT cannot target, or ``head`` that is not
+            a head module, or given with a prompt module.
     """
     kinds = {s.kind for s in module.sites.values()}
+    if head is not None and (head.kind != "head" or module.kind == "prompt"):
+        raise ConfigError(f"write_peft's head= takes a head module (pm.Head) next to a lora or ia3 module, got a "
+                          f"{head.kind} module next to a {module.kind} module")
     if module.kind == "prompt":
         config, tensors = prompt_config(module, host)
         return _write(Path(path), {**config, "base_model_name_or_path": base_model}, tensors)
@@ -235,6 +329,12 @@ def write_peft(module: Module, path: str | os.PathLike, base_model: str | None =
         for name, part in module.items():
             shape = (1, -1) if part.scales_input else (-1, 1)
             tensors[f"{PREFIX}{name}.ia3_l"] = part.scale.reshape(shape)
+    if head is not None:  # PEFT saves each modules_to_save copy under the layer's own name
+        config["modules_to_save"] = list(head.sites)
+        for name, part in head.items():
+            tensors[f"{PREFIX}{name}.weight"] = part.weight
+            if isinstance(part.bias, nn.Parameter):  # a zero buffer stands for a layer without a bias
+                tensors[f"{PREFIX}{name}.bias"] = part.bias
     return _write(Path(path), config, tensors)
 
 

@@ -30,7 +30,8 @@ COMMON: dict[str, Option] = {
     "inference_mode": inert(False, "whether PEFT freezes the adapter; polymod trains only what the user selects"),
 }
 
-_HEADS = exact(None, "each listed layer becomes a trainable copy (a head part) holding the saved weights")
+_HEADS = exact(None, "each listed layer's trained copy becomes a head module (pm.Head), read with "
+                     "pm.read_peft_modules next to the adapter (pm.load, which returns one module, says so)")
 
 LORA: dict[str, Option] = {
     **COMMON,
@@ -43,8 +44,7 @@ LORA: dict[str, Option] = {
     "bias": refused("none", "trained biases of the host's layers are not represented by polymod's LoRA; re-train "
                             "with bias='none'"),
     "use_rslora": exact(False, "rank-stabilised scaling α/√r"),
-    "modules_to_save": refused(None, "trainable copies of whole layers are not represented by polymod's LoRA; "
-                                     "re-train without modules_to_save"),
+    "modules_to_save": _HEADS,
     "init_lora_weights": exact(
         True, f"{_INIT_ONLY} (True, False, 'gaussian', 'orthogonal')",
         accepts=lambda v: v in _PLAIN_INITS and type(v) in (bool, str),
@@ -94,8 +94,7 @@ IA3: dict[str, Option] = {
     "exclude_modules": exact(None, _TENSORS),
     "feedforward_modules": exact(None, "sites that scale their input, read from the vectors' shapes (1, D_in)"),
     "fan_in_fan_out": exact(False, "marks transformers' Conv1D layers (the host's own layer decides)"),
-    "modules_to_save": refused(None, "trainable copies of whole layers are not represented by polymod's IA³; "
-                                     "re-train without modules_to_save"),
+    "modules_to_save": _HEADS,
     "init_ia3_weights": inert(True, _INIT_ONLY),
 }
 

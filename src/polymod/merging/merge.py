@@ -18,7 +18,9 @@ Breadcrumbs); negation is a negative weight. What comes out:
   (``SparseFT``, only the non-zero entries) when every input is sparse, else
   dense (``Delta``); ``result=`` forces either.
 
-Inputs must share host, sites and shapes; otherwise an
+Head modules (copies of a task head's layers) merge only with heads, by a
+weighted average (:mod:`polymod.merging.heads`). Inputs must share host, sites
+and shapes; otherwise an
 :class:`~polymod.errors.IncompatibleHostError` names the modules and sites.
 """
 
@@ -34,6 +36,7 @@ from polymod.card import Lineage, Parent
 from polymod.errors import ConfigError, IncompatibleHostError, StateError
 from polymod.format import content_hash
 from polymod.merging import lora as lora_merge
+from polymod.merging.heads import merge_heads
 from polymod.merging.methods import METHODS, MergeSpec, TensorMerge
 from polymod.merging.sparsify import global_thresholds
 from polymod.modules.contract import BiasDelta, Module
@@ -94,7 +97,9 @@ def merge(modules: Sequence[Module] | Mapping[str, Module], method: str = "linea
                           f"got rank={rank!r} with lora={lora!r}")
     recipe = recipe_of(spec)
     metrics: dict[str, Any] = {}
-    if lora in ("cat", "ab"):
+    if any(m.kind == "head" for m in mods):  # heads hold weights, not deltas: averaged, or refused with the reason
+        out = merge_heads(names, mods, spec)
+    elif lora in ("cat", "ab"):
         out = _lora_factors(mods, spec, lora)
         recipe["lora"] = lora
     else:
@@ -172,7 +177,11 @@ def check_compatible(names: list[str], modules: list[Module]) -> None:
         if differ:
             raise IncompatibleHostError(
                 f"cannot merge {first!r} and {other!r}: they were made on different host weights at {len(differ)} "
-                f"sites (first: {differ[0]}); task vectors of different base models do not add up")
+                f"sites (first: {differ[0]}); task vectors of different base models do not add up. If those are "
+                "the sites of a task head that from_pretrained(..., num_labels=k) initialised at random (a "
+                "classifier or score layer), train the head as its own module, pm.Head(sites='classifier'), and "
+                "keep it out of the LoRA's sites: the host weights then stay the pretrained ones and the modules "
+                "merge. Otherwise merge modules made on the same checkpoint")
 
 
 def _weight_hash(sites: dict[str, Any], site: str) -> str | None:

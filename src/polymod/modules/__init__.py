@@ -3,6 +3,7 @@
 from polymod.modules.adapter import Adapter
 from polymod.modules.contract import Module, ModuleSpec, register, registered_kinds
 from polymod.modules.delta import Delta
+from polymod.modules.head import Head
 from polymod.modules.hyper import HyperLoRA
 from polymod.modules.ia3 import IA3
 from polymod.modules.invertible import Invertible
@@ -12,4 +13,4 @@ from polymod.modules.prompt import PromptTuning
 from polymod.modules.sparse import SparseFT
 
 __all__ = ["Module", "ModuleSpec", "register", "registered_kinds", "LoRA", "IA3", "SparseFT", "Adapter", "Invertible",
-           "Delta", "PromptTuning", "PrefixTuning", "HyperLoRA"]
+           "Delta", "Head", "PromptTuning", "PrefixTuning", "HyperLoRA"]

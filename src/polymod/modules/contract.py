@@ -49,6 +49,9 @@ Optional spec capabilities, likewise declared:
   :class:`Module` is built (attach, load, materialise), for kinds whose parts
   share parameters held by one of them (a hypernetwork shared by every site).
   Shared parameters then live, and are saved, exactly once.
+* :class:`CopiesLayers` — ``copies_layer()``: the parts replace their sites' output with their own
+  copy of the layer (a head, PEFT's ``modules_to_save``), so the host weights there are left out of
+  the module's host fingerprint.
 * :class:`HostDependentSites` — ``sites_for(host) -> selection``, used by ``Modular.add`` instead of
   ``spec.sites`` for kinds whose sites depend on the host (a bottleneck
   adapter's placement differs between post-LN BERT and pre-LN GPT-2/Llama/T5;
@@ -148,6 +151,14 @@ class HostDependentSites(Protocol):
 
     def sites_for(self, host: nn.Module) -> Any:
         """The site selection to use on ``host`` (a selector string, list or SiteSelector)."""
+
+
+@runtime_checkable
+class CopiesLayers(Protocol):
+    """A spec whose parts compute their sites' whole output from their own copy of the layer (a head)."""
+
+    def copies_layer(self) -> bool:
+        """True: the host weights at the module's sites do not enter its function (nor its host fingerprint)."""
 
 
 _KINDS: dict[str, type] = {}
