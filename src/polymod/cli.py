@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 import polymod
-from polymod.errors import PolymodError
+from polymod.errors import ConfigError, PolymodError
 from polymod.hub.commands import app as _hub_app
 from polymod.merging.recipe import merge_command
+from polymod.serving.engine import ServeOptions, load_engine
+from polymod.serving.server import serve as run_server
 from polymod.training.run_config import run_file
 
 app = typer.Typer(name="polymod", help="Modular deep learning: modules, routing, merging and a module hub.",
@@ -57,6 +60,45 @@ def train(
 ) -> None:
     """Train modules on a frozen host from a YAML config (data parallel under torchrun)."""
     print(json.dumps(run_file(config, resume=resume, check_only=check), indent=2, sort_keys=True))
+
+
+@app.command()
+def serve(
+    host_model: str = typer.Argument(..., help="Directory of the host causal LM (config, weights, tokenizer)."),
+    hub: str = typer.Option(None, "--hub", help="Hub URL or store directory the modules come from "
+                            "(default: $POLYMOD_HUB, else $POLYMOD_HOME/hub)."),
+    bind: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    max_batch: int = typer.Option(8, help="Rows decoded together at most (continuous batching)."),
+    max_queue: int = typer.Option(64, help="Rows waiting at most; beyond, requests get 429 with Retry-After."),
+    max_resident: int = typer.Option(8, help="Modules attached to the host at most (LRU, pinnable)."),
+    max_cpu_modules: int = typer.Option(64, help="Loaded modules kept in memory at most (LRU)."),
+    alias: Annotated[list[str] | None, typer.Option(help="NAME=owner/name@version: a model name clients may "
+                                                     "use (repeatable).")] = None,
+    name: str = typer.Option(None, help="The model id of the bare host (default: the directory's name)."),
+    api_keys: bool = typer.Option(False, "--api-keys", help="Require 'Authorization: Bearer <hub token>'."),
+    cors_origin: Annotated[list[str] | None, typer.Option(help="Allow browser requests from this origin "
+                                                           "(repeatable; CORS is off otherwise).")] = None,
+    max_body_kb: int = typer.Option(1024, help="Largest request body accepted, in KiB."),
+    cache_dir: str = typer.Option(None, help="Disk tier of the module cache (default: a temporary directory)."),
+    allow_host_mismatch: bool = typer.Option(False, help="Serve modules made on other weights of the same shapes."),
+    engine: str = typer.Option("native", help="Engine: native (any module kind, per-row compositions)."),
+    dtype: str = typer.Option("float32", help="Host dtype: float32, bfloat16 or float16."),
+) -> None:
+    """Serve a host and the hub's modules through an OpenAI-compatible API (/v1/completions, /v1/chat/...)."""
+    if engine != "native":
+        raise ConfigError(f"--engine {engine!r} is not available: this version serves with the native engine only")
+    alias, cors_origin = alias or [], cors_origin or []
+    bad = [a for a in alias if "=" not in a]
+    if bad:
+        raise ConfigError(f"--alias takes NAME=owner/name[@version], got {bad[0]!r}")
+    options = ServeOptions(max_batch=max_batch, max_queue=max_queue, max_resident=max_resident,
+                           max_cpu_modules=max_cpu_modules, api_keys=api_keys, cors_origins=cors_origin,
+                           max_body_bytes=max_body_kb << 10, cache_dir=cache_dir,
+                           allow_host_mismatch=allow_host_mismatch, aliases=dict(a.split("=", 1) for a in alias))
+    served = load_engine(host_model, hub, options, name=name, dtype=dtype)
+    console.print(f"polymod serve: {served.host_id} on http://{bind}:{port}/v1 (modules from {served.hub!r})")
+    run_server(served, host=bind, port=port)
 
 
 # sub-apps are mounted after the root commands, so `polymod --help` lists the root commands first

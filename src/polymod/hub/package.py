@@ -180,13 +180,17 @@ def check_safetensors(f: BinaryIO, size: int, label: str = WEIGHTS_FILE) -> None
         IntegrityError: a pickle or zip (``torch.save``) posing as safetensors, a malformed
             header, or data shorter or longer than the header promises (truncation).
     """
-    head = f.read(8)
-    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+    head = f.read(9)
+    # A pickle starts with 0x80 and a zip with PK; a safetensors header length can start with 0x80 too (any
+    # length ≡ 128 mod 256), so it is a pickle only when the bytes do not also read as a safetensors header.
+    (n,) = struct.unpack("<Q", head[:8]) if len(head) >= 8 else (-1,)
+    header_like = 0 < n <= size - 8 and head[8:9] == b"{"
+    if (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04") and not header_like:
         raise IntegrityError(f"{label} is a Python pickle / torch.save file, not safetensors; polymod never "
                              "loads pickle. Re-save the weights with safetensors.torch.save_file")
     if len(head) < 8:
         raise IntegrityError(f"{label} is {size} bytes, too short to be safetensors (truncated?)")
-    (n,) = struct.unpack("<Q", head)
+    f.seek(-len(head[8:]), 1)
     if n > min(MAX_HEADER_BYTES, size - 8):
         raise IntegrityError(f"{label}: header length {n} exceeds the file ({size} bytes); "
                              "truncated or not safetensors")
