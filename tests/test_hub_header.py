@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from polymod.hub.errors import IntegrityError
+from polymod.errors import IntegrityError
 from polymod.hub.package import check_safetensors
 
 

@@ -28,10 +28,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from polymod.compose import Composition, Mix, Stack, describe, from_json, leaves
-from polymod.errors import CompositionError, ConfigError, UnknownModuleError
+from polymod.errors import CompositionError, ConfigError, InvalidNameError, NotFoundError, UnknownModuleError
 from polymod.hub import names
 from polymod.hub.client import connect
-from polymod.hub.errors import InvalidNameError, NotFoundError
 from polymod.merging.merge import merge
 from polymod.modular import Modular
 from polymod.routing.fixed import Static

@@ -10,8 +10,8 @@ from typing import Any
 from fastapi import Header
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from polymod.errors import AuthError
 from polymod.hub.auth import authenticate, token_hash
-from polymod.hub.errors import AuthError
 from polymod.hub.remote import RemoteHub
 
 REMOTE_TTL_S = 60.0

@@ -22,9 +22,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from polymod.errors import CompositionError, ConfigError, IncompatibleHostError, PolymodError, StateError
+from polymod.errors import (
+    AuthError,
+    CompositionError,
+    ConfigError,
+    IncompatibleHostError,
+    IntegrityError,
+    PolymodError,
+    StateError,
+)
 from polymod.format import architecture
-from polymod.hub.errors import AuthError, IntegrityError
 from polymod.serving import openai_schema as oa
 from polymod.serving.batching import Event, QueueFullError
 from polymod.serving.batching import Request as Job
