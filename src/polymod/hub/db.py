@@ -8,8 +8,10 @@ several local processes) queue instead of failing. Every write is one
 Tables: ``versions`` (one row per published version, its card as JSON),
 ``files`` (its files by sha256), ``tags``, ``parents`` (lineage edges as
 written in the card), ``users``, ``members`` (who may write to a namespace),
-``tokens`` (sha256 of each token, never the token), and ``search``, an FTS5
-full-text index over names, descriptions, tasks, languages and tags.
+``tokens`` (sha256 of each token, never the token), ``derived`` (router data
+computed from a module, keyed by its content hash, the transform and its
+config: :mod:`polymod.hub.derived`), and ``search``, an FTS5 full-text index
+over names, descriptions, tasks, languages and tags.
 """
 
 from __future__ import annotations
@@ -53,6 +55,11 @@ CREATE TABLE IF NOT EXISTS tokens (
     hash TEXT PRIMARY KEY, user TEXT NOT NULL REFERENCES users(name), label TEXT,
     created REAL NOT NULL, expires REAL, revoked INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS derived (
+    key TEXT PRIMARY KEY, module_sha TEXT NOT NULL, transform TEXT NOT NULL, config TEXT NOT NULL,
+    sha256 TEXT NOT NULL, size INTEGER NOT NULL, parent TEXT, created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS derived_module ON derived (module_sha);
 CREATE VIRTUAL TABLE IF NOT EXISTS search USING fts5(
     owner, name, description, task, language, tags, kind, architecture, tokenize = 'unicode61'
 );

@@ -407,10 +407,11 @@ class Store:
         return problems
 
     def gc(self, older_than: float = STALE_TMP_SECONDS) -> int:
-        """Remove blobs no version refers to (older than ``older_than`` s, so in-flight pushes survive)."""
+        """Remove blobs no version or derived artifact refers to (older than ``older_than`` s, so in-flight
+        pushes survive)."""
         conn = self.connect()
         try:
-            used = {r[0] for r in conn.execute("SELECT sha256 FROM files")}
+            used = {r[0] for r in conn.execute("SELECT sha256 FROM files UNION SELECT sha256 FROM derived")}
         finally:
             conn.close()
         now, removed = time.time(), 0

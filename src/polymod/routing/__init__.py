@@ -5,7 +5,7 @@ One file per router, each registering itself for composition JSON:
 :mod:`~polymod.routing.softmax` (SoftmaxGate), :mod:`~polymod.routing.polytropon`
 (Polytropon / MHR), :mod:`~polymod.routing.topk` (TopK), :mod:`~polymod.routing.hash`
 (HashRouter), :mod:`~polymod.routing.attention` (AttentionFusion); library routers that need
-no routing data: :mod:`~polymod.routing.arrow` (Arrow).
+no routing data: :mod:`~polymod.routing.arrow` (Arrow), :mod:`~polymod.routing.retrieval` (Retrieval).
 """
 
 from polymod.routing.arrow import Arrow, arrow_prototypes
@@ -15,6 +15,7 @@ from polymod.routing.fixed import ExampleRouter, SpanRouter, Static, TaskRouter
 from polymod.routing.groups import RowGroups
 from polymod.routing.hash import HashRouter
 from polymod.routing.polytropon import Polytropon
+from polymod.routing.retrieval import Retrieval, SentenceEncoder, centroid
 from polymod.routing.softmax import SoftmaxGate
 from polymod.routing.topk import TopK
 
@@ -24,15 +25,18 @@ __all__ = [
     "ExampleRouter",
     "HashRouter",
     "Polytropon",
+    "Retrieval",
     "Router",
     "RouterStats",
     "RowGroups",
+    "SentenceEncoder",
     "SoftmaxGate",
     "SpanRouter",
     "Static",
     "TaskRouter",
     "TopK",
     "arrow_prototypes",
+    "centroid",
     "register_router",
     "registered_routers",
     "router_from_json",
