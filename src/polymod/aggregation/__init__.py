@@ -29,6 +29,7 @@ from polymod.aggregation.representation import Representation
 from polymod.errors import CompositionError
 
 AGGREGATORS: dict[str, Aggregator] = {}
+"""Every registered aggregator by its ``aggregate=`` name (filled by :func:`register_aggregator`)."""
 
 
 def register_aggregator(aggregator: Aggregator) -> Aggregator:

@@ -15,5 +15,6 @@ LOADERS = (
     Loader("peft", is_peft_dir, read_peft),
     Loader("adapters", is_adapters_dir, read_adapters),
 )
+"""The foreign formats ``pm.load`` detects, registered with :mod:`polymod.format` by ``polymod/__init__``."""
 
 __all__ = ["LOADERS", "detect", "read_adapters", "read_peft", "read_peft_modules", "write_peft"]

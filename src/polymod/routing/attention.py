@@ -14,9 +14,6 @@ Q, K, V are per-site D × D maps. Q and K start at N(0, 0.02²) (BERT-style
 initialisation, as AdapterFusion's reference code), so attention starts close
 to uniform; V starts as the identity, so with ``aggregate="attention"`` the
 fusion starts as the attention-weighted sum of the module outputs.
-
-Args:
-    temperature: T > 0 of the softmax (AdapterFusion anneals it; a constant here).
 """
 
 from __future__ import annotations
@@ -45,7 +42,11 @@ class _Fusion(nn.Module):
 
 @register_router
 class AttentionFusion(Router):
-    """AdapterFusion's attention over module outputs (see the module docstring)."""
+    """AdapterFusion's attention over module outputs (see the module docstring).
+
+    Args:
+        temperature: T > 0 of the softmax (AdapterFusion anneals it; a constant here).
+    """
 
     name = "attention"
     local = True

@@ -11,9 +11,6 @@ It is global: computed once per forward from the token ids the host embeds
 sees those tokens — on encoder-decoder hosts the encoder's ids at sites over
 the encoder's sequence (cross-attention keys and values). Hosts called with
 ``inputs_embeds`` have no ids to hash.
-
-Args:
-    seed: changes the token → expert assignment.
 """
 
 from __future__ import annotations
@@ -30,7 +27,11 @@ _KNUTH = 2654435761
 
 @register_router
 class HashRouter(Router):
-    """Fixed token-id hashing to one expert per token (see the module docstring)."""
+    """Fixed token-id hashing to one expert per token (see the module docstring).
+
+    Args:
+        seed: changes the token → expert assignment.
+    """
 
     name = "hash"
 

@@ -16,12 +16,6 @@ aggregate="factors")`` (A and B mixed separately, block by block).
 Defaults follow the reference implementations (microsoft/mttl's Polytropon
 selector, as also used by PEFT's ``poly`` tuner): one allocation matrix per
 site, logits initialised uniformly in [−10⁻³, 10⁻³], τ = 1.
-
-Args:
-    n_tasks: T, the number of task ids.
-    heads: H ≥ 1 (MHR when > 1).
-    per_site: one allocation matrix per site (default) or one shared by all sites.
-    temperature: τ of the relaxed Bernoulli in training.
 """
 
 from __future__ import annotations
@@ -47,7 +41,14 @@ class _Allocation(nn.Module):
 
 @register_router
 class Polytropon(Router):
-    """Task × skill allocation with Gumbel-sigmoid relaxation (see the module docstring)."""
+    """Task × skill allocation with Gumbel-sigmoid relaxation (see the module docstring).
+
+    Args:
+        n_tasks: T, the number of task ids.
+        heads: H ≥ 1 (MHR when > 1).
+        per_site: one allocation matrix per site (default) or one shared by all sites.
+        temperature: τ of the relaxed Bernoulli in training.
+    """
 
     name = "polytropon"
 

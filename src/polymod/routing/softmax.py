@@ -10,10 +10,6 @@ successors). Each site has its own gate (D → E), initialised to zero, so the
 mixture starts uniform — the neutral start every soft-merging router uses.
 Example-level pooling ignores padding when the host was called with an
 ``attention_mask``.
-
-Args:
-    level: ``token`` (one weight vector per token) or ``example`` (pooled per row).
-    temperature: τ > 0; lower is sharper.
 """
 
 from __future__ import annotations
@@ -30,7 +26,12 @@ from polymod.sites import Site
 
 @register_router
 class SoftmaxGate(Router):
-    """Softmax over a learned linear gate, per site (see the module docstring)."""
+    """Softmax over a learned linear gate, per site (see the module docstring).
+
+    Args:
+        level: ``token`` (one weight vector per token) or ``example`` (pooled per row).
+        temperature: τ > 0; lower is sharper.
+    """
 
     name = "softmax"
     local = True
