@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import polymod
 from tests.docs_blocks import DOCS, ROOT, blocks, pages, run_page
 
 PAGES = pages()
@@ -101,8 +102,6 @@ def test_navigation_lists_every_page_and_only_pages_that_exist():
 
 
 def _public_names() -> list[tuple[str, object]]:
-    import polymod
-
     names = [(f"polymod.{n}", getattr(polymod, n)) for n in polymod.__all__]
     for sub in SUBPACKAGES:
         module = importlib.import_module(f"polymod.{sub}")
@@ -138,8 +137,6 @@ def test_strict_build_and_api_reference_covers_every_public_name(built_site):
         if not ok:
             missing.append(public)
     assert not missing, f"public names without an entry in the API reference (docs/api/*.md): {missing}"
-    import polymod
-
     index = (DOCS / "api" / "index.md").read_text(encoding="utf-8")
     unlisted = [n for n in polymod.__all__ if f"`pm.{n}`" not in index]
     assert not unlisted, f"add these pm names to the table in docs/api/index.md: {unlisted}"
