@@ -130,6 +130,7 @@ class Scheduler:
         self._keep_logits = "logits_to_keep" in params
         self._cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.24 says cache
         self.steps = 0
+        self.submitted = 0  # requests accepted so far
 
     # -- the API side --------------------------------------------------------------------
 
@@ -144,6 +145,7 @@ class Scheduler:
                 raise QueueFullError(f"the server's queue is full ({len(self.waiting)} waiting rows, at most "
                                      f"{self.max_queue}); retry after a moment")
             request._open = request.n
+            self.submitted += 1
             for i in range(request.n):
                 self.waiting.append(_Row(request, i, TextStream(self.tokenizer, request.stop)))
             self._wake.notify()

@@ -69,24 +69,25 @@ class BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             await _too_large(send, self.max_bytes)
             return
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
+        if length is not None:  # the server stops reading at the declared length
+            await self.app(scope, receive, send)
+            return
+        # chunked: read the body here, counting, and replay it to the app
+        messages, seen = [], 0
+        while True:
             message = await receive()
+            messages.append(message)
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise _TooLarge
-            return message
+                await _too_large(send, self.max_bytes)
+                return
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await _too_large(send, self.max_bytes)
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
 
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 async def _too_large(send: Send, limit: int) -> None:
