@@ -26,6 +26,12 @@ KINDS: dict[str, tuple[Callable[[str], Any], bool]] = {
     "lora-attn": (lambda family: pm.LoRA(rank=4, sites="attn.q|attn.v"), True),
     "lora-linear-rs": (lambda family: pm.LoRA(rank=2, alpha=4, rslora=True, init="gaussian", sites="linear"), True),
     "lora-embed": (lambda family: pm.LoRA(rank=3, sites="embed|ffn.out"), True),
+    "lora-dora-patterns": (
+        lambda family: pm.LoRA(rank=3, dora=True, rank_pattern={"q|q_proj|query": 2},
+                               alpha_pattern={"wo|c_proj|down_proj|dense": 5}, sites="attn.q|ffn.out"), True),
+    "lora-bias": (  # Llama and T5 linear layers have no bias
+        lambda family: pm.LoRA(rank=2, bias=True, sites="attn.v|ffn.out") if family in ("bert", "gpt2") else None,
+        True),
     "ia3": (lambda family: IA3(), True),
     "sparse-random": (lambda family: SparseFT(density=0.05), True),
     "sparse-magnitude-embed": (lambda family: SparseFT(density=0.1, mask="magnitude", sites="embed|ffn.out"), True),
@@ -47,6 +53,7 @@ KINDS: dict[str, tuple[Callable[[str], Any], bool]] = {
 DROPOUT_KINDS: dict[str, Callable[[str], Any]] = {
     "lora-attn": lambda family: pm.LoRA(rank=4, dropout=0.3, sites="attn.q|attn.v"),
     "lora-linear-rs": lambda family: pm.LoRA(rank=2, alpha=4, rslora=True, dropout=0.3, sites="linear"),
+    "lora-dora": lambda family: pm.LoRA(rank=2, dora=True, dropout=0.3, sites="attn.q|ffn.out"),
     "adapter-pfeiffer": lambda family: Adapter(dropout=0.3),
     "adapter-houlsby-norms": lambda family: Adapter(placement="houlsby", norm_before=True, norm_after=True,
                                                     dropout=0.3),

@@ -52,7 +52,7 @@ class _Group:
     def of(cls, parts: Sequence[LoRAPart]) -> _Group | None:
         """The group, or None when the parts differ in rank or site kind (generic mixer)."""
         p0 = parts[0]
-        if any(p.rank != p0.rank or p.site_kind != p0.site_kind for p in parts):
+        if any(p.rank != p0.rank or p.site_kind != p0.site_kind or p.bias is not None for p in parts):
             return None
         group = cls(parts)
         return group if group.rate is not None else None

@@ -32,6 +32,7 @@ from polymod.aggregation.base import Env, SiteOp, head_routing_refusal, leaf_nam
 from polymod.compose import Mix
 from polymod.errors import CompositionError
 from polymod.modules.contract import BiasDelta, Module
+from polymod.modules.lora import is_plain
 from polymod.routing.groups import RowGroups
 
 
@@ -65,6 +66,9 @@ class Parameter:
         kinds = {m.kind for m in modules}
         if kinds != {"lora"}:
             return f"aggregate='factors' mixes LoRA's A and B matrices, got kinds {sorted(kinds)}"
+        if not all(is_plain(m) for m in modules):
+            return ("aggregate='factors' mixes LoRA's A and B matrices, which misses DoRA's magnitude and trained "
+                    "biases; use aggregate='delta'")
         ranks = {p.rank for m in modules for p in m.parts.values()}
         if len(ranks) > 1:
             return f"aggregate='factors' needs LoRA modules of one rank, got ranks {sorted(ranks)}"

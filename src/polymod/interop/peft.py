@@ -29,6 +29,7 @@ of the kind's tensors is refused.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -45,6 +46,7 @@ from polymod.interop.options import check
 from polymod.interop.peft_options import CLASS_NAMES, TABLES
 from polymod.interop.peft_prompts import prompt_config, read_prompt_learning
 from polymod.modules.contract import Module, spec_to_dict
+from polymod.modules.dora import DoRAPart
 from polymod.modules.head import Head
 from polymod.modules.ia3 import IA3
 from polymod.modules.lora import LoRA
@@ -161,20 +163,41 @@ def _site(name: str, kind: str, d_in: int | None, d_out: int | None, host: nn.Mo
 
 
 def _lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], host: nn.Module | None) -> Module:
-    per_site = _split(tensors, ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B"), host)
+    per_site = _split(tensors, ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B",
+                                "lora_magnitude_vector", "base_layer.bias"), host)
     rank = int(config["r"])
+    bias = config.get("bias", "none") == "lora_only"
     spec = LoRA(rank=rank, alpha=float(config.get("lora_alpha", rank)), dropout=float(config.get("lora_dropout", 0)),
-                rslora=bool(config.get("use_rslora", False)), sites=exact(sorted(per_site)))
+                rslora=bool(config.get("use_rslora", False)), sites=exact(sorted(per_site)),
+                dora=bool(config.get("use_dora", False)), bias=bias,
+                rank_pattern=config.get("rank_pattern") or {}, alpha_pattern=config.get("alpha_pattern") or {})
+    if bias and host is None:
+        raise ConfigError("reading a PEFT LoRA with bias='lora_only' needs the host (host=...): PEFT saves the "
+                          "trained biases, polymod keeps their change from the host's")
+    layers = named_layers(host) if host is not None else {}
     sites, parts = [], []
     for name, t in per_site.items():
         a, b = (t.get("lora_A.weight"), t.get("lora_B.weight")) if "lora_A.weight" in t else (
             t.get("lora_embedding_A"), t.get("lora_embedding_B"))
-        if a is None or b is None or a.shape[0] != rank or b.shape[1] != rank:
-            raise FormatError(f"PEFT LoRA tensors at {name} are incomplete or not of rank {rank}")
+        r = spec.rank_at(name)
+        if a is None or b is None or a.shape[0] != r or b.shape[1] != r:
+            raise FormatError(f"PEFT LoRA tensors at {name} are incomplete or not of rank {r} (r and rank_pattern)")
         kind = "embedding" if "lora_embedding_A" in t else "conv1d" if config.get("fan_in_fan_out") else "linear"
         site = _site(name, kind, a.shape[1], b.shape[0], host)
+        reason = spec.check_site(site)
+        if reason:
+            raise FormatError(f"PEFT LoRA at {name}: {reason} (use_dora, bias)")
+        if spec.dora and "lora_magnitude_vector" not in t:
+            raise FormatError(f"the PEFT adapter sets use_dora but has no lora_magnitude_vector for {name}")
         part = spec.build_part(site, None)
-        part.load_state_dict({"A": a, "B": b})
+        state = {"A": a, "B": b}
+        if bias:
+            own = getattr(layers.get(name), "bias", None)
+            saved = t.get("base_layer.bias")
+            state["bias"] = torch.zeros(b.shape[0]) if saved is None or own is None else saved - own.detach().cpu()
+        if spec.dora:
+            state = {**{f"lora.{k}": v for k, v in state.items()}, "magnitude": t["lora_magnitude_vector"]}
+        part.load_state_dict(state)
         sites.append(site)
         parts.append(part)
     return Module(spec, sites, parts, card=_card("lora", spec, sites, host, config))
@@ -317,13 +340,21 @@ def write_peft(module: Module, path: str | os.PathLike, base_model: str | None =
                               "task_type": None, "modules_to_save": None}
     tensors: dict[str, torch.Tensor] = {}
     if module.kind == "lora":
-        spec = module.spec
-        config.update(r=spec.rank, lora_alpha=spec.rank if spec.alpha is None else spec.alpha, bias="none",
-                      lora_dropout=spec.dropout, use_rslora=spec.rslora, use_dora=False)
+        config.update(_lora_config(module))
+        layers = named_layers(host) if host is not None else {}
+        if module.spec.bias and host is None:
+            raise ConfigError("write_peft of a LoRA with bias=True needs the host (host=...): PEFT saves the trained "
+                              "biases, polymod holds their change from the host's")
         for name, part in module.items():
+            lora = part.lora if isinstance(part, DoRAPart) else part
             a, b = ("lora_embedding_A", "lora_embedding_B") if part.site_kind == "embedding" else (
                 "lora_A.weight", "lora_B.weight")
-            tensors[f"{PREFIX}{name}.{a}"], tensors[f"{PREFIX}{name}.{b}"] = part.A, part.B
+            tensors[f"{PREFIX}{name}.{a}"], tensors[f"{PREFIX}{name}.{b}"] = lora.A, lora.B
+            if isinstance(part, DoRAPart):
+                tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = part.magnitude
+            own = getattr(layers.get(name), "bias", None)
+            if lora.bias is not None and isinstance(own, torch.Tensor):
+                tensors[f"{PREFIX}{name}.base_layer.bias"] = own.detach() + lora.bias.detach().to(own.dtype)
     else:
         config["feedforward_modules"] = [n for n, p in module.items() if p.scales_input]
         for name, part in module.items():
@@ -336,6 +367,23 @@ def write_peft(module: Module, path: str | os.PathLike, base_model: str | None =
             if isinstance(part.bias, nn.Parameter):  # a zero buffer stands for a layer without a bias
                 tensors[f"{PREFIX}{name}.bias"] = part.bias
     return _write(Path(path), config, tensors)
+
+
+def _lora_config(module: Module) -> dict[str, Any]:
+    """PEFT LoraConfig fields of a LoRA module: r, alpha, per-site ranks and alphas, DoRA, bias."""
+    spec = module.spec
+    alpha = float(spec.rank if spec.alpha is None else spec.alpha)
+    rank_pattern, alpha_pattern = {}, {}
+    for name, part in module.items():
+        lora = part.lora if isinstance(part, DoRAPart) else part
+        site_alpha = lora.scaling * (math.sqrt(lora.rank) if spec.rslora else lora.rank)
+        if lora.rank != spec.rank:
+            rank_pattern[re.escape(name)] = lora.rank
+        if not math.isclose(site_alpha, alpha, rel_tol=1e-9):
+            alpha_pattern[re.escape(name)] = site_alpha
+    return {"r": spec.rank, "lora_alpha": alpha, "bias": "lora_only" if spec.bias else "none",
+            "lora_dropout": spec.dropout, "use_rslora": spec.rslora, "use_dora": spec.dora,
+            "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
 
 
 def _write(path: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:

@@ -41,8 +41,10 @@ LORA: dict[str, Option] = {
     "lora_alpha": exact(8, "α: scaling α/r (α/√r with use_rslora)"),
     "lora_dropout": exact(0.0, "dropout on the LoRA input, active in training mode only"),
     "fan_in_fan_out": exact(False, "marks transformers' Conv1D layers (with host=, the host's own layer decides)"),
-    "bias": refused("none", "trained biases of the host's layers are not represented by polymod's LoRA; re-train "
-                            "with bias='none'"),
+    "bias": exact("none", "'lora_only': each LoRA site's trained bias, held as a change Δb (LoRA(bias=True); reading "
+                          "and writing need host=)", accepts=lambda v: v in ("none", "lora_only"),
+                  refusal="'all' also trains the biases of layers the LoRA does not act on (norms, other linear "
+                          "layers), which a LoRA module does not hold; re-train with bias='lora_only' or 'none'"),
     "use_rslora": exact(False, "rank-stabilised scaling α/√r"),
     "modules_to_save": _HEADS,
     "init_lora_weights": exact(
@@ -56,8 +58,8 @@ LORA: dict[str, Option] = {
                 "exactly (EVA and MiCA are refused as well: not reproduced by polymod)"),
     "layers_to_transform": exact(None, _TENSORS),
     "layers_pattern": exact(None, _TENSORS),
-    "rank_pattern": refused({}, "per-module ranks are not represented by polymod's LoRA"),
-    "alpha_pattern": refused({}, "per-module alphas are not represented by polymod's LoRA"),
+    "rank_pattern": exact({}, "per-site ranks, PEFT's keys and matching (LoRA(rank_pattern=...))"),
+    "alpha_pattern": exact({}, "per-site alphas, PEFT's keys and matching (LoRA(alpha_pattern=...))"),
     "megatron_config": refused(None, "Megatron tensor-parallel layers; polymod acts on torch layers"),
     "megatron_core": inert("megatron.core", "used only with megatron_config"),
     "trainable_token_indices": refused(None, "PEFT's trainable tokens (trained rows of an embedding) are not "
@@ -68,7 +70,8 @@ LORA: dict[str, Option] = {
     "corda_config": refused(None, "configures CorDA initialisation, which changes the host (see init_lora_weights)"),
     "lora_ga_config": refused(None, "configures LoRA-GA initialisation, which changes the host "
                                     "(see init_lora_weights)"),
-    "use_dora": refused(False, "DoRA's magnitude vectors are not represented by polymod's LoRA"),
+    "use_dora": exact(False, "DoRA's magnitude vectors, on Linear and Conv1D sites (LoRA(dora=True)); DoRA on "
+                             "embeddings is refused"),
     "velora_config": refused(None, "VeLoRA (compressed activations) is not reproduced by polymod"),
     "alora_invocation_tokens": refused(None, "activated LoRA (aLoRA) acts only on the tokens after its invocation "
                                              "sequence; polymod's LoRA acts on every token, so it would give other "

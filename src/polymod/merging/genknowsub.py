@@ -37,6 +37,7 @@ from polymod.errors import ConfigError
 from polymod.format import content_hash
 from polymod.merging.merge import merge
 from polymod.modules.contract import Module
+from polymod.modules.lora import is_plain
 
 
 def gen_know_sub(tasks: Mapping[str, Module], general: Mapping[str, Module] | Sequence[Module],
@@ -69,7 +70,7 @@ def gen_know_sub(tasks: Mapping[str, Module], general: Mapping[str, Module] | Se
             out[name] = _factors(name, task, general_named)
         else:
             weights = [1.0] + [-1.0 / len(general_named)] * len(general_named)
-            lora = "cat" if all(m.kind == "lora" for m in [task, *general_named.values()]) else None
+            lora = "cat" if all(is_plain(m) for m in [task, *general_named.values()]) else None
             merged = merge({name: task, **general_named}, method="task_arithmetic", weights=weights, lora=lora,
                            host=host, name=name)
             merged.card.lineage.recipe = {"method": "gen_know_sub", "mode": "delta", "general": list(general_named)}
@@ -81,10 +82,11 @@ def gen_know_sub(tasks: Mapping[str, Module], general: Mapping[str, Module] | Se
 def _factors(name: str, task: Module, general: dict[str, Module]) -> Module:
     """PEFT's A/B-wise subtraction for LoRAs of one rank at the same sites."""
     mods = {name: task, **general}
-    bad = [n for n, m in mods.items() if m.kind != "lora"]
+    bad = [n for n, m in mods.items() if not is_plain(m)]
     if bad:
+        what = "LoRA with DoRA or a bias change" if mods[bad[0]].kind == "lora" else mods[bad[0]].kind
         raise ConfigError(f"gen_know_sub(mode='factors') subtracts LoRA's A and B matrices; {bad[0]!r} is a "
-                          f"{mods[bad[0]].kind} module — use mode='delta'")
+                          f"{what} module — use mode='delta'")
     for n, m in general.items():
         if set(m.sites) != set(task.sites):
             raise ConfigError(f"gen_know_sub(mode='factors') needs the general and task LoRAs at the same sites; "

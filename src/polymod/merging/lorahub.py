@@ -29,6 +29,7 @@ import torch
 from polymod.errors import ConfigError
 from polymod.merging.merge import merge
 from polymod.modules.contract import Module
+from polymod.modules.lora import is_plain
 
 
 def lorahub(modules: Sequence[Module] | Mapping[str, Module], loss: Callable[[Module], float], *,
@@ -98,7 +99,7 @@ def lorahub(modules: Sequence[Module] | Mapping[str, Module], loss: Callable[[Mo
 
 def _all_lora(modules: Sequence[Module] | Mapping[str, Module]) -> bool:
     values = modules.values() if isinstance(modules, Mapping) else modules
-    return all(isinstance(m, Module) and m.kind == "lora" for m in values)
+    return all(isinstance(m, Module) and is_plain(m) for m in values)
 
 
 def few_shot_loss(model: Any, batches: Iterable[dict[str, torch.Tensor]],

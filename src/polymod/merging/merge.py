@@ -41,7 +41,7 @@ from polymod.merging.methods import METHODS, MergeSpec, TensorMerge
 from polymod.merging.sparsify import global_thresholds
 from polymod.modules.contract import BiasDelta, Module
 from polymod.modules.delta import Delta
-from polymod.modules.lora import LoRA
+from polymod.modules.lora import LoRA, is_plain
 from polymod.modules.sparse import SparseFT
 from polymod.sites import Site, named_layers
 
@@ -85,9 +85,14 @@ def merge(modules: Sequence[Module] | Mapping[str, Module], method: str = "linea
     names, mods = _named(modules)
     check_compatible(names, mods)
     spec = _spec(method, weights, len(mods), seed, params)
-    all_lora = all(m.kind == "lora" for m in mods)
+    all_lora = all(is_plain(m) for m in mods)
     if lora is not None and not all_lora:
-        raise ConfigError(f"lora={lora!r} applies to LoRA inputs only; got kinds {sorted({m.kind for m in mods})}")
+        if all(m.kind == "lora" for m in mods):
+            if lora != "delta":
+                raise ConfigError(f"lora={lora!r} combines LoRA factors, which misses DoRA's magnitude and trained "
+                                  "biases (LoRA(dora=True) or bias=True inputs); use lora='delta' or leave it unset")
+        else:
+            raise ConfigError(f"lora={lora!r} applies to LoRA inputs only; got kinds {sorted({m.kind for m in mods})}")
     if all_lora and lora is None:
         lora = "cat" if spec.sparsify is None and not spec.elect else "delta"
     if lora not in (None, "delta", "cat", "ab"):
