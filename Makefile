@@ -21,7 +21,7 @@ lint: $(STAMP)
 # The documentation site (mkdocs.yml): built strictly, so a docstring that disagrees with its signature, a broken
 # link or a page missing from the navigation fails. Open site/index.html, or `make docs-serve` for search.
 docs: $(STAMP)
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict  # not --quiet: it hides the warnings strict counts
 	@echo "site built: open site/index.html, or run 'make docs-serve' and open http://127.0.0.1:8001"
 
 docs-serve: $(STAMP)

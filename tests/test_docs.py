@@ -114,9 +114,11 @@ def built_site(tmp_path_factory):
     """The site, built once with ``mkdocs build --strict`` (as ``make docs`` does)."""
     pytest.importorskip("mkdocs", reason="the [docs] extra is not installed")
     out = tmp_path_factory.mktemp("site")
-    run = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-d", str(out)], cwd=ROOT,
+    run = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(out)], cwd=ROOT,
                          capture_output=True, text=True, timeout=600, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert run.returncode == 0, f"mkdocs build --strict failed:\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
+    warnings = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("WARNING")]
+    assert not warnings, "the strict build must see no warning:\n" + "\n".join(warnings)
     return out
 
 

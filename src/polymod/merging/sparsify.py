@@ -165,7 +165,10 @@ def della_keep(seed: int, name: str, index: int, block: int, rows: torch.Tensor,
     mean keep probability is ``density``. Ranks break ties by position (a stable sort).
 
     Args:
-        seed, name, index: as for DARE's masks; ``block`` numbers the row block.
+        seed: the merge's seed, as for DARE's masks.
+        name: the tensor's name, as for DARE's masks.
+        index: the input's index, as for DARE's masks.
+        block: numbers the row block.
         rows: the block's task-vector rows, (R, C).
         density: the mean keep probability.
         epsilon: the spread of keep probabilities around ``density``.
