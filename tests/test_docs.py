@@ -33,7 +33,13 @@ def test_page_examples_run(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("POLYMOD_HOME", str(tmp_path / "polymod-home"))
-    ran = run_page(page)
+    try:
+        ran = run_page(page)
+    except Exception as error:
+        error.add_note(f"a Python example in docs/{page.relative_to(DOCS)} failed (the traceback names its line). "
+                       "Fix the example, or, if it cannot run in a test (a server, a GPU, a real checkpoint), put "
+                       "<!-- not run: <why> --> on the line just before its ```python fence (tests/docs_blocks.py)")
+        raise
     assert ran >= 1 or all(b.skip for b in blocks(page))
 
 
