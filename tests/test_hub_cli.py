@@ -73,3 +73,69 @@ def test_errors_exit_1_with_a_message_not_a_traceback(env):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env_vars, timeout=120)
     assert proc.returncode == 1 and "error:" in proc.stderr and "Traceback" not in proc.stderr
     assert "module reference" in proc.stderr
+
+
+def _main(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
+    """Run the real entry point (``polymod.cli.main``, as the installed ``polymod`` script does)."""
+    from polymod.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["polymod", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out, err = capsys.readouterr()
+    code = exit_info.value.code
+    return (0 if code is None else code), out, err
+
+
+def test_every_command_exit_code_follows_its_result(env, capsys, monkeypatch):
+    store = str(env / "store")
+    pkg = make_package(env / "pkg")
+    cases = [  # (arguments, expected exit code, text expected in stdout+stderr)
+        (["version"], 0, "."),
+        (["kinds"], 0, "lora"),
+        (["hub", "push", str(pkg), "alice/m@1.0.0", "--hub", store], 0, "published alice/m@1.0.0"),
+        (["hub", "push", str(env / "nowhere"), "alice/m@1.0.1", "--hub", store], 1, "is not a directory"),
+        (["hub", "pull", "alice/m@1.0.0", "--dest", str(env / "out"), "--hub", store], 0, str(env / "out")),
+        (["hub", "pull", "alice/m@9.0.0", "--hub", store], 1, "is not in the hub"),
+        (["hub", "pull", "alice/m@1.0.0", "--dest", str(env / "pkg" / "module.json"), "--hub", store], 1,
+         "is not a directory"),
+        (["hub", "search", "--hub", store], 0, "1 module(s)"),
+        (["hub", "search", "--hub", "http://127.0.0.1:9"], 1, "cannot reach the hub"),
+        (["hub", "show", "alice/m", "--hub", store], 0, "alice/m@1.0.0"),
+        (["hub", "show", "alice/zz", "--hub", store], 1, "is not in the hub"),
+        (["hub", "versions", "alice/m", "--hub", store], 0, "1.0.0"),
+        (["hub", "versions", "alice/zz", "--hub", store], 1, "not in the hub"),
+        (["hub", "lineage", "alice/m", "--hub", store], 0, "self"),
+        (["hub", "lineage", "alice/zz", "--hub", store], 1, "not in the hub"),
+        (["hub", "yank", "alice/m@1.0.0", "--hub", store], 0, "yanked"),
+        (["hub", "yank", "alice/m@2.0.0", "--hub", store], 1, "not in the hub"),
+        (["hub", "user", "add", "alice", "--store", store], 0, "pmh_"),
+        (["hub", "user", "add", "Not Valid", "--store", store], 1, "error:"),
+        (["hub", "user", "grant", "lab", "alice", "--store", store], 0, "alice may publish in lab"),
+        (["hub", "user", "grant", "lab", "nobody", "--store", store], 1, "no user 'nobody'"),
+        (["hub", "user", "revoke", "pmh_unknown", "--store", store], 1, "no such token"),
+        (["hub", "login", "http://127.0.0.1:9", "--token", "pmh_x"], 1, "cannot reach the hub"),
+        (["hub", "serve", "--store", str(pkg / "module.json")], 1, "error:"),
+        (["hub", "check", "--store", store], 0, "consistent"),
+        (["hub", "nosuchcommand"], 2, "No such command"),
+    ]
+    for args, expected, text in cases:
+        code, out, err = _main(capsys, monkeypatch, *args)
+        assert code == expected and text in out + err, (args, code, out, err)
+        assert "Traceback" not in err, (args, err)
+    token = _main(capsys, monkeypatch, "hub", "user", "add", "bob", "--store", store)[1].strip()
+    assert _main(capsys, monkeypatch, "hub", "user", "revoke", token, "--store", store)[:2] == (0, "revoked\n")
+    with hub_thread(hub.Store(store)) as url:
+        assert _main(capsys, monkeypatch, "hub", "login", url, "--token", "pmh_bad")[0] == 1
+        good = _main(capsys, monkeypatch, "hub", "user", "add", "carol", "--store", store)[1].strip()
+        assert _main(capsys, monkeypatch, "hub", "login", url, "--token", good)[0] == 0
+
+
+def test_check_with_a_corrupt_blob_exits_1(env, capsys, monkeypatch):
+    store = hub.Store(env / "store")
+    info = hub.push(make_package(env / "pkg"), "alice/m@1.0.0", hub=store)
+    blob = store.blob_path(info.sha256)
+    blob.write_bytes(b"\0" + blob.read_bytes()[1:])
+    code, out, _ = _main(capsys, monkeypatch, "hub", "check", "--store", str(store.root))
+    assert code == 1 and f"alice/m@1.0.0:weights.safetensors: blob {info.sha256} corrupt" in out
+    assert "1 problem(s)" in out

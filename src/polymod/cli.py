@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 import polymod
 from polymod.errors import ConfigError, PolymodError
@@ -106,11 +107,16 @@ app.add_typer(_hub_app, name="hub")
 
 
 def main() -> None:
-    """Entry point: run the app, turning polymod errors into a message and exit code 1."""
+    """Entry point: run the app; the process exits with the command's code (0 on success, non-zero on failure).
+
+    Polymod errors and OS errors become a one-line message and exit code 1; usage errors exit 2
+    with click's message. With ``standalone_mode=False`` click returns (not raises) the code a command
+    ends with (``raise typer.Exit(1)``), so it is passed on here.
+    """
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except PolymodError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")
@@ -118,8 +124,13 @@ def main() -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.TyperException as exc:  # usage errors: unknown command, missing argument, bad option value
-        console.print(f"[red]error:[/red] {exc.format_message()} (see `polymod --help`)")
+        console.print(f"[red]error:[/red] {escape(exc.format_message())} (see `polymod --help`)", highlight=False,
+                      soft_wrap=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,12 @@ class TooLargeError(HubError, ValueError):
     status = 413
 
 
+class DestinationError(HubError, FileExistsError):
+    """A pull may not write to the destination: it holds the user's own files (or edited pulled ones)."""
+
+    status = 409
+
+
 class IntegrityError(HubError, FormatError):
     """Content does not match its sha256, is truncated, or is not safetensors (e.g. a pickle)."""
 
@@ -97,7 +103,7 @@ class IntegrityError(HubError, FormatError):
 
 
 HUB_ERRORS = {cls.__name__: cls for cls in (HubError, InvalidNameError, NotFoundError, ConflictError, AuthError,
-                                           ForbiddenError, TooLargeError, IntegrityError)}
+                                           ForbiddenError, TooLargeError, IntegrityError, DestinationError)}
 
 
 class HostMismatchWarning(UserWarning):

@@ -11,6 +11,7 @@ from polymod import errors
 from polymod.errors import (
     AuthError,
     ConflictError,
+    DestinationError,
     ForbiddenError,
     HubError,
     IntegrityError,
@@ -25,10 +26,10 @@ from polymod.hub.derived import DerivedInfo, DerivedStore
 from polymod.hub.library import Library, library
 from polymod.hub.store import Store, VersionInfo
 
-__all__ = ["AuthError", "ConflictError", "DerivedInfo", "DerivedStore", "ForbiddenError", "HubError", "IntegrityError",
-           "InvalidNameError", "Library", "LocalHub", "NotFoundError", "Store", "TooLargeError", "VersionInfo",
-           "connect", "get", "library", "lineage", "load", "login", "pull", "push", "save", "search", "show",
-           "versions", "yank"]
+__all__ = ["AuthError", "ConflictError", "DerivedInfo", "DerivedStore", "DestinationError", "ForbiddenError",
+           "HubError", "IntegrityError", "InvalidNameError", "Library", "LocalHub", "NotFoundError", "Store", "TooLargeError",
+           "VersionInfo", "connect", "get", "library", "lineage", "load", "login", "pull", "push", "save", "search",
+           "show", "versions", "yank"]
 
 # The hub's errors joined polymod's one hierarchy in polymod.errors (0.2); `from polymod.hub.errors import ...`
 # was documented, so that path keeps working as an alias of the module that now holds them.

@@ -52,20 +52,33 @@ def push(path: str | os.PathLike, ref: str, version: str | None = None, *, hub: 
 
 
 def pull(ref: str, dest: str | os.PathLike | None = None, *, hub: Any = None, token: str | None = None,
-         progress: bool = False) -> Path:
+         progress: bool = False, force: bool = False) -> Path:
     """Fetch ``owner/name[@version]`` (default ``latest``) and write its package to ``dest``.
 
-    Every file's sha256 and the weights' safetensors structure are verified; the
-    package appears at ``dest`` (default: under the local store) only when complete.
+    Every file's sha256 and the weights' safetensors structure are verified before
+    anything reaches ``dest`` (default: under the local store). A pull never deletes
+    or overwrites a user's files: ``dest`` must be missing, empty, or a previous pull
+    of the same module whose files are unchanged (then only those files are replaced,
+    each atomically; anything else there is left alone).
+
+    Args:
+        ref: ``owner/name[@version]``.
+        dest: the package directory.
+        hub: where to pull from (URL, directory, or None for the default).
+        token: a token, for a remote hub that needs one.
+        progress: show a progress bar.
+        force: write into a non-empty ``dest`` that is not a previous pull; only the package's
+            own file names (``module.json``, ``weights.safetensors``, ``README.md``) are replaced.
 
     Returns:
-        The package directory, ready for ``pm.load``.
+        The package directory (absolute), ready for ``pm.load``.
 
     Raises:
         NotFoundError: no such module or version.
         IntegrityError: a file does not match its sha256, is truncated, or is not safetensors.
+        DestinationError: ``dest`` holds other files or edited pulled files (nothing is written).
     """
-    return connect(hub, token).pull(ref, dest, progress=progress)
+    return connect(hub, token).pull(ref, dest, progress=progress, force=force)
 
 
 def get(ref: str, host: nn.Module | None = None, *, hub: Any = None, token: str | None = None) -> Any:

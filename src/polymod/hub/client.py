@@ -7,8 +7,8 @@ same methods, and the module-level functions (``pm.hub.push`` …) call them on
 local store at ``$POLYMOD_HOME/hub``.
 
 Pulling always verifies every file's sha256 and the weights' safetensors
-structure, and writes the package to a temporary sibling directory renamed
-into place only when complete: an interrupted pull leaves nothing visible.
+structure before anything reaches the destination, and never deletes or
+overwrites a user's files (see :mod:`polymod.hub.unpack`).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from typing import Any
 from polymod.errors import HubError
 from polymod.hub import names
 from polymod.hub.ancestry import lineage
-from polymod.hub.package import CARD_FILE
+from polymod.hub.package import CARD_FILE, open_regular, package_files
 from polymod.hub.query import search
 from polymod.hub.remote import RemoteHub
-from polymod.hub.store import Store, VersionInfo
-from polymod.hub.transfer import materialize, prepare_push
+from polymod.hub.store import CHUNK, Store, VersionInfo
+from polymod.hub.transfer import materialize, package_dir, prepare_push, progress_bar
 
 
 class LocalHub:
@@ -45,9 +45,10 @@ class LocalHub:
         """Publish the package at ``path`` as ``ref`` (``owner/name@version``); see :func:`push`."""
         target, card = prepare_push(path, ref, version)
         files = {CARD_FILE: self.store.write_blob([card])[0]}
-        for extra in sorted(Path(path).iterdir()):
-            if extra.name != CARD_FILE:
-                files[extra.name] = self.store.add_file(extra)[0]
+        for name, extra in package_files(path).items():
+            if name != CARD_FILE:
+                with open_regular(extra) as f:
+                    files[name] = self.store.write_blob(iter(lambda f=f: f.read(CHUNK), b""))[0]
         return self.store.publish(target.owner, target.name, target.version, files)
 
     def show(self, ref: str) -> VersionInfo:
@@ -60,11 +61,17 @@ class LocalHub:
         r = names.Ref.parse(ref)
         return self.store.versions(r.owner, r.name)
 
-    def pull(self, ref: str, dest: str | os.PathLike | None = None, progress: bool = False) -> Path:
-        """Write the package ``ref`` to ``dest`` (default: the store's ``packages/owner/name/version``)."""
+    def pull(self, ref: str, dest: str | os.PathLike | None = None, progress: bool = False,
+             force: bool = False) -> Path:
+        """Write the package ``ref`` to ``dest`` (default: the store's ``packages/owner/name/version``).
+
+        ``dest`` must be new, empty or a previous pull of the same module unless ``force``; see :func:`pull`.
+        """
         info = self.show(ref)
-        dest = Path(dest) if dest is not None else self.store.root / "packages" / info.owner / info.name / info.version
-        return materialize(info, self.store.iter_blob, dest, progress)
+        if dest is None:
+            dest, force = package_dir(self.store, info), True
+        with progress_bar(progress, info.size, f"pull {info.ref}") as advance:
+            return materialize(info, self.store.iter_blob, dest, advance, force)
 
     def search(self, query: str = "", limit: int = 20, offset: int = 0, owner: str | None = None,
                **facets: str | None):

@@ -67,10 +67,13 @@ def push(path: Annotated[Path, typer.Argument(help="package directory written by
 
 @app.command()
 def pull(ref: Annotated[str, typer.Argument(help="owner/name[@version] (default latest)")],
-         dest: Annotated[Path | None, typer.Option(help="directory to write the package to")] = None,
+         dest: Annotated[Path | None, typer.Option(help="directory to write the package to: new, empty, or "
+                                                        "a previous pull of the same module")] = None,
+         force: Annotated[bool, typer.Option("--force", help="write into a non-empty DEST that is not a previous "
+                                             "pull (only the package's own files are replaced)")] = False,
          hub: HubOpt = None, token: TokenOpt = None) -> None:
-    """Download a package, verifying every file's sha256; prints its directory."""
-    print(pmhub.pull(ref, dest, hub=hub, token=token, progress=True))
+    """Download a package, verifying every file's sha256; prints its directory. Never deletes your files."""
+    print(pmhub.pull(ref, dest, hub=hub, token=token, progress=True, force=force))
 
 
 @app.command()
@@ -178,6 +181,8 @@ def user_grant(namespace: Annotated[str, typer.Argument(help="namespace, e.g. an
 
 @user_app.command("revoke")
 def user_revoke(token: Annotated[str, typer.Argument(help="the token to revoke")], store: StoreOpt = None) -> None:
-    """Revoke a token."""
-
-    print("revoked" if revoke_token(pmhub.Store(store), token) else "no such token")
+    """Revoke a token; exits 1 when the store has no such token."""
+    if not revoke_token(pmhub.Store(store), token):
+        print("no such token")
+        raise typer.Exit(1)
+    print("revoked")

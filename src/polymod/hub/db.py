@@ -10,8 +10,9 @@ Tables: ``versions`` (one row per published version, its card as JSON),
 written in the card), ``users``, ``members`` (who may write to a namespace),
 ``tokens`` (sha256 of each token, never the token), ``derived`` (router data
 computed from a module, keyed by its content hash, the transform and its
-config: :mod:`polymod.hub.derived`), and ``search``, an FTS5 full-text index
-over names, descriptions, tasks, languages and tags.
+config: :mod:`polymod.hub.derived`), ``checked`` (the weights check's verdict
+per blob, so identical content is never parsed twice), and ``search``, an FTS5
+full-text index over names, descriptions, tasks, languages and tags.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ CREATE TABLE IF NOT EXISTS derived (
     sha256 TEXT NOT NULL, size INTEGER NOT NULL, parent TEXT, created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS derived_module ON derived (module_sha);
+CREATE TABLE IF NOT EXISTS checked (sha256 TEXT PRIMARY KEY, checker TEXT NOT NULL, error TEXT);
 CREATE VIRTUAL TABLE IF NOT EXISTS search USING fts5(
     owner, name, description, task, language, tags, kind, architecture, tokenize = 'unicode61'
 );

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import stat
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -34,9 +35,15 @@ CARD_FILE = "module.json"
 WEIGHTS_FILE = "weights.safetensors"
 README_FILE = "README.md"
 PACKAGE_FILES = (CARD_FILE, WEIGHTS_FILE, README_FILE)
+PULL_RECORD = ".polymod-pull.json"  # what a pull wrote (see hub/unpack.py); never pushed
 MAX_CARD_BYTES = 1 << 20
 MAX_README_BYTES = 1 << 20
-MAX_HEADER_BYTES = 100 << 20
+# A safetensors header is JSON that must be parsed before anything else is known; these bound the time and
+# memory one upload can cost the server. A LoRA on every linear layer of an 80-layer model has ~1,100 tensors
+# and a header of ~200 kB; the limits leave room for 15x that and stop a "header bomb" (millions of empty
+# tensors) in milliseconds: the tensors are counted in the raw bytes before the JSON is parsed.
+MAX_HEADER_BYTES = 4 << 20
+MAX_TENSORS = 16_384
 
 _KIND_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 _TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,63}")
@@ -47,9 +54,9 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, read in 1 MiB chunks."""
+    """sha256 of a regular file's bytes, read in 1 MiB chunks (a symbolic link is refused, never followed)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
@@ -171,14 +178,39 @@ def card_bytes(card: Card) -> bytes:
     return (json.dumps(card.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
 
 
-def check_safetensors(f: BinaryIO, size: int, label: str = WEIGHTS_FILE) -> None:
-    """Check that ``f`` (``size`` bytes) is one complete safetensors file.
+class _TooManyObjects(ValueError):
+    pass
 
-    Reads only the header; tensor bytes are covered by the sha256 check.
+
+def _counting_hook(limit: int):
+    """A ``json`` ``object_pairs_hook`` that aborts the parse once more than ``limit`` objects were built."""
+    count = 0
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal count
+        count += 1
+        if count > limit:
+            raise _TooManyObjects
+        return dict(pairs)
+
+    return hook
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_safetensors(f: BinaryIO, size: int, label: str = WEIGHTS_FILE) -> None:
+    """Check that ``f`` (``size`` bytes) is one complete safetensors file, in bounded time and memory.
+
+    Reads only the header (at most :data:`MAX_HEADER_BYTES`, describing at most :data:`MAX_TENSORS`
+    tensors; the parse stops as soon as either bound is passed). Every tensor needs a known dtype, a
+    shape of non-negative integers and data offsets of exactly its size; together the tensors must
+    tile the data section without gaps or overlaps. Tensor bytes are covered by the sha256 check.
 
     Raises:
-        IntegrityError: a pickle or zip (``torch.save``) posing as safetensors, a malformed
-            header, or data shorter or longer than the header promises (truncation).
+        IntegrityError: a pickle or zip (``torch.save``) posing as safetensors, a header over the
+            limits, a malformed header, or data shorter or longer than the header promises.
     """
     head = f.read(9)
     # A pickle starts with 0x80 and a zip with PK; a safetensors header length can start with 0x80 too (any
@@ -191,60 +223,146 @@ def check_safetensors(f: BinaryIO, size: int, label: str = WEIGHTS_FILE) -> None
     if len(head) < 8:
         raise IntegrityError(f"{label} is {size} bytes, too short to be safetensors (truncated?)")
     f.seek(-len(head[8:]), 1)
-    if n > min(MAX_HEADER_BYTES, size - 8):
+    if n > MAX_HEADER_BYTES:
+        raise IntegrityError(f"{label}: safetensors header of {n:,} bytes exceeds the limit of "
+                             f"{MAX_HEADER_BYTES:,} bytes (polymod.hub.package.MAX_HEADER_BYTES)")
+    if n > size - 8:
         raise IntegrityError(f"{label}: header length {n} exceeds the file ({size} bytes); "
                              "truncated or not safetensors")
+    too_many = IntegrityError(f"{label}: the safetensors header lists more than {MAX_TENSORS:,} tensors, the "
+                              "limit (polymod.hub.package.MAX_TENSORS)")
+    raw = f.read(n)
+    if raw.count(b'"data_offsets"') > MAX_TENSORS:  # every entry names its offsets: a cheap upper bound
+        raise too_many
     try:
-        header = json.loads(f.read(n).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_counting_hook(MAX_TENSORS + 2),
+                            parse_constant=_reject_constant)
+    except _TooManyObjects:
+        raise too_many from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
         raise IntegrityError(f"{label}: safetensors header is not JSON ({str(exc)[:100]})") from None
     if not isinstance(header, dict):
         raise IntegrityError(f"{label}: safetensors header is not an object")
-    end = 0
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise IntegrityError(f"{label}: safetensors __metadata__ must map strings to strings")
+    if len(header) > MAX_TENSORS:
+        raise too_many
+    spans = []
     for key, entry in header.items():
-        if key == "__metadata__":
-            continue
         try:
-            numel = math.prod(int(d) for d in entry["shape"])
-            start, stop = (int(o) for o in entry["data_offsets"])
-            width = _DTYPE_BYTES[entry["dtype"]]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise IntegrityError(f"{label}: tensor {key!r:.60} has a malformed header entry ({exc})") from None
-        if not 0 <= start <= stop or stop - start != numel * width:
+            shape, offsets, width = entry["shape"], entry["data_offsets"], _DTYPE_BYTES[entry["dtype"]]
+        except (KeyError, TypeError) as exc:
+            raise IntegrityError(f"{label}: tensor {key!r:.60} has a malformed header entry ({exc!r:.80})") from None
+        if not (isinstance(shape, list) and all(_is_count(d) for d in shape) and isinstance(offsets, list)
+                and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise IntegrityError(f"{label}: tensor {key!r:.60} needs a shape and two data offsets of non-negative "
+                                 f"integers, got {shape!r:.60} and {offsets!r:.60}")
+        start, stop = offsets
+        if not start <= stop or stop - start != math.prod(shape) * width:
             raise IntegrityError(f"{label}: tensor {key!r:.60} has inconsistent offsets {start}..{stop}")
-        end = max(end, stop)
+        spans.append((start, stop, key))
+    end = 0
+    for start, stop, key in sorted(spans):
+        if start != end:
+            raise IntegrityError(f"{label}: tensor {key!r:.60} starts at byte {start} but the previous tensor ends at "
+                                 f"{end}: tensors must tile the data without gaps or overlaps")
+        end = stop
     if end != size - 8 - n:
         raise IntegrityError(f"{label}: the header describes {end} data bytes but the file holds {size - 8 - n} "
                              "(truncated or padded)")
 
 
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """Open a package file for reading without following a symbolic link, refusing anything but a regular file.
+
+    Raises:
+        FormatError: ``path`` is a symbolic link, a directory, a FIFO, a device or a socket.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        if os.path.islink(path):
+            raise FormatError(f"{path} is a symbolic link; polymod never follows links in a package (a link "
+                              "could publish any file on this machine). Copy the file into the package") from None
+        raise FormatError(f"cannot read {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FormatError(f"{path} is not a regular file; a package holds only regular files")
+    return os.fdopen(fd, "rb")
+
+
+def package_files(path: str | os.PathLike) -> dict[str, Path]:
+    """The files of the package directory ``path`` that a push publishes, by name, checked without following links.
+
+    The pull record (:data:`PULL_RECORD`) left by a pull is skipped.
+
+    Raises:
+        FormatError: ``path`` is not a directory, holds names other than :data:`PACKAGE_FILES`, or one of
+            them is a symbolic link or not a regular file.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FormatError(f"{path} is not a directory; push takes a module directory written by pm.save")
+    entries = {p.name: p for p in path.iterdir() if p.name != PULL_RECORD}
+    extra = sorted(set(entries) - set(PACKAGE_FILES))
+    if extra:
+        raise FormatError(f"{path} holds files a package may not contain: {extra[:5]}; allowed: {PACKAGE_FILES}")
+    for p in entries.values():
+        mode = os.lstat(p).st_mode
+        if stat.S_ISLNK(mode):
+            raise FormatError(f"{p} is a symbolic link; polymod never follows links in a package (a link could "
+                              "publish any file on this machine). Copy the file into the package")
+        if not stat.S_ISREG(mode):
+            raise FormatError(f"{p} is not a regular file; a package holds only regular files")
+    return dict(sorted(entries.items()))
+
+
 def check_package_dir(path: str | os.PathLike) -> Card:
-    """Check a package directory before pushing it: allowed files only, valid card, valid weights.
+    """Check a package directory before pushing it: allowed regular files only, valid card, valid weights.
 
     Returns:
         The parsed card.
 
     Raises:
-        FormatError: unknown files, a missing card, an invalid card, or missing weights for a module.
+        FormatError: unknown files, symbolic links or other non-regular files, a missing card, an invalid
+            card, or missing weights for a module.
         IntegrityError: weights that are not safetensors or are truncated.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise FormatError(f"{path} is not a directory; push takes a module directory written by pm.save")
-    extra = sorted(p.name for p in path.iterdir() if p.name not in PACKAGE_FILES)
-    if extra:
-        raise FormatError(f"{path} holds files a package may not contain: {extra[:5]}; allowed: {PACKAGE_FILES}")
-    if not (path / CARD_FILE).is_file():
+    files = package_files(path)
+    if CARD_FILE not in files:
         raise FormatError(f"{path} is not a polymod package: {CARD_FILE} is missing (write it with pm.save)")
-    card = parse_card((path / CARD_FILE).read_bytes())
-    weights = path / WEIGHTS_FILE
-    if card.kind != "composition" and not weights.is_file():
+    with open_regular(files[CARD_FILE]) as f:
+        card = parse_card(f.read(MAX_CARD_BYTES + 1))
+    if card.kind != "composition" and WEIGHTS_FILE not in files:
         raise FormatError(f"{path} has no {WEIGHTS_FILE}; a {card.kind} module needs its weights")
-    if weights.is_file():
-        with open(weights, "rb") as f:
-            check_safetensors(f, weights.stat().st_size)
+    if WEIGHTS_FILE in files:
+        with open_regular(files[WEIGHTS_FILE]) as f:
+            check_safetensors(f, os.fstat(f.fileno()).st_size)
+    if README_FILE in files:
+        with open_regular(files[README_FILE]) as f:
+            check_readme(f.read(MAX_README_BYTES + 1))
     return card
 
 
-__all__ = ["CARD_FILE", "WEIGHTS_FILE", "PACKAGE_FILES", "parse_card", "card_bytes", "check_card_dict",
-           "check_safetensors", "check_package_dir", "content_hash", "file_sha256"]
+def check_readme(raw: bytes) -> None:
+    """Check a package's ``README.md``: UTF-8 text of at most :data:`MAX_README_BYTES`.
+
+    Raises:
+        FormatError: too large, not UTF-8, or holding NUL or other binary control bytes.
+    """
+    if len(raw) > MAX_README_BYTES:
+        raise FormatError(f"{README_FILE} is over the limit of {MAX_README_BYTES:,} bytes; shorten it")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{README_FILE} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    bad = re.search(r"[\x00-\x08\x0e-\x1f\x7f]", text)
+    if bad:
+        raise FormatError(f"{README_FILE} holds control character {bad.group()!r}; a README is Markdown text")
+
+
+__all__ = ["CARD_FILE", "MAX_CARD_BYTES", "MAX_HEADER_BYTES", "MAX_README_BYTES", "MAX_TENSORS", "PACKAGE_FILES",
+           "PULL_RECORD", "README_FILE", "WEIGHTS_FILE", "card_bytes", "check_card_dict", "check_package_dir",
+           "check_readme", "check_safetensors", "content_hash", "file_sha256", "open_regular", "package_files",
+           "parse_card"]

@@ -23,10 +23,11 @@ import httpx
 
 from polymod.errors import HUB_ERRORS, ConflictError, HubError
 from polymod.hub import names
-from polymod.hub.package import CARD_FILE, file_sha256
+from polymod.hub.package import CARD_FILE, file_sha256, open_regular, package_files
 from polymod.hub.query import SearchResult
 from polymod.hub.store import CHUNK, Store, VersionInfo, home
-from polymod.hub.transfer import materialize, prepare_push, progress_bar
+from polymod.hub.transfer import materialize, package_dir, prepare_push, progress_bar
+from polymod.hub.unpack import check_destination
 
 API = "/api/v1"
 
@@ -121,9 +122,11 @@ class RemoteHub:
         target, card = prepare_push(path, ref, version)
         self._request("GET", "/whoami", params={"namespace": target.owner})  # refuse before uploading anything
         blobs: dict[str, tuple[str, int, Any]] = {CARD_FILE: (hashlib.sha256(card).hexdigest(), len(card), card)}
-        for extra in sorted(Path(path).iterdir()):
-            if extra.name != CARD_FILE:
-                blobs[extra.name] = (file_sha256(extra), extra.stat().st_size, extra)
+        for name, extra in package_files(path).items():
+            if name != CARD_FILE:
+                with open_regular(extra) as f:
+                    size = os.fstat(f.fileno()).st_size
+                blobs[name] = (file_sha256(extra), size, extra)
         missing = [(n, s, z, src) for n, (s, z, src) in blobs.items()
                    if self.http.head(f"{API}/blobs/{s}", headers=self._headers()).status_code != 200]
         with progress_bar(progress, sum(z for _, _, z, _ in missing), f"push {target}") as advance:
@@ -151,18 +154,21 @@ class RemoteHub:
                 self._raise_for(response)
             yield from response.iter_bytes(CHUNK)
 
-    def pull(self, ref: str, dest: str | os.PathLike | None = None, progress: bool = False) -> Path:
-        """Download ``ref`` into the cache (sha256-verified) and write the package to ``dest``."""
+    def pull(self, ref: str, dest: str | os.PathLike | None = None, progress: bool = False,
+             force: bool = False) -> Path:
+        """Download ``ref`` into the cache (sha256-verified) and write the package to ``dest``; see :func:`pull`."""
         info = self.show(ref)
         cache = self.cache
+        if dest is None:
+            dest, force = package_dir(cache, info), True
+        check_destination(Path(os.path.abspath(dest)), f"{info.owner}/{info.name}", force)  # before downloading
         with progress_bar(progress, info.size, f"download {info.ref}") as advance:
             for meta in info.files.values():
                 if not cache.has_blob(meta["sha256"]):
                     cache.write_blob(self._download(meta["sha256"]), expected=meta["sha256"], on_chunk=advance)
                 else:
                     advance(meta["size"])
-        dest = Path(dest) if dest is not None else cache.root / "packages" / info.owner / info.name / info.version
-        out = materialize(info, cache.iter_blob, dest)
+        out = materialize(info, cache.iter_blob, dest, force=force)
         try:
             cache.publish(info.owner, info.name, info.version, {p: m["sha256"] for p, m in info.files.items()},
                           uploader=f"pulled from {self.url}")
@@ -196,7 +202,7 @@ def _chunks(src: bytes | Path, advance) -> Iterator[bytes]:
         advance(len(src))
         yield src
         return
-    with open(src, "rb") as f:
+    with open_regular(src) as f:
         while chunk := f.read(CHUNK):
             advance(len(chunk))
             yield chunk

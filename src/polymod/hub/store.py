@@ -28,10 +28,26 @@ from typing import Any, BinaryIO
 
 from polymod.errors import ConflictError, FormatError, IntegrityError, NotFoundError, TooLargeError
 from polymod.hub import db, names
-from polymod.hub.package import CARD_FILE, PACKAGE_FILES, WEIGHTS_FILE, check_safetensors, file_sha256, parse_card
+from polymod.hub.package import (
+    CARD_FILE,
+    MAX_CARD_BYTES,
+    MAX_HEADER_BYTES,
+    MAX_README_BYTES,
+    MAX_TENSORS,
+    PACKAGE_FILES,
+    README_FILE,
+    WEIGHTS_FILE,
+    check_readme,
+    check_safetensors,
+    file_sha256,
+    parse_card,
+)
 
 CHUNK = 1 << 20
 STALE_TMP_SECONDS = 3600.0
+# The weights check's verdict on a blob is kept under this key: content is immutable, so a hash checked once
+# (valid or not) is never parsed again; a change of the checker or its limits changes the key.
+CHECKER = f"safetensors-v2-{MAX_HEADER_BYTES}-{MAX_TENSORS}"
 
 
 def home() -> Path:
@@ -241,8 +257,16 @@ class Store:
             if not self.has_blob(sha):
                 raise NotFoundError(f"file {path} (sha256 {sha:.64}) has not been uploaded; upload blobs first")
             sizes[path] = self.blob_path(sha).stat().st_size
+        if sizes[CARD_FILE] > MAX_CARD_BYTES:  # refused before a byte of it is read
+            raise TooLargeError(f"{CARD_FILE} is {sizes[CARD_FILE]:,} bytes; the limit is {MAX_CARD_BYTES:,}")
         with self.open_blob(files[CARD_FILE]) as f:
-            card = parse_card(f.read())
+            card = parse_card(f.read(MAX_CARD_BYTES + 1))
+        if README_FILE in files:
+            if sizes[README_FILE] > MAX_README_BYTES:
+                raise TooLargeError(f"{README_FILE} is {sizes[README_FILE]:,} bytes; the limit is "
+                                    f"{MAX_README_BYTES:,}")
+            with self.open_blob(files[README_FILE]) as f:
+                check_readme(f.read(MAX_README_BYTES + 1))
         if (card.owner, card.name, card.version) != (owner, name, version):
             raise FormatError(f"{CARD_FILE} says {card.owner}/{card.name}@{card.version} but is published as "
                               f"{owner}/{name}@{version}; they must agree")
@@ -252,8 +276,7 @@ class Store:
         elif WEIGHTS_FILE not in files:
             raise FormatError(f"a {card.kind} module needs {WEIGHTS_FILE}")
         if WEIGHTS_FILE in files:
-            with self.open_blob(files[WEIGHTS_FILE]) as f:
-                check_safetensors(f, sizes[WEIGHTS_FILE])
+            self.check_weights(files[WEIGHTS_FILE])
         content = files.get(WEIGHTS_FILE, files[CARD_FILE])
         sv = names.SemVer.parse(version)
         conn = self.connect()
@@ -271,6 +294,36 @@ class Store:
             return self.get(owner, name, version, conn=conn)
         finally:
             conn.close()
+
+    def check_weights(self, sha256: str) -> None:
+        """Check that blob ``sha256`` is valid safetensors, once: the verdict is remembered by content hash.
+
+        Raises:
+            IntegrityError: the blob is not valid safetensors (now, or when it was first checked).
+        """
+        conn = self.connect()
+        try:
+            row = conn.execute("SELECT error FROM checked WHERE sha256=? AND checker=?", (sha256, CHECKER)).fetchone()
+        finally:
+            conn.close()
+        if row is not None:
+            if row["error"] is not None:
+                raise IntegrityError(row["error"])
+            return
+        error = None
+        try:
+            with self.open_blob(sha256) as f:
+                check_safetensors(f, os.fstat(f.fileno()).st_size)
+        except IntegrityError as exc:
+            error = str(exc)
+        conn = self.connect()
+        try:
+            with db.transaction(conn):
+                conn.execute("INSERT OR REPLACE INTO checked VALUES (?,?,?)", (sha256, CHECKER, error))
+        finally:
+            conn.close()
+        if error is not None:
+            raise IntegrityError(error)
 
     def _insert(self, conn, owner, name, sv, card, files, sizes, content, uploader) -> None:
         host = card.host or {}

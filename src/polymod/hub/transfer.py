@@ -1,17 +1,14 @@
 """Moving a package between a hub and a directory, shared by both clients (local and remote).
 
 :func:`prepare_push` checks a package and fixes the card's reference before
-upload; :func:`materialize` writes a pulled version atomically, verifying every
-file's sha256 and the weights' safetensors structure; :func:`progress_bar`
-shows either's progress.
+upload; :func:`~polymod.hub.unpack.materialize` (re-exported here) writes a pulled
+version, verifying every file's sha256 and the weights' safetensors structure and
+never touching the user's own files; :func:`progress_bar` shows either's progress.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -19,18 +16,10 @@ from pathlib import Path
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-from polymod.errors import IntegrityError
 from polymod.hub import names
-from polymod.hub.package import (
-    CARD_FILE,
-    PACKAGE_FILES,
-    WEIGHTS_FILE,
-    card_bytes,
-    check_package_dir,
-    check_safetensors,
-    parse_card,
-)
-from polymod.hub.store import VersionInfo
+from polymod.hub.package import card_bytes, check_package_dir
+from polymod.hub.store import Store, VersionInfo
+from polymod.hub.unpack import materialize
 
 Advance = Callable[[int], None]
 
@@ -67,55 +56,9 @@ def prepare_push(path: str | os.PathLike, ref: str, version: str | None = None) 
     return target, card_bytes(card)
 
 
-def materialize(info: VersionInfo, read: Callable[[str], Iterator[bytes]], dest: Path,
-                progress: bool = False) -> Path:
-    """Write a version's files to ``dest`` atomically, verifying each file's sha256 and the weights' structure.
-
-    Args:
-        info: the version (its ``files`` give each path's sha256 and size).
-        read: yields a blob's bytes by sha256.
-        dest: the package directory to create (replaced if it exists).
-        progress: show a progress bar.
-
-    Raises:
-        IntegrityError: a file's bytes do not match its sha256, or the weights are not valid safetensors.
-    """
+def package_dir(store: Store, info: VersionInfo) -> Path:
+    """Where a pull without a destination writes: ``<store>/packages/owner/name/version`` (polymod's own)."""
+    return store.root / "packages" / info.owner / info.name / info.version
 
 
-    # What a (possibly hostile) hub says is checked before it names a path: no traversal through file names.
-    names.check_owner(info.owner), names.check_name(info.name), names.check_version(info.version)
-    if not set(info.files) <= set(PACKAGE_FILES) or CARD_FILE not in info.files:
-        raise IntegrityError(f"{info.ref}: the hub lists files {sorted(info.files)[:5]!r:.200}; a package holds "
-                             f"{CARD_FILE} and only {PACKAGE_FILES}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        with progress_bar(progress, info.size, f"pull {info.ref}") as advance:
-            for path, meta in info.files.items():
-                h, size = hashlib.sha256(), 0
-                with open(tmp / path, "wb") as f:
-                    for chunk in read(meta["sha256"]):
-                        h.update(chunk)
-                        size += len(chunk)
-                        f.write(chunk)
-                        advance(len(chunk))
-                if h.hexdigest() != meta["sha256"] or size != meta["size"]:
-                    raise IntegrityError(f"{info.ref}: {path} has sha256 {h.hexdigest()} ({size} bytes) but the hub "
-                                         f"lists {meta['sha256']} ({meta['size']} bytes): corrupt or tampered; "
-                                         "nothing was written")
-        if (tmp / WEIGHTS_FILE).is_file():
-            with open(tmp / WEIGHTS_FILE, "rb") as f:
-                check_safetensors(f, (tmp / WEIGHTS_FILE).stat().st_size, f"{info.ref}: {WEIGHTS_FILE}")
-
-        card = parse_card((tmp / CARD_FILE).read_bytes())
-        if (card.owner, card.name, card.version) != (info.owner, info.name, info.version):
-            raise IntegrityError(f"{info.ref}: its {CARD_FILE} names {card.owner}/{card.name}@{card.version}")
-        old = dest.with_name(f".{dest.name}.old")
-        if dest.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            dest.rename(old)
-        tmp.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
-        return dest
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+__all__ = ["materialize", "package_dir", "prepare_push", "progress_bar"]

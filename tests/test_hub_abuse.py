@@ -1,0 +1,115 @@
+"""Abuse of the hub server: safetensors header bombs and invalid weights cost bounded time, once per content."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import struct
+import threading
+import time
+
+import httpx
+import pytest
+
+from polymod import hub
+from polymod.card import FORMAT_VERSION
+from polymod.hub import store as store_module
+from polymod.hub.auth import create_token
+from polymod.hub.package import MAX_HEADER_BYTES, MAX_TENSORS, check_safetensors
+from tests.hub_helpers import hub_thread
+
+
+def _safetensors(header: dict, data: bytes = b"") -> bytes:
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def _bomb(tensors: int) -> bytes:
+    """Many empty tensors: a small file whose header is costly to parse."""
+    raw = b"{" + b",".join(b'"t%d":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}' % i for i in range(tensors)) + b"}"
+    return struct.pack("<Q", len(raw)) + raw
+
+
+@pytest.mark.parametrize("escape", [False, True])
+def test_header_over_the_tensor_limit_is_refused_fast(escape):
+    blob = _bomb(MAX_TENSORS + 1)
+    if escape:  # the same JSON, spelled so that a byte count of the key finds nothing: the parse still stops
+        blob = blob.replace(b'"data_offsets"', b'"data\\u005foffsets"')
+        blob = struct.pack("<Q", len(blob) - 8) + blob[8:]
+    start = time.perf_counter()
+    with pytest.raises(hub.IntegrityError, match=f"more than {MAX_TENSORS:,} tensors, the limit"):
+        check_safetensors(io.BytesIO(blob), len(blob))
+    assert time.perf_counter() - start < 2.0
+    ok = _bomb(100)
+    check_safetensors(io.BytesIO(ok), len(ok))
+
+
+def test_header_over_the_size_limit_is_refused_before_it_is_read():
+    class Refuse(io.BytesIO):
+        def read(self, n=-1):
+            if n != 8:
+                raise AssertionError("the header was read")
+            return super().read(n)
+
+    f = Refuse(struct.pack("<Q", MAX_HEADER_BYTES + 1))
+    with pytest.raises(hub.IntegrityError, match=f"exceeds the limit of {MAX_HEADER_BYTES:,} bytes"):
+        check_safetensors(f, 1 << 40)
+
+
+@pytest.mark.parametrize("header,data,match", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, "without gaps or overlaps"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, "without gaps or overlaps"),
+    ({"a": {"dtype": "F32", "shape": [2.5], "data_offsets": [0, 8]}}, b"\0" * 8, "non-negative integers"),
+    ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}, b"", "non-negative integers"),
+    ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4, "non-negative integers"),
+    ({"a": {"dtype": "X9", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, "malformed header entry"),
+    ({"__metadata__": {"k": 1}}, b"", "__metadata__ must map strings to strings"),
+])
+def test_invalid_safetensors_are_refused(header, data, match):
+    blob = _safetensors(header, data)
+    with pytest.raises(hub.IntegrityError, match=match):
+        check_safetensors(io.BytesIO(blob), len(blob))
+
+
+def test_header_bomb_keeps_the_server_responsive_and_is_checked_once(tmp_path, monkeypatch):
+    """Three publishes of a weights file holding ~MAX_HEADER_BYTES of empty tensors: /health keeps answering
+    within a fraction of a second, each publish is refused, and the header is parsed once for all three."""
+    calls = []
+    real = store_module.check_safetensors
+    monkeypatch.setattr(store_module, "check_safetensors", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    store = hub.Store(tmp_path / "server")
+    token = create_token(store, "alice")
+    card_raw = json.dumps({"format_version": FORMAT_VERSION, "kind": "lora", "owner": "alice", "name": "bomb",
+                           "version": "1.0.0"}).encode()
+    bomb = _bomb(MAX_HEADER_BYTES // 58)
+    assert MAX_HEADER_BYTES * 0.8 < len(bomb) - 8 <= MAX_HEADER_BYTES
+    auth = {"Authorization": f"Bearer {token}"}
+    with hub_thread(store) as url, httpx.Client(base_url=url, timeout=60) as http:
+        shas = {}
+        for raw in (card_raw, bomb):
+            shas[raw] = hashlib.sha256(raw).hexdigest()
+            assert http.put(f"/api/v1/blobs/{shas[raw]}", content=raw, headers=auth).status_code == 201
+        body = {"version": "1.0.0", "files": {"module.json": shas[card_raw], "weights.safetensors": shas[bomb]}}
+        answers, latencies, done = [], [], threading.Event()
+
+        def publish():
+            for _ in range(3):
+                answers.append(http.post("/api/v1/modules/alice/bomb/versions", json=body, headers=auth))
+            done.set()
+
+        worker = threading.Thread(target=publish)
+        worker.start()
+        while not done.is_set():
+            t = time.perf_counter()
+            assert http.get("/api/v1/health").status_code == 200
+            latencies.append(time.perf_counter() - t)
+            time.sleep(0.01)
+        worker.join()
+    assert [r.status_code for r in answers] == [422] * 3
+    assert all("tensors, the limit" in r.json()["detail"] for r in answers)
+    assert len(calls) == 1, "identical content is checked once"
+    assert max(latencies) < 0.5, f"/health took up to {max(latencies):.2f} s"
+    with pytest.raises(hub.NotFoundError):
+        store.get("alice", "bomb", "1.0.0")
