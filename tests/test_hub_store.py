@@ -29,7 +29,7 @@ def test_push_pull_roundtrip_gives_identical_outputs(tmp_path, store):
     assert info.sha256 == info.files[WEIGHTS_FILE]["sha256"]
     assert info.card["owner"] == "alice" and info.card["version"] == "1.0.0"
     out = hub.pull("alice/senti", tmp_path / "pulled", hub=store)
-    assert sorted(p.name for p in out.iterdir()) == ["module.json", WEIGHTS_FILE]
+    assert sorted(p.name for p in out.iterdir()) == [".polymod-pull.json", "module.json", WEIGHTS_FILE]
     host_a, host_b, batch = make_host("bert"), make_host("bert"), make_batch("bert")
     a, b = pm.Modular(host_a), pm.Modular(host_b)
     a.add("m", pm.load(pkg)), b.add("m", hub.get("alice/senti@1.0.0", host=host_b, hub=store))
