@@ -27,9 +27,9 @@ from polymod.hub.library import Library, library
 from polymod.hub.store import Store, VersionInfo
 
 __all__ = ["AuthError", "ConflictError", "DerivedInfo", "DerivedStore", "DestinationError", "ForbiddenError",
-           "HubError", "IntegrityError", "InvalidNameError", "Library", "LocalHub", "NotFoundError", "Store", "TooLargeError",
-           "VersionInfo", "connect", "get", "library", "lineage", "load", "login", "pull", "push", "save", "search",
-           "show", "versions", "yank"]
+           "HubError", "IntegrityError", "InvalidNameError", "Library", "LocalHub", "NotFoundError", "Store",
+           "TooLargeError", "VersionInfo", "connect", "get", "library", "lineage", "load", "login", "pull", "push",
+           "save", "search", "show", "versions", "yank"]
 
 # The hub's errors joined polymod's one hierarchy in polymod.errors (0.2); `from polymod.hub.errors import ...`
 # was documented, so that path keeps working as an alias of the module that now holds them.
