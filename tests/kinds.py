@@ -13,7 +13,7 @@ from typing import Any
 import polymod as pm
 from polymod.modules.adapter import Adapter
 from polymod.modules.delta import Delta
-from polymod.modules.hyper import HyperLoRA
+from polymod.modules.hyperlora import HyperLoRA
 from polymod.modules.ia3 import IA3
 from polymod.modules.invertible import Invertible
 from polymod.modules.prefix import PrefixTuning

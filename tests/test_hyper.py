@@ -1,4 +1,4 @@
-"""Hypernetwork LoRA: live == materialised, per-row selection, new tasks, save/load and errors."""
+"""Hypernetwork LoRA: routed like every kind, live == materialised, per-row routing, new tasks, save/load, errors."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import polymod as pm
-from polymod.modules import hyper
-from polymod.modules.hyper import HyperLoRA
+from polymod.modules import hyperlora
+from polymod.modules.contract import ReadsRoutingInputs
+from polymod.modules.hyperlora import HyperLoRA, HyperLoRAPart, hypernetwork
+from polymod.sites import Site
 from tests.hosts import make_batch, make_host, randomize
 
 SPEC = HyperLoRA(tasks=("sst2", "mnli"), languages=("en", "de"), rank=2, embedding_dim=6, hidden=12,
@@ -24,88 +26,117 @@ def _attach(family: str = "llama", spec: HyperLoRA = SPEC):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_materialised_lora_equals_the_live_module_and_merges(family):
+def test_materialised_lora_equals_the_live_module_routed_to_its_task(family):
     host, model = _attach(family)
     batch = make_batch(family)
-    hyper.select(model["hx"], "mnli", "de")
-    live = host(**batch).logits
-    lora = hyper.materialise(model["hx"], task="mnli", language="de")
-    assert lora.kind == "lora" and "<input>" not in lora.sites and lora.mergeable
+    with model.route(task="mnli", language="de"):
+        live = host(**batch).logits
+    lora = hyperlora.materialise(model["hx"], task="mnli", language="de")
+    assert lora.kind == "lora" and set(lora.sites) == set(model["hx"].sites) and lora.mergeable
     assert lora.card.lineage.recipe == {"method": "materialise", "task": "mnli", "language": "de"}
-    assert hyper.selection(model["hx"]) == ("mnli", "de"), "materialise leaves the selection as it was"
     model.add("mnli-de", lora)
     model.use("mnli-de")
     torch.testing.assert_close(host(**batch).logits, live, rtol=1e-5, atol=1e-6)
     if family == "llama":  # GPT-2 ties no attention weights either, but one merge check suffices
         model.merge_into_host("mnli-de")
         torch.testing.assert_close(host(**batch).logits, live, rtol=1e-4, atol=1e-5)
+        model.unmerge("mnli-de")
     model.use("hx")
-    hyper.select(model["hx"], "sst2", "en")
-    assert not torch.allclose(host(**batch).logits, live, atol=1e-4), "another task generates other weights"
+    with model.route(task=1, language="de"):  # a task id names the same task as its name
+        torch.testing.assert_close(host(**batch).logits, live, rtol=0, atol=0)
+    with model.route(task="sst2", language="en"):
+        assert not torch.allclose(host(**batch).logits, live, atol=1e-4), "another task generates other weights"
+    default = host(**batch).logits  # no route: the first task and language
+    with model.route(task="sst2", language="en"):
+        torch.testing.assert_close(host(**batch).logits, default, rtol=0, atol=0)
 
 
-def test_per_row_selection_equals_each_row_alone():
+def test_per_row_routing_equals_each_row_alone():
     host, model = _attach()
     batch = make_batch("llama")
     rows = [("sst2", "en"), ("mnli", "de"), ("sst2", "de")]
-    hyper.select(model["hx"], [t for t, _ in rows], [g for _, g in rows])
-    together = host(**batch).logits
+    with model.route(task=[t for t, _ in rows], language=[g for _, g in rows]):
+        together = host(**batch).logits
     for i, (task, language) in enumerate(rows):
-        with hyper.selected(model["hx"], task, language):
+        with model.route(task=task, language=language):
             alone = host(**{k: v[i:i + 1] for k, v in batch.items()}).logits
         torch.testing.assert_close(together[i:i + 1], alone, rtol=1e-5, atol=1e-5)
-    assert hyper.selection(model["hx"])[0] == ["sst2", "mnli", "sst2"], "selected() restores the selection"
-    with pytest.raises(pm.StateError, match="per-row selection has 3 rows"):
-        host(**make_batch("llama", batch=2))
+    with pytest.raises(pm.StateError, match="gives 3 rows but the batch at this site has 2"):
+        with model.route(task=["sst2", "mnli", "sst2"]):
+            host(**make_batch("llama", batch=2))
+
+
+def test_parts_read_the_models_routing_inputs_and_share_one_hypernetwork():
+    _, model = _attach()
+    parts = list(model["hx"].parts.values())
+    assert all(isinstance(p, ReadsRoutingInputs) and p.inputs is model.routing.inputs for p in parts)
+    net = hypernetwork(model["hx"])
+    assert all(p.generator is net for p in parts)
+    owners = [n for n, _ in model["hx"].named_children()]  # the network is saved once, under the first site
+    state = model["hx"].state_dict()
+    assert sum(k.endswith("trunk.weight") for k in state) == 1, sorted(state)[:5]
+    assert "<input>" not in "".join(model["hx"].sites) and owners == ["parts"]
 
 
 def test_heads_are_shared_by_sites_of_one_shape():
     _, model = _attach()
-    hub = model["hx"].part("<input>")
-    assert sorted(hub.heads) == ["32x16", "32x32", "32x48"]  # q (32->32), v (GQA: 32->16), ffn.in (32->48)
-    trunk = hub.trunk.weight.numel() + hub.trunk.bias.numel()
-    heads = sum(p.numel() for p in hub.heads.parameters())
-    sites = (len(model["hx"].sites) - 1) * 6
+    net = hypernetwork(model["hx"])
+    assert sorted(net.heads) == ["32x16", "32x32", "32x48"]  # q (32->32), v (GQA: 32->16), ffn.in (32->48)
+    trunk = net.trunk.weight.numel() + net.trunk.bias.numel()
+    heads = sum(p.numel() for p in net.heads.parameters())
+    sites = len(model["hx"].sites) * 6
     assert model["hx"].num_parameters() == trunk + heads + sites + 4 * 6  # + 2 task and 2 language embeddings
 
 
 def test_new_task_is_a_new_embedding_and_survives_save_load(tmp_path):
     host, model = _attach()
     batch = make_batch("llama")
-    hyper.add_task(model["hx"], "qnli")
+    hyperlora.add_task(model["hx"], "qnli")
     assert model["hx"].spec.tasks == ("sst2", "mnli", "qnli") and model["hx"].card.config["tasks"][-1] == "qnli"
-    hub = model["hx"].part("<input>")
-    torch.testing.assert_close(hub.task_embeddings[2], hub.task_embeddings[:2].mean(0))
+    net = hypernetwork(model["hx"])
+    torch.testing.assert_close(net.task_embeddings[2], net.task_embeddings[:2].mean(0))
     with torch.no_grad():
-        hub.task_embeddings[2] += 0.5
-    hyper.select(model["hx"], "qnli", "de")
-    expected = host(**batch).logits
+        net.task_embeddings[2] += 0.5
+    with model.route(task="qnli", language="de"):
+        expected = host(**batch).logits
     pm.save(model["hx"], tmp_path / "hx")
     loaded = pm.load(tmp_path / "hx")
+    assert all(isinstance(p, HyperLoRAPart) for p in loaded.parts.values())
     model.use(None)
     model.add("again", loaded)
-    hyper.select(loaded, "qnli", "de")
     model.use("again")
-    torch.testing.assert_close(host(**batch).logits, expected, rtol=0, atol=1e-6)
+    with model.route(task="qnli", language="de"):
+        torch.testing.assert_close(host(**batch).logits, expected, rtol=0, atol=1e-6)
     with pytest.raises(pm.ConfigError, match="distinct names"):
-        hyper.add_task(model["again"], "qnli")
+        hyperlora.add_task(model["again"], "qnli")
 
 
-def test_selection_errors():
-    _, model = _attach()
+def test_routing_errors():
+    host, model = _attach()
+    batch = make_batch("llama")
     with pytest.raises(pm.ConfigError, match="unknown task 'cola'.*add_task"):
-        hyper.select(model["hx"], "cola")
+        with model.route(task="cola"):
+            host(**batch)
+    with pytest.raises(pm.ConfigError, match=r"unknown task 7.*ids 0-1"):
+        with model.route(task=7):
+            host(**batch)
     with pytest.raises(pm.ConfigError, match="one entry per row: 2 tasks, 3 languages"):
-        hyper.select(model["hx"], ["sst2", "mnli"], ["en", "de", "en"])
+        with model.route(task=["sst2", "mnli"], language=["en", "de", "en"]):
+            host(**batch)
+    with pytest.raises(pm.ConfigError, match="language name or one per row"):
+        with model.route(language=3):
+            pass
     bare = pm.Modular(make_host("llama"))
     bare.add("h", HyperLoRA(rank=2))
+    bare.use("h")
     with pytest.raises(pm.ConfigError, match="has no languages"):
-        hyper.select(bare["h"], "default", "en")
+        with bare.route(task="default", language="en"):
+            bare.host(**batch)
     with pytest.raises(pm.ConfigError, match="made without languages"):
-        hyper.add_language(bare["h"], "en")
+        hyperlora.add_language(bare["h"], "en")
     bare.add("l", pm.LoRA(rank=2))
     with pytest.raises(pm.ConfigError, match="expected a hyper-lora module"):
-        hyper.select(bare["l"], "default")
+        hyperlora.add_task(bare["l"], "default")
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -120,8 +151,13 @@ def test_config_errors(kwargs, match):
         HyperLoRA(**kwargs)
 
 
-def test_refuses_embeddings_and_adds_its_hub_site():
-    assert HyperLoRA(sites="attn.q").sites == "<input>|attn.q"
+def test_refuses_embeddings_and_input_sites():
+    assert HyperLoRA(sites="attn.q").sites == "attn.q"
     model = pm.Modular(make_host("llama"))
     with pytest.raises(pm.IncompatibleHostError, match="not embeddings or blocks"):
         model.add("h", HyperLoRA(sites="embed"))
+    with pytest.raises(pm.IncompatibleHostError, match="not embeddings or blocks"):
+        model.add("h", HyperLoRA(sites="<input>"))
+    # a package saved before 0.2 lists the hypernetwork's old '<input>' site: refused by name on load
+    with pytest.raises(pm.FormatError, match="saved before polymod 0.2 kept the hypernetwork at '<input>'"):
+        HyperLoRA().build_part(Site("<input>", "input", None, None), None)

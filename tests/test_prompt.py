@@ -150,7 +150,7 @@ def test_only_input_sites_are_accepted():
 
 @pytest.mark.parametrize("kind", ["prompt", "prefix", "hyper"])
 def test_per_example_rows_equal_each_row_alone(kind):
-    from polymod.modules.hyper import HyperLoRA
+    from polymod.modules.hyperlora import HyperLoRA
     from polymod.modules.prefix import PrefixTuning
 
     make = {"prompt": lambda: PromptTuning(length=2), "prefix": lambda: PrefixTuning(length=2),

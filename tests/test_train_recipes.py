@@ -8,12 +8,14 @@ import torch
 import polymod as pm
 from polymod.compose import Stack
 from polymod.modules.adapter import Adapter
-from polymod.modules.hyper import HyperLoRA
+from polymod.modules.hyperlora import HyperLoRA, add_task, hypernetwork
 from polymod.modules.invertible import Invertible
 from polymod.training.config import TrainConfig
 from polymod.training.evaluate import accuracy, evaluate
+from polymod.training.lt_sft import train_lt_sft
 from polymod.training.multitask import Task, evaluate_tasks
-from polymod.training.recipes import continual, hyper, lt_sft, madx
+from polymod.training.recipes import continual, madx
+from polymod.training.recipes import hypernetwork as hyper
 from tests.hosts import assert_same_state, host_state, make_host
 from tests.test_train_util import classification_data, one_thread  # noqa: F401
 
@@ -111,7 +113,7 @@ def test_lt_sft_recipe_trains_a_sparse_module_with_the_trainer():
     model = pm.Modular(host)
     data = classification_data(96)
     start = evaluate(model, data, metrics={"accuracy": accuracy})["accuracy"]
-    result = lt_sft.train_lt_sft(model, "sft", data, sites="linear", density=0.05, full_steps=15, full_lr=1e-2,
+    result = train_lt_sft(model, "sft", data, sites="linear", density=0.05, full_steps=15, full_lr=1e-2,
                                  eval_data=data, metrics=["accuracy"],
                                  config=TrainConfig(steps=40, batch_size=16, lr=1e-2, **FAST))
     assert model["sft"].kind == "sparse" and model.active == "sft"
@@ -126,17 +128,16 @@ def test_hypernetwork_across_tasks_and_a_new_task_as_a_new_embedding():
     cfg = TrainConfig(steps=120, batch_size=16, lr=5e-3, **FAST)  # hypernetworks want a lower rate than LoRA
     first = hyper.train_tasks(model, "hyper", tasks, metrics=["accuracy"], config=cfg, temperature=1.0).metrics
     assert first["a/accuracy"] > 0.5 and first["b/accuracy"] > 0.5, first  # chance: 1/3
-    hub = model["hyper"].part("<input>")
-    known = hub.task_embeddings.detach().clone()
+    known = hypernetwork(model["hyper"]).task_embeddings.detach().clone()
     others = [p.detach().clone() for n, p in model["hyper"].named_parameters() if not n.endswith("task_embeddings")]
     # a new task related to the known ones (a's labelling, new examples): only its embedding is learned
     new = classification_data(96, seed=2)
     probe = Task(eval=new, route=hyper.task_route(model, "hyper", "c"))
-    hyper.hyper_kind.add_task(model["hyper"], "c")  # starts at the mean of the known embeddings
+    add_task(model["hyper"], "c")  # starts at the mean of the known embeddings
     start = evaluate_tasks(model, {"c": probe}, metrics={"accuracy": accuracy})["c/accuracy"]
     result = hyper.learn_new_task(model, "hyper", "c", new, eval_data=probe.eval, metrics=["accuracy"],
                                   config=TrainConfig(steps=60, batch_size=16, lr=5e-2, **FAST))
-    table = model["hyper"].part("<input>").task_embeddings
+    table = hypernetwork(model["hyper"]).task_embeddings
     assert table.shape[0] == 3 and torch.equal(table[:2].detach(), known), "known tasks' rows unchanged"
     assert all(torch.equal(a, p.detach()) for a, p in zip(
         others, (p for n, p in model["hyper"].named_parameters() if not n.endswith("task_embeddings"))))

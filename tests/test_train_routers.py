@@ -11,7 +11,8 @@ from polymod.training.config import TrainConfig
 from polymod.training.evaluate import accuracy
 from polymod.training.multitask import Task, evaluate_tasks
 from polymod.training.progress import read_log
-from polymod.training.recipes import fusion, polytropon
+from polymod.training.recipes import fusion
+from polymod.training.recipes import skills as skill_recipes
 from polymod.training.trainer import Trainer
 from tests.hosts import assert_same_state, host_state, make_host
 from tests.test_train_util import classification_data, one_thread  # noqa: F401
@@ -67,7 +68,7 @@ def test_adapter_fusion_trains_only_the_fusion_layer():
 def test_polytropon_joint_training_and_few_shot_row():
     host, model, skills = _experts(4)
     tasks = {t: (classification_data(96, seed=s, shift=s),) * 2 for s, t in enumerate(("a", "b"))}
-    router, ids, result = polytropon.train_polytropon(
+    router, ids, result = skill_recipes.train_polytropon(
         model, skills, tasks, spare_tasks=1, metrics=["accuracy"], temperature=1.0,
         config=TrainConfig(steps=120, batch_size=16, lr=3e-2, **FAST))
     assert ids == {"a": 0, "b": 1}
@@ -76,9 +77,9 @@ def test_polytropon_joint_training_and_few_shot_row():
     before_rows = [t.detach()[:2].clone() for t in tables]
     before_skills = [p.detach().clone() for s in skills for p in model[s].parameters()]
     new = classification_data(96, seed=7, shift=1)  # a new task labelled like b: reachable by reallocating skills
-    probe = {"new": Task(eval=new, route=polytropon.task_route(model, 2))}
+    probe = {"new": Task(eval=new, route=skill_recipes.task_route(model, 2))}
     start = evaluate_tasks(model, probe, metrics={"accuracy": accuracy})["new/accuracy"]
-    adapted = polytropon.adapt_task(model, router, 2, new, eval_data=new, metrics=["accuracy"],
+    adapted = skill_recipes.adapt_task(model, router, 2, new, eval_data=new, metrics=["accuracy"],
                                     config=TrainConfig(steps=40, batch_size=16, lr=0.2, **FAST))
     assert adapted.metrics["task2/accuracy"] > start + 0.1, (start, adapted.metrics)
     assert all(torch.equal(b, t.detach()[:2]) for b, t in zip(before_rows, tables)), "known tasks' rows unchanged"

@@ -37,7 +37,15 @@ from polymod.compose import Composition, describe, leaves, unknown
 from polymod.errors import ConfigError, IncompatibleHostError, StateError, UnknownModuleError
 from polymod.format import fingerprint, require_fit
 from polymod.inputs import bind_call
-from polymod.modules.contract import BiasDelta, CopiesLayers, HostDependentSites, Module, ModuleSpec, ReadsHostLayer
+from polymod.modules.contract import (
+    BiasDelta,
+    CopiesLayers,
+    HostDependentSites,
+    Module,
+    ModuleSpec,
+    ReadsHostLayer,
+    ReadsRoutingInputs,
+)
 from polymod.plan import compile_plan
 from polymod.roles import FUSED_QKV_NOTE, family_of
 from polymod.routing.state import RoutingState
@@ -165,6 +173,8 @@ class Modular(nn.Module):
         for site, part in module.items():
             if isinstance(part, ReadsHostLayer):  # parts whose Δy reads the host layer (IA³ scaling an input)
                 part.attach_layer(self._layer(site))
+            if isinstance(part, ReadsRoutingInputs):  # parts whose Δy follows route(task=..., language=...)
+                part.read_routing(self.routing.inputs)
         for site in module.sites:
             self._hook(site)
         self._recompile()
@@ -242,7 +252,8 @@ class Modular(nn.Module):
 
     @contextmanager
     def route(self, rows: Sequence[Any] | None = None, *, task: Any = None,
-              names: Sequence[str | None] | None = None, spans: Sequence[Any] | None = None) -> Iterator[None]:
+              names: Sequence[str | None] | None = None, spans: Sequence[Any] | None = None,
+              language: str | Sequence[str] | None = None) -> Iterator[None]:
         """Per-call routing, as a context manager: ``with model.route([...]): host(**batch)``.
 
         Args:
@@ -250,10 +261,12 @@ class Modular(nn.Module):
                 names, or None for the host alone); replaces the active composition
                 inside the block. Rows are grouped once per call and every site
                 reuses the grouping (batched gather + bmm for LoRA).
-            task: task ids for task-level routers (``TaskRouter``, ``Polytropon``):
-                one id for the batch or one per row.
+            task: task ids for task-level routers (``TaskRouter``, ``Polytropon``), or task
+                names for kinds that know their tasks by name (``HyperLoRA``): one for the
+                batch or one per row.
             names: module names per row for ``ExampleRouter``.
             spans: per row, ``(start, end, name)`` token spans for ``SpanRouter``.
+            language: a language name, or one per row (``HyperLoRA`` with languages).
 
         Raises:
             UnknownModuleError: a row names a module that is not attached.
@@ -265,7 +278,7 @@ class Modular(nn.Module):
         if rows is not None:
             self._plan = self._rows_plan(rows, device)
         try:
-            with self.routing.scoped(task, names, spans, device):
+            with self.routing.scoped(task, names, spans, device, language):
                 yield
         finally:
             if rows is not None:

@@ -33,6 +33,10 @@ time, never per token):
   for parts whose Δy needs the host weight (IA³ scaling a layer's input computes
   Δy = W((l − 1) ⊙ x)). Parts keep it as a plain attribute, never a submodule,
   so the host never enters the module's state dict.
+* :class:`ReadsRoutingInputs` — ``read_routing(inputs)``: called by ``Modular.add`` with the model's
+  :class:`~polymod.routing.base.RoutingInputs`, for parts whose Δy depends on the per-call
+  routing inputs of ``model.route(task=..., language=...)`` (a hypernetwork generating
+  weights for the routed task), so every kind is routed through the same call.
 
 *Input parts* act at input sites (kind ``input``: a call of the host or of one
 of its stacks, see :mod:`polymod.inputs`). There ``x`` is the called module and
@@ -48,7 +52,8 @@ Optional spec capabilities, likewise declared:
 * :class:`SharedParameters` — ``link_parts(parts)``, called with ``{site: part}`` whenever a
   :class:`Module` is built (attach, load, materialise), for kinds whose parts
   share parameters held by one of them (a hypernetwork shared by every site).
-  Shared parameters then live, and are saved, exactly once.
+  Shared parameters then live, and are saved, exactly once: one part holds them as a
+  submodule, the others reach them through :class:`Borrowed`.
 * :class:`CopiesLayers` — ``copies_layer()``: the parts replace their sites' output with their own
   copy of the layer (a head, PEFT's ``modules_to_save``), so the host weights there are left out of
   the module's host fingerprint.
@@ -72,6 +77,7 @@ from torch import nn
 
 from polymod.card import Card
 from polymod.errors import ConfigError, StateError
+from polymod.routing.base import RoutingInputs
 from polymod.sites import Site
 
 
@@ -135,6 +141,31 @@ class ReadsHostLayer(Protocol):
 
     def attach_layer(self, layer: nn.Module) -> None:
         """Keep ``layer`` (a plain attribute, never a submodule)."""
+
+
+@runtime_checkable
+class ReadsRoutingInputs(Protocol):
+    """A part whose Δy depends on the per-call routing inputs (``model.route(task=..., language=...)``)."""
+
+    def read_routing(self, inputs: RoutingInputs) -> None:
+        """Keep ``inputs`` (the model's one instance, updated in place for every call) to read at forward time."""
+
+
+class Borrowed:
+    """A reference to an ``nn.Module`` that another part holds (shared parameters, saved once).
+
+    ``nn.Module`` registers a module assigned to an attribute as a submodule, which would save
+    and count it once per part; wrapped in a plain object it stays a reference. ``.to()``,
+    ``train()`` and ``deepcopy`` of the whole module reach it through the part that holds it.
+    """
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __repr__(self) -> str:
+        return f"Borrowed({type(self.module).__name__})"
 
 
 @runtime_checkable

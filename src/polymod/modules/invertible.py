@@ -36,7 +36,7 @@ from torch import nn
 
 from polymod.errors import ConfigError, IncompatibleHostError
 from polymod.modules.adapter import ACTIVATIONS
-from polymod.modules.contract import register
+from polymod.modules.contract import Borrowed, register
 from polymod.sites import Site
 
 INPUT = ".<input>"
@@ -133,19 +133,25 @@ class NICEBlock(nn.Module):
 
 
 class _Shared(nn.Module):
-    """A part that may use another part's coupling block, kept as a plain attribute (not re-registered)."""
+    """A part that may use another part's coupling block: its own (a submodule) or a borrowed one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.borrowed: Borrowed | None = None
 
     def borrow(self, block: NICEBlock) -> None:
+        """Use ``block`` (another part's, saved there) instead of one of its own."""
         if "block" in self._modules:
             del self._modules["block"]
-        object.__setattr__(self, "_borrowed", block)
+        self.borrowed = Borrowed(block)
 
     @property
     def owns(self) -> bool:
-        return "block" in self._modules
+        """Whether the coupling block is this part's own (saved with it)."""
+        return self.borrowed is None and "block" in self._modules
 
     def _block(self) -> NICEBlock:
-        return self._modules["block"] if self.owns else self.__dict__["_borrowed"]
+        return self.borrowed.module if self.borrowed is not None else self._modules["block"]
 
 
 class CouplingPart(_Shared):
@@ -183,7 +189,7 @@ class InversePart(_Shared):
 
     def add_into(self, x: Any, y: dict[str, Any], weight: float = 1.0) -> dict[str, Any]:
         """The call with its hidden states h replaced by NICE⁻¹(h) (h + weight·(NICE⁻¹(h) − h) at weight ≠ 1)."""
-        if "_borrowed" not in self.__dict__:
+        if self.borrowed is None:
             raise IncompatibleHostError("the inverse of an invertible adapter needs its forward part; build the "
                                         "module with its forward site")
         names = [n for n in inspect.signature(x.forward).parameters if isinstance(y.get(n), torch.Tensor)]

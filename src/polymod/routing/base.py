@@ -84,6 +84,9 @@ class RoutingInputs:
 
     Attributes:
         task: task ids, (R,) with R = 1 (the batch) or one per row.
+        task_names: task names instead of ids (``route(task="mnli")`` or one per row), for kinds
+            that know their tasks by name (a hypernetwork's task embeddings).
+        language: a language name for the batch, or one per row (Hyper-X's language embeddings).
         names: module names per row, for ``ExampleRouter``.
         spans: per row, ``(start, end, name)`` token spans, for ``SpanRouter``.
         token_ids: the token ids the host embedded last.
@@ -91,6 +94,8 @@ class RoutingInputs:
     """
 
     task: torch.Tensor | None = None
+    task_names: str | list[str] | None = None
+    language: str | list[str] | None = None
     names: list[str | None] | None = None
     spans: list[Any] | None = None
     token_ids: torch.Tensor | None = None

@@ -152,23 +152,42 @@ class RoutingState(nn.Module):
 
     @contextmanager
     def scoped(self, task: Any, names: Sequence[str | None] | None, spans: Sequence[Any] | None,
-               device: torch.device | None) -> Iterator[None]:
+               device: torch.device | None, language: str | Sequence[str] | None = None) -> Iterator[None]:
         """Set the per-call routing inputs for a ``with`` block; the previous ones are restored after it.
 
+        ``task`` is task ids (for task routers) or task names (for kinds that know their tasks by
+        name), one for the batch or one per row.
+
         Raises:
-            ConfigError: task ids that are not one integer or one per row.
+            ConfigError: task ids that are not one integer or one per row; a language that is not
+                a name or a list of names.
         """
-        saved = (self.inputs.task, self.inputs.names, self.inputs.spans)
+        inputs = self.inputs
+        saved = (inputs.task, inputs.task_names, inputs.language, inputs.names, inputs.spans)
         if task is not None:
-            self.inputs.task = task_tensor(task, device)
+            if _names(task):
+                inputs.task, inputs.task_names = None, task if isinstance(task, str) else list(task)
+            else:
+                inputs.task, inputs.task_names = task_tensor(task, device), None
+        if language is not None:
+            if not _names(language):
+                raise ConfigError(f"route(language=...) takes a language name or one per row, got {language!r}")
+            inputs.language = language if isinstance(language, str) else list(language)
         if names is not None:
-            self.inputs.names = list(names)
+            inputs.names = list(names)
         if spans is not None:
-            self.inputs.spans = list(spans)
+            inputs.spans = list(spans)
         try:
             yield
         finally:
-            self.inputs.task, self.inputs.names, self.inputs.spans = saved
+            inputs.task, inputs.task_names, inputs.language, inputs.names, inputs.spans = saved
+
+
+def _names(value: Any) -> bool:
+    """A name, or a non-empty flat list of names."""
+    if isinstance(value, str):
+        return True
+    return isinstance(value, list | tuple) and bool(value) and all(isinstance(v, str) for v in value)
 
 
 def task_tensor(task: Any, device: torch.device | None) -> torch.Tensor:

@@ -11,9 +11,12 @@ The host ends exactly as it started (phase 1 is undone bit for bit, phase 2
 trains through hooks that are removed afterwards); the result is a module to
 ``add``, ``merge_into_host``, ``save`` or aggregate like any other.
 
-This is a short self-contained loop (AdamW, fixed steps, cycling over the
-given batches) so the procedure reads in one place; the general trainer lives
-in :mod:`polymod.training.trainer`.
+:func:`lt_sft` runs both phases as a short self-contained loop (AdamW, fixed
+steps, cycling over the given batches) so the procedure reads in one place.
+:func:`train_lt_sft` runs phase 1 and the selection the same way and phase 2
+with the general :class:`~polymod.training.trainer.Trainer`, so the sparse
+module gets warm-up, evaluation, early stopping, checkpoints, data parallelism
+and a metrics log like any other module.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from polymod.modular import Modular
 from polymod.modules.contract import Module
 from polymod.modules.sparse import SparseFT, SparsePart, weight_shape
 from polymod.sites import named_layers, select
+from polymod.training.data import EpochStream, as_dataset, fetch, host_inputs
+from polymod.training.evaluate import host_loss
+from polymod.training.trainer import Trainer, TrainResult
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -178,4 +184,41 @@ def _train_sparse(host: nn.Module, module: Module, loss_fn: LossFn, stream: Iter
         host.train(was_training)
 
 
-__all__ = ["lt_sft"]
+def train_lt_sft(model: Any, name: str, data: Any, *, sites: str = "linear", density: float = 0.01,
+                 scope: Literal["tensor", "global"] = "tensor", full_steps: int = 100, full_lr: float = 1e-4,
+                 batch_size: int = 16, seed: int = 0, **trainer_args: Any) -> TrainResult:
+    """Make a sparse fine-tuning module ``name`` on ``model`` by LT-SFT and train its kept entries.
+
+    Args:
+        model: the modular model; the new module is attached as ``name`` and made active.
+        name: the module name.
+        data: the training dataset (both phases read it, in the same seeded order).
+        sites: where the difference may act.
+        density: share of entries kept.
+        scope: rank |Δ| per ``tensor`` or ``global``-ly over all sites.
+        full_steps: steps of phase 1 (full fine-tuning of the sites' weights, then undone).
+        full_lr: AdamW learning rate of phase 1.
+        batch_size: phase 1's batch size.
+        seed: phase 1's data order.
+        trainer_args: phase 2's trainer arguments (``config``, ``eval_data``, ``metrics``, ``output_dir``, …).
+
+    Returns:
+        Phase 2's training result.
+    """
+    dataset = as_dataset(data)
+    stream = EpochStream(len(dataset), seed=seed)
+    device = next(model.host.parameters()).device
+    batches = [{k: v.to(device) for k, v in fetch(dataset, stream.take(batch_size)).items()} for _ in range(full_steps)]
+    before = model.active
+    model.use(None)  # phase 1 measures the host alone
+    try:
+        module = lt_sft(model.host, lambda host, b: host_loss(host(**host_inputs(b)), b), batches, sites=sites,
+                        density=density, scope=scope, full_steps=full_steps, sparse_steps=0, lr=full_lr)
+    finally:
+        model.use(before)
+    model.add(name, module)
+    model.use(name)
+    return Trainer(model, [name], dataset, **trainer_args).fit()
+
+
+__all__ = ["lt_sft", "train_lt_sft"]

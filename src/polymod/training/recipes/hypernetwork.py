@@ -3,8 +3,8 @@
 HyperFormer (Mahabadi et al. 2021) and Hyper-X (Üstün et al. 2022) train one
 network that generates every task's module weights from a task (and language)
 embedding. :func:`train_tasks` trains it multi-task: each batch comes from one
-task (temperature sampling) and the generator is told which task it serves
-(``polymod.modules.hyper.selected``). :func:`learn_new_task` adds a task as one
+task (temperature sampling) and is routed to it (``model.route(task=name)``), as
+every kind is. :func:`learn_new_task` adds a task as one
 new embedding row and trains only that row — the generator, its heads and the
 other tasks' rows stay bit-identical, so the known tasks are unaffected.
 """
@@ -15,19 +15,19 @@ from collections.abc import Mapping
 from contextlib import ExitStack
 from typing import Any
 
-from polymod.modules import hyper as hyper_kind
+from polymod.modules.hyperlora import add_task, hypernetwork
 from polymod.training.multitask import Task, routing
 from polymod.training.recipes.common import only_rows, without_decay
 from polymod.training.trainer import Trainer, TrainResult
 
 
 def task_route(model: Any, name: str, task: str) -> Any:
-    """A route for :class:`~polymod.training.multitask.Task`: module ``name`` active, generating for ``task``."""
+    """A route for :class:`~polymod.training.multitask.Task`: module ``name`` active, routed to ``task``."""
 
     def scope() -> Any:
         stack = ExitStack()
         stack.enter_context(routing(model, name))
-        stack.enter_context(hyper_kind.selected(model[name], task))
+        stack.enter_context(model.route(task=task))
         return stack
 
     return scope
@@ -39,7 +39,7 @@ def train_tasks(model: Any, name: str, tasks: Mapping[str, Task | tuple[Any, Any
     Args:
         model: the modular model with a ``hyper-lora`` module ``name`` whose spec lists the tasks.
         name: the hypernetwork module.
-        tasks: task name → :class:`Task` or ``(train, eval)``; routes are set to the task's selection.
+        tasks: task name → :class:`Task` or ``(train, eval)``; each task's batches are routed to it.
         trainer_args: passed to the trainer (``config``, ``metrics``, ``temperature``, …).
     """
     run = {}
@@ -55,11 +55,11 @@ def learn_new_task(model: Any, name: str, task: str, data: Any, *, eval_data: An
 
     Weight decay is turned off for this run: it would move the other rows too.
     """
-    hub = model[name].part("<input>")
-    if task not in hub.tasks:
-        hyper_kind.add_task(model[name], task)
-    table = hub.task_embeddings  # (tasks, e)
-    row = hub.tasks.index(task)
+    net = hypernetwork(model[name])
+    if task not in net.tasks:
+        add_task(model[name], task)
+    table = net.task_embeddings  # (tasks, e)
+    row = net.tasks.index(task)
     trainer_args["config"] = without_decay(trainer_args.get("config"))
     run = {task: Task(train=data, eval=eval_data, route=task_route(model, name, task))}
     with only_rows([table], [row]):
