@@ -95,6 +95,17 @@ def _resolve(modules: set[str], name: str) -> str:
     return name
 
 
+def _enclosing(target: str, importer: str, modules: set[str]) -> list[str]:
+    """The packages around ``target`` that importing it initialises, as seen from ``importer``."""
+    parts = target.split(".")
+    out = []
+    for n in range(1, len(parts)):
+        package = ".".join(parts[:n])
+        if package in modules and not (importer == package or importer.startswith(package + ".")):
+            out.append(package)
+    return out
+
+
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
@@ -254,6 +265,11 @@ def analyse(root: Path | str, long_file: int = 400) -> Report:
                 report.imports.append(edge)
                 if internal and target in modules and target != module:
                     graph[module].add(target)
+                    # importing a.b.c first runs the packages a.b (and a) it sits in, unless the importer is
+                    # inside them already (they are initialising): an import of routing.base from modules/
+                    # runs routing/__init__.py and everything it imports
+                    for package in _enclosing(target, module, modules):
+                        graph[module].add(package)
                 if in_function:
                     top = target.split(".")[0]
                     (report.function_optional if not internal and (top in OPTIONAL or top in SLOW)

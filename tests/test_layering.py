@@ -40,6 +40,16 @@ def test_analysis_finds_cycles_through_relative_and_absolute_imports(tmp_path):
     assert [(e.source, e.target) for e in report.function_other] == [("pkg.sub.c", "pkg.a")]
 
 
+def test_analysis_sees_cycles_through_package_initialisation(tmp_path):
+    root = _package(tmp_path, {
+        "routing/__init__.py": "from pkg.routing.arrow import Arrow\n",
+        "routing/base.py": "class Inputs: ...\n",
+        "routing/arrow.py": "from pkg.routing.base import Inputs\nfrom pkg.modules.contract import Module\n",
+        "modules/contract.py": "from pkg.routing.base import Inputs\n",  # runs routing/__init__ -> arrow -> here
+    })
+    assert analyse(root).cycles == [["pkg.modules.contract", "pkg.routing", "pkg.routing.arrow"]]
+
+
 def test_analysis_flags_upward_imports_and_function_imports(tmp_path):
     root = _package(tmp_path, {
         "modular.py": "from pkg.hub import store\n",  # core -> outer: upward

@@ -70,15 +70,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from polymod.card import Card
 from polymod.errors import ConfigError, StateError
-from polymod.routing.base import RoutingInputs
 from polymod.sites import Site
+
+if TYPE_CHECKING:  # routing sits above modules (library routers read module deltas): a type, never an import
+    from polymod.routing.base import RoutingInputs
 
 
 @runtime_checkable

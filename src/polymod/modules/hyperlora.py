@@ -39,7 +39,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +49,10 @@ from polymod.card import Card, Lineage, Parent
 from polymod.errors import ConfigError, FormatError, StateError
 from polymod.modules.contract import Borrowed, Module, register, spec_to_dict
 from polymod.modules.lora import LoRA, LoRAPart
-from polymod.routing.base import RoutingInputs
 from polymod.sites import Site, SiteSelector
+
+if TYPE_CHECKING:  # routing sits above modules (library routers read module deltas): a type, never an import
+    from polymod.routing.base import RoutingInputs
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 
@@ -249,7 +251,7 @@ class HyperLoRAPart(nn.Module):
         self.site_kind, self.shape, self.rank, self.scaling = site_kind, (d_in, d_out), rank, scaling
         self.site_embedding = nn.Parameter(torch.randn(embedding_dim))  # (e,)
         self.shared: Borrowed | None = None  # the module's hypernetwork (set by HyperLoRA.link_parts)
-        self.inputs = RoutingInputs()  # the model's routing inputs once attached (read_routing)
+        self.inputs: RoutingInputs | None = None  # the model's routing inputs once attached (read_routing)
 
     def read_routing(self, inputs: RoutingInputs) -> None:
         """Read the task and language to generate for from the model's per-call routing inputs."""
@@ -271,10 +273,11 @@ class HyperLoRAPart(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Δy = s · B A x for the routed task (and language), one (A, B) per row under per-row routing."""
-        task = self.inputs.task_names if self.inputs.task_names is not None else self.inputs.task
+        inputs = self.inputs
+        task = None if inputs is None else inputs.task_names if inputs.task_names is not None else inputs.task
         if isinstance(task, torch.Tensor) and task.numel() == 1:
             task = int(task)
-        a, b, rows = self.weights(task, self.inputs.language)
+        a, b, rows = self.weights(task, None if inputs is None else inputs.language)
         if rows is None:
             return F.linear(F.linear(x, a[0]), b[0]) * self.scaling  # (B, T, D_out)
         if x.shape[0] != rows.numel():
