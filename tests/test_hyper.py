@@ -42,12 +42,12 @@ def test_materialised_lora_equals_the_live_module_routed_to_its_task(family):
         torch.testing.assert_close(host(**batch).logits, live, rtol=1e-4, atol=1e-5)
         model.unmerge("mnli-de")
     model.use("hx")
-    with model.route(task=1, language="de"):  # a task id names the same task as its name
-        torch.testing.assert_close(host(**batch).logits, live, rtol=0, atol=0)
     with model.route(task="sst2", language="en"):
         assert not torch.allclose(host(**batch).logits, live, atol=1e-4), "another task generates other weights"
     default = host(**batch).logits  # no route: the first task and language
     with model.route(task="sst2", language="en"):
+        torch.testing.assert_close(host(**batch).logits, default, rtol=0, atol=0)
+    with model.route(task=1):  # task ids are for task-level routers (their candidates), not the hypernetwork
         torch.testing.assert_close(host(**batch).logits, default, rtol=0, atol=0)
 
 
@@ -116,9 +116,6 @@ def test_routing_errors():
     batch = make_batch("llama")
     with pytest.raises(pm.ConfigError, match="unknown task 'cola'.*add_task"):
         with model.route(task="cola"):
-            host(**batch)
-    with pytest.raises(pm.ConfigError, match=r"unknown task 7.*ids 0-1"):
-        with model.route(task=7):
             host(**batch)
     with pytest.raises(pm.ConfigError, match="one entry per row: 2 tasks, 3 languages"):
         with model.route(task=["sst2", "mnli"], language=["en", "de", "en"]):

@@ -22,8 +22,10 @@ and shared with the others (:meth:`HyperLoRA.link_parts`).
 
 Which task and language the weights are generated for is routing, as for every
 other kind: ``with model.route(task="mnli", language="de")`` for the batch, or
-one name (or task id) per row — rows with different tasks in one batch, grouped
-once per forward. Without a route the first task and language are used.
+one name per row — rows with different tasks in one batch, grouped once per
+forward. Without a task name the first task and language are used (task *ids*,
+``route(task=1)``, are read by task-level routers such as ``TaskRouter``, whose
+candidates they index, not by the hypernetwork).
 :func:`materialise` turns one task (and language) into a plain LoRA module
 (saveable, mergeable); the live module itself is not mergeable.
 
@@ -273,11 +275,8 @@ class HyperLoRAPart(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Δy = s · B A x for the routed task (and language), one (A, B) per row under per-row routing."""
-        inputs = self.inputs
-        task = None if inputs is None else inputs.task_names if inputs.task_names is not None else inputs.task
-        if isinstance(task, torch.Tensor) and task.numel() == 1:
-            task = int(task)
-        a, b, rows = self.weights(task, None if inputs is None else inputs.language)
+        inputs = self.inputs  # task *names* only: task ids index the candidates of task-level routers
+        a, b, rows = self.weights(*((None, None) if inputs is None else (inputs.task_names, inputs.language)))
         if rows is None:
             return F.linear(F.linear(x, a[0]), b[0]) * self.scaling  # (B, T, D_out)
         if x.shape[0] != rows.numel():
