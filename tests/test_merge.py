@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import get_args
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 import polymod as pm
 from polymod.format import content_hash
 from polymod.merging.merge import merge
+from polymod.merging.methods import METHODS, MethodName
 from polymod.merging.sparsify import dare_mask, mask_seed
 from polymod.modules.delta import Delta
 from polymod.modules.ia3 import IA3
@@ -242,3 +244,7 @@ def test_a_delta_with_bias_needs_host_biases():
     model = pm.Modular(make_host("llama"))
     with pytest.raises(pm.IncompatibleHostError, match="has no bias; use Delta.bias=False."):
         model.add("d", Delta(bias=True, sites="attn.v"))
+
+
+def test_method_name_type_lists_exactly_the_registered_methods():
+    assert set(get_args(MethodName)) == set(METHODS), "pm.merge(method=...) is typed with MethodName"

@@ -27,6 +27,7 @@ from polymod.errors import CompositionError, FormatError, IntegrityError
 from polymod.hub import names
 from polymod.hub.api import get, show
 from polymod.hub.package import CARD_FILE, card_bytes, parse_card
+from polymod.modular import Modular
 
 KIND = "composition"
 
@@ -39,7 +40,7 @@ class CompositionPackage:
     modules: dict[str, names.Ref]
     card: Card = field(default_factory=lambda: Card(kind=KIND))
 
-    def attach(self, model: Any, hub: Any = None, token: str | None = None) -> None:
+    def attach(self, model: Modular, hub: Any = None, token: str | None = None) -> None:
         """Pull every module (content hashes checked), add each under its leaf name, and ``model.use`` the expression.
 
         Raises:

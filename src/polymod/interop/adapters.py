@@ -34,7 +34,7 @@ from polymod.interop import adapters_options as options
 from polymod.interop.bottleneck import read_bottleneck
 from polymod.interop.options import check
 from polymod.interop.peft import exact
-from polymod.modules.contract import Module, spec_to_dict
+from polymod.modules.contract import Module, ModuleSpec, spec_to_dict
 from polymod.modules.lora import LoRA
 from polymod.sites import Site
 
@@ -67,7 +67,7 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise FormatError(f"{path / WEIGHTS_FILE} is not a readable safetensors file: {exc}") from None
 
 
-def _card(kind: str, spec: Any, sites: list[Site], host: nn.Module | None, meta: dict[str, Any]) -> Card:
+def _card(kind: str, spec: ModuleSpec, sites: list[Site], host: nn.Module | None, meta: dict[str, Any]) -> Card:
     if host is not None:
         geometry = fingerprint(host, {s.name: s for s in sites})
     else:

@@ -45,7 +45,7 @@ from polymod.format import fingerprint
 from polymod.interop.options import check
 from polymod.interop.peft_options import CLASS_NAMES, TABLES
 from polymod.interop.peft_prompts import prompt_config, read_prompt_learning
-from polymod.modules.contract import Module, spec_to_dict
+from polymod.modules.contract import Module, ModuleSpec, spec_to_dict
 from polymod.modules.dora import DoRAPart
 from polymod.modules.head import Head
 from polymod.modules.ia3 import IA3
@@ -140,7 +140,7 @@ def _split(tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...],
     return out
 
 
-def _card(kind: str, spec: Any, sites: list[Site], host: nn.Module | None, config: dict[str, Any]) -> Card:
+def _card(kind: str, spec: ModuleSpec, sites: list[Site], host: nn.Module | None, config: dict[str, Any]) -> Card:
     if host is not None:
         geometry = fingerprint(host, {s.name: s for s in sites}, weights=kind != "head")
     else:

@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from polymod.card import Card
 from polymod.errors import ConfigError, FormatError
 from polymod.modular import Modular
-from polymod.modules.contract import Module
+from polymod.modules.contract import Module, ModuleSpec
 from polymod.modules.prefix import PrefixTuning
 from polymod.modules.prompt import PromptTuning
 from polymod.sites import kv_geometry
@@ -36,7 +37,7 @@ _TASKS = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSeque
           ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForTokenClassification", "TOKEN_CLS"))
 
 
-def _scratch(host: nn.Module, spec: Any) -> Module:
+def _scratch(host: nn.Module, spec: ModuleSpec) -> Module:
     """Build ``spec``'s module on ``host`` exactly as ``Modular.add`` would, leaving the host untouched."""
 
     scratch = Modular(host, freeze=False)
@@ -69,7 +70,7 @@ def _check_geometry(config: dict[str, Any], host_values: dict[str, int | None]) 
 
 
 def read_prompt_learning(config: dict[str, Any], tensors: dict[str, torch.Tensor], host: nn.Module | None,
-                         card: Any) -> Module:
+                         card: Card) -> Module:
     """Build a prompt or prefix module from a PEFT prompt-learning adapter.
 
     Raises:

@@ -28,6 +28,7 @@ import torch
 
 from polymod.errors import ConfigError
 from polymod.merging.merge import merge
+from polymod.modular import Modular
 from polymod.modules.contract import Module
 from polymod.modules.lora import is_plain
 
@@ -102,7 +103,7 @@ def _all_lora(modules: Sequence[Module] | Mapping[str, Module]) -> bool:
     return all(isinstance(m, Module) and is_plain(m) for m in values)
 
 
-def few_shot_loss(model: Any, batches: Iterable[dict[str, torch.Tensor]],
+def few_shot_loss(model: Modular, batches: Iterable[dict[str, torch.Tensor]],
                   loss_fn: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor] | None = None
                   ) -> Callable[[Module], float]:
     """A LoraHub loss: attach the candidate to ``model``, average the loss over ``batches``, detach it.

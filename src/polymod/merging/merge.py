@@ -37,7 +37,7 @@ from polymod.errors import ConfigError, IncompatibleHostError, StateError
 from polymod.format import content_hash
 from polymod.merging import lora as lora_merge
 from polymod.merging.heads import merge_heads
-from polymod.merging.methods import METHODS, MergeSpec, TensorMerge
+from polymod.merging.methods import METHODS, MergeSpec, MethodName, TensorMerge
 from polymod.merging.sparsify import global_thresholds
 from polymod.modules.contract import BiasDelta, Module
 from polymod.modules.delta import Delta
@@ -48,7 +48,7 @@ from polymod.sites import Site, named_layers
 LoraSemantics = Literal["delta", "cat", "ab"]
 
 
-def merge(modules: Sequence[Module] | Mapping[str, Module], method: str = "linear",
+def merge(modules: Sequence[Module] | Mapping[str, Module], method: MethodName = "linear",
           weights: Sequence[float] | None = None, *, lora: LoraSemantics | None = None, rank: int | None = None,
           result: Literal["auto", "dense", "sparse"] = "auto", host: nn.Module | None = None,
           name: str | None = None, seed: int = 0, **params: Any) -> Module:

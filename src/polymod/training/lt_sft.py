@@ -184,7 +184,7 @@ def _train_sparse(host: nn.Module, module: Module, loss_fn: LossFn, stream: Iter
         host.train(was_training)
 
 
-def train_lt_sft(model: Any, name: str, data: Any, *, sites: str = "linear", density: float = 0.01,
+def train_lt_sft(model: Modular, name: str, data: Any, *, sites: str = "linear", density: float = 0.01,
                  scope: Literal["tensor", "global"] = "tensor", full_steps: int = 100, full_lr: float = 1e-4,
                  batch_size: int = 16, seed: int = 0, **trainer_args: Any) -> TrainResult:
     """Make a sparse fine-tuning module ``name`` on ``model`` by LT-SFT and train its kept entries.

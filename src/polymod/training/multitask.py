@@ -24,7 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from polymod.compose import Composition
 from polymod.errors import ConfigError
+from polymod.modular import Modular
 from polymod.training.data import EpochStream, as_dataset
 from polymod.training.evaluate import Metric, evaluate
 
@@ -71,7 +73,7 @@ def temperature_probabilities(sizes: Mapping[str, int], temperature: float) -> d
     return {name: w / total for name, w in weights.items()}
 
 
-def routing(model: Any, route: Route) -> contextlib.AbstractContextManager:
+def routing(model: Modular, route: Route) -> contextlib.AbstractContextManager:
     """A context in which ``model`` routes by ``route`` (restoring the active composition on exit)."""
     if route is None:
         return contextlib.nullcontext()
@@ -81,7 +83,7 @@ def routing(model: Any, route: Route) -> contextlib.AbstractContextManager:
 
 
 @contextlib.contextmanager
-def _using(model: Any, composition: Any):
+def _using(model: Modular, composition: Composition | None):
     before = model.active
     if before != composition:
         model.use(composition)
@@ -141,7 +143,7 @@ def as_tasks(data: Any, eval_data: Any = None) -> dict[str | None, Task]:
     return {None: Task(train=data, eval=eval_data)}
 
 
-def evaluate_tasks(model: Any, tasks: Mapping[str | None, Task], *, metrics: Mapping[str, Metric] | None = None,
+def evaluate_tasks(model: Modular, tasks: Mapping[str | None, Task], *, metrics: Mapping[str, Metric] | None = None,
                    batch_size: int = 32, **evaluate_args: Any) -> dict[str, float]:
     """Evaluate every task that has evaluation data, each under its own routing.
 

@@ -12,14 +12,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import save_file
 
 from polymod.format import save
 
+if TYPE_CHECKING:  # the trainer writes its outputs through this file: importing it back would be a cycle
+    from polymod.training.trainer import Trainer, TrainResult
 
-def recipe(trainer: Any) -> dict[str, Any]:
+
+def recipe(trainer: Trainer) -> dict[str, Any]:
     """The lineage recipe recorded on trained modules' cards."""
     cfg = trainer.config
     return {"method": "polymod.training.Trainer", "steps": cfg.steps, "batch_size": cfg.batch_size,
@@ -28,7 +31,7 @@ def recipe(trainer: Any) -> dict[str, Any]:
             "tasks": [t for t in trainer.tasks if t is not None]}
 
 
-def write_outputs(trainer: Any, result: Any) -> None:
+def write_outputs(trainer: Trainer, result: TrainResult) -> None:
     """Write ``trained.safetensors``, ``modules/`` and ``result.json`` under ``trainer.output_dir``."""
 
     out: Path = trainer.output_dir

@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from polymod.errors import ConfigError
+from polymod.modular import Modular
+from polymod.modules.contract import ModuleSpec
 from polymod.training.evaluate import Metric
 from polymod.training.multitask import Task, evaluate_tasks
 from polymod.training.trainer import Trainer, TrainResult, _resolve_metrics
@@ -35,7 +37,7 @@ class Continual:
         metrics: evaluation metrics (names or callables).
     """
 
-    def __init__(self, model: Any, spec: Any, metrics: Mapping[str, Metric] | Sequence[str] | None = None):
+    def __init__(self, model: Modular, spec: ModuleSpec, metrics: Mapping[str, Metric] | Sequence[str] | None = None):
         self.model, self.spec = model, spec
         self.metrics = _resolve_metrics(metrics)
         self.tasks: dict[str, Task] = {}
@@ -45,7 +47,7 @@ class Continual:
         """The routing table: task → module name (one module per task, named after it)."""
         return {task: task for task in self.tasks}
 
-    def learn(self, task: str, data: Any, *, eval_data: Any = None, spec: Any = None,
+    def learn(self, task: str, data: Any, *, eval_data: Any = None, spec: ModuleSpec = None,
               **trainer_args: Any) -> TrainResult:
         """Freeze every earlier module, attach a new one for ``task`` and train only it.
 

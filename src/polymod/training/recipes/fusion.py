@@ -17,11 +17,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from polymod.compose import Mix
+from polymod.modular import Modular
 from polymod.routing.attention import AttentionFusion
 from polymod.training.trainer import Trainer, TrainResult
 
 
-def train_fusion(model: Any, modules: Sequence[str], data: Any, *, temperature: float = 1.0,
+def train_fusion(model: Modular, modules: Sequence[str], data: Any, *, temperature: float = 1.0,
                  aggregate: str = "attention", also_train: Sequence[str] = (),
                  **trainer_args: Any) -> tuple[AttentionFusion, TrainResult]:
     """Fuse trained ``modules`` for a target task: train the fusion attention only.

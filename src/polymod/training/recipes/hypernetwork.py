@@ -15,13 +15,14 @@ from collections.abc import Mapping
 from contextlib import ExitStack
 from typing import Any
 
+from polymod.modular import Modular
 from polymod.modules.hyperlora import add_task, hypernetwork
 from polymod.training.multitask import Task, routing
 from polymod.training.recipes.common import only_rows, without_decay
 from polymod.training.trainer import Trainer, TrainResult
 
 
-def task_route(model: Any, name: str, task: str) -> Any:
+def task_route(model: Modular, name: str, task: str) -> Any:
     """A route for :class:`~polymod.training.multitask.Task`: module ``name`` active, routed to ``task``."""
 
     def scope() -> Any:
@@ -33,7 +34,8 @@ def task_route(model: Any, name: str, task: str) -> Any:
     return scope
 
 
-def train_tasks(model: Any, name: str, tasks: Mapping[str, Task | tuple[Any, Any]], **trainer_args: Any) -> TrainResult:
+def train_tasks(model: Modular, name: str, tasks: Mapping[str, Task | tuple[Any, Any]],
+                **trainer_args: Any) -> TrainResult:
     """Train hypernetwork module ``name`` on several tasks at once.
 
     Args:
@@ -49,7 +51,7 @@ def train_tasks(model: Any, name: str, tasks: Mapping[str, Task | tuple[Any, Any
     return Trainer(model, [name], run, **trainer_args).fit()
 
 
-def learn_new_task(model: Any, name: str, task: str, data: Any, *, eval_data: Any = None,
+def learn_new_task(model: Modular, name: str, task: str, data: Any, *, eval_data: Any = None,
                    **trainer_args: Any) -> TrainResult:
     """Add ``task`` to hypernetwork ``name`` (unless added already) and train only its embedding row.
 

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from polymod.compose import Stack
-from polymod.modules.contract import Module
+from polymod.modular import Modular
+from polymod.modules.contract import Module, ModuleSpec
 from polymod.training.trainer import Trainer, TrainResult
 
 
@@ -63,7 +64,7 @@ def masked_lm_data(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, mas
     return {"input_ids": corrupted, "attention_mask": attention_mask, "labels": labels}
 
 
-def add_language(model: Any, language: str, adapter: Any, invertible: Any = None) -> list[str]:
+def add_language(model: Modular, language: str, adapter: ModuleSpec, invertible: ModuleSpec = None) -> list[str]:
     """Attach a language's modules (an adapter and optionally an invertible adapter); returns their names."""
     names = []
     if invertible is not None:
@@ -73,12 +74,12 @@ def add_language(model: Any, language: str, adapter: Any, invertible: Any = None
     return names + [language]
 
 
-def language_modules(model: Any, language: str) -> list[str]:
+def language_modules(model: Modular, language: str) -> list[str]:
     """The attached modules of ``language``, embedding module first."""
     return [n for n in (inv(language), language) if n in model]
 
 
-def train_language(lm_model: Any, language: str, data: Any, **trainer_args: Any) -> TrainResult:
+def train_language(lm_model: Modular, language: str, data: Any, **trainer_args: Any) -> TrainResult:
     """Train a language's modules by (masked or causal) language modelling on an LM host.
 
     Args:
@@ -93,7 +94,7 @@ def train_language(lm_model: Any, language: str, data: Any, **trainer_args: Any)
     return Trainer(lm_model, names, data, **trainer_args).fit()
 
 
-def attach_language(task_model: Any, lm_model: Any, language: str) -> list[str]:
+def attach_language(task_model: Modular, lm_model: Modular, language: str) -> list[str]:
     """Attach ``language``'s trained modules from ``lm_model`` to ``task_model`` (same weights, shared).
 
     Sites the task host lacks (the LM head's input of an invertible adapter) are dropped.
@@ -115,12 +116,12 @@ def attach_language(task_model: Any, lm_model: Any, language: str) -> list[str]:
     return names
 
 
-def train_task(task_model: Any, task: str, source_language: str, data: Any, **trainer_args: Any) -> TrainResult:
+def train_task(task_model: Modular, task: str, source_language: str, data: Any, **trainer_args: Any) -> TrainResult:
     """Train the task module stacked on the (frozen) source-language modules."""
     use_language(task_model, task, source_language)
     return Trainer(task_model, [task], data, **trainer_args).fit()
 
 
-def use_language(task_model: Any, task: str, language: str) -> None:
+def use_language(task_model: Modular, task: str, language: str) -> None:
     """Activate ``Stack(<language modules>, task)``: zero-shot transfer is this call with the target language."""
     task_model.use(Stack(*language_modules(task_model, language), task))

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from polymod.compose import Mix
+from polymod.modular import Modular
 from polymod.routing.polytropon import Polytropon
 from polymod.training.config import TrainConfig
 from polymod.training.multitask import Task
@@ -25,12 +26,12 @@ from polymod.training.recipes.common import only_rows, without_decay
 from polymod.training.trainer import Trainer, TrainResult
 
 
-def task_route(model: Any, task_id: int) -> Any:
+def task_route(model: Modular, task_id: int) -> Any:
     """A route for :class:`~polymod.training.multitask.Task`: the batch is task ``task_id``."""
     return lambda: model.route(task=task_id)
 
 
-def train_polytropon(model: Any, skills: Sequence[str], tasks: Mapping[str, Task | tuple[Any, Any]], *,
+def train_polytropon(model: Modular, skills: Sequence[str], tasks: Mapping[str, Task | tuple[Any, Any]], *,
                      heads: int = 1, spare_tasks: int = 0, aggregate: str = "factors",
                      allocation_lr_scale: float = 10.0,
                      **trainer_args: Any) -> tuple[Polytropon, dict[str, int], TrainResult]:
@@ -64,7 +65,7 @@ def train_polytropon(model: Any, skills: Sequence[str], tasks: Mapping[str, Task
     return router, ids, Trainer(model, train, run, config=config, **trainer_args).fit()
 
 
-def adapt_task(model: Any, router: Polytropon, task_id: int, data: Any, *, eval_data: Any = None,
+def adapt_task(model: Modular, router: Polytropon, task_id: int, data: Any, *, eval_data: Any = None,
                **trainer_args: Any) -> TrainResult:
     """Few-shot adaptation: train only row ``task_id`` of every allocation matrix (weight decay off)."""
     tables = [p for n, p in router.named_parameters() if n.endswith("logits")]  # (T, H, E) each
