@@ -50,3 +50,18 @@ def test_skips_say_why():
     for table in CASES.values():
         for key, cases in table.items():
             assert not isinstance(cases, Skip) or len(cases.why) > 20, key
+
+
+def test_docs_page_lists_every_field_with_its_status():
+    from pathlib import Path
+
+    from polymod.interop.peft_options import CLASS_NAMES as NAMES
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "interop-peft.md").read_text()
+    for kind, table in TABLES.items():
+        section = page.split(f"### {NAMES[kind]}\n", 1)[1].split("\n### ", 1)[0]
+        for key, option in table.items():
+            row = next((line for line in section.splitlines() if line.startswith(f"| `{key}` |")), None)
+            assert row is not None, f"docs/interop-peft.md does not list {NAMES[kind]}.{key}"
+            word = "refused" if option.status == "refused" else option.status
+            assert f"| {word}" in row, f"{NAMES[kind]}.{key} is {option.status}, the page says: {row[:120]}"

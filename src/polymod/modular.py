@@ -118,6 +118,7 @@ class Modular(nn.Module):
         self._row_plans = RowPlans()
         self._stacks = StackCache()
         self._library_token: tuple = ()
+        self._dtype: torch.dtype | None = None
         self.routing.install(host)
 
     # -- library ---------------------------------------------------------------------------
@@ -152,7 +153,7 @@ class Modular(nn.Module):
             if not isinstance(weight, torch.Tensor):  # an input site: follow the host's parameters
                 weight = next(self.host.parameters(), None)
             if isinstance(weight, torch.Tensor):
-                module.to(device=weight.device, dtype=weight.dtype)
+                module.to(device=weight.device, dtype=module_dtype(weight.dtype))
         else:
             if not isinstance(spec, ModuleSpec):
                 raise ConfigError(f"add() takes a module spec (e.g. pm.LoRA()) or a Module, got {type(spec).__name__}")
@@ -166,6 +167,7 @@ class Modular(nn.Module):
                 raise IncompatibleHostError(f"{spec.kind} cannot act at {len(refusals)} selected sites ({listed})")
             parts = [spec.build_part(s, self._layer(s.name)) for s in chosen]
             module = Module(spec, chosen, parts)
+            module.to(dtype=module_dtype(next((p.dtype for p in module.parameters()), torch.float32)))
             module.card.host = fingerprint(self.host, module.sites, weights=not isinstance(spec, CopiesLayers))
         if family_of(self.host) == "gpt2" and any(n.endswith("attn.c_attn") for n in module.sites):
             notes.append(FUSED_QKV_NOTE)
@@ -243,6 +245,8 @@ class Modular(nn.Module):
         """Compile the active composition; drop cached stacks and row plans when the library changed."""
         token = tuple((n, id(m)) for n, m in self.library.items())
         self.routing.attached = tuple(self.library.values())  # they follow the host's train/eval mode
+        self._dtype = next((p.dtype for m in self.library.values() for p in m.parameters()
+                            if p.is_floating_point()), None)  # the modules' compute dtype (see at_module_dtype)
         if token != self._library_token:
             self._library_token = token
             self._stacks.clear()
@@ -325,7 +329,7 @@ class Modular(nn.Module):
                 op = model._plan.get(site)
                 if op is None:
                     return None
-                return (), op(module, bind_call(module, args, kwargs))
+                return (), call_at_module_dtype(op, module, bind_call(module, args, kwargs), model._dtype)
 
             self._hooks[site] = self._layer(site).register_forward_pre_hook(pre_hook, with_kwargs=True)
             return
@@ -336,9 +340,9 @@ class Modular(nn.Module):
                 return None
             x = args[0] if args else None
             if isinstance(output, torch.Tensor):
-                return op(x, output)
+                return at_module_dtype(op, x, output, model._dtype)
             if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-                return (op(x, output[0]), *output[1:])
+                return (at_module_dtype(op, x, output[0], model._dtype), *output[1:])
             raise StateError(f"site {site!r} returned {type(output).__name__}; expected a tensor or a tuple")
 
         self._hooks[site] = self._layers[site].register_forward_hook(hook)
@@ -455,6 +459,36 @@ class Modular(nn.Module):
             lines.append(f"  {name}: {module.kind}, {size}{state}")
         lines.append(f"  active: {describe(self._active)}")
         return "\n".join(lines)
+
+
+def module_dtype(host_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of module parameters on a host of ``host_dtype``: float32 for half-precision hosts, else the host's.
+
+    As PEFT's ``autocast_adapter_dtype``: small modules keep float32 parameters (their updates and
+    their contribution keep float32 precision) and :func:`at_module_dtype` casts at the site.
+    """
+    return torch.float32 if host_dtype in (torch.float16, torch.bfloat16) else host_dtype
+
+
+def at_module_dtype(op: SiteOp, x: Any, y: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Run a site op in the modules' dtype and return the host's: a host cast after attaching (``host.half()``,
+    ``host.to(torch.bfloat16)``) keeps working, its modules computing y' = y + Δy in float32."""
+    if dtype is None or y.dtype == dtype or not y.is_floating_point():
+        return op(x, y)
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        x = x.to(dtype)
+    return op(x, y.to(dtype)).to(y.dtype)
+
+
+def call_at_module_dtype(op: SiteOp, module: nn.Module, call: dict[str, Any], dtype: torch.dtype | None) -> Any:
+    """:func:`at_module_dtype` at an input site: the call's floating tensors enter the op in the modules' dtype
+    and leave it in the dtype they came in."""
+    given = {k: v.dtype for k, v in call.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    if dtype is None or all(d == dtype for d in given.values()):
+        return op(module, call)
+    out = op(module, {k: v.to(dtype) if k in given else v for k, v in call.items()})
+    return {k: v.to(given[k]) if k in given and isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in out.items()}
 
 
 def _tied_weights(host: nn.Module) -> dict[int, list[str]]:

@@ -227,7 +227,8 @@ class AdapterPart(nn.Module):
         z = y.get(argument)
         if not isinstance(z, torch.Tensor):
             raise IncompatibleHostError(f"{type(layer).__name__} was called without a tensor {argument!r}")
-        read = layer.forward(z) if is_norm else z  # forward(), not __call__: no hooks re-entered
+        own = next((p.dtype for p in layer.parameters() if p.is_floating_point()), z.dtype)  # the host's dtype
+        read = layer.forward(z.to(own)).to(z.dtype) if is_norm else z  # forward(), not __call__: no hooks re-entered
         call = dict(y)
         call[argument] = z + weight * self.delta(read)
         return call

@@ -161,7 +161,7 @@ class IA3Part(nn.Module):
         """(s ⊙ x) W (+ y), for the host layer's weight layout."""
         w = self._weight(None)
         xs = (x * s).reshape(-1, x.shape[-1])  # (B·T, D_in)
-        wt = w.t() if self.site_kind == "linear" else w  # (D_in, D_out)
+        wt = (w.t() if self.site_kind == "linear" else w).to(xs.dtype)  # (D_in, D_out), in the module's dtype
         out = torch.mm(xs, wt) if y is None else torch.addmm(y.reshape(-1, y.shape[-1]), xs, wt)
         return out.view(*x.shape[:-1], out.shape[-1])  # (B, T, D_out)
 

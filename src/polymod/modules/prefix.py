@@ -145,6 +145,7 @@ class PrefixPart(nn.Module):
         batch, length, device = inputs.tokens(call)
         layers, heads, head_dim = self._geometry(module)
         kv = self.forward().view(n, layers, 2, heads, head_dim).permute(1, 2, 3, 0, 4)  # (L, 2, H_kv, n, d)
+        kv = kv.to(next((p.dtype for p in module.parameters() if p.is_floating_point()), kv.dtype))  # the host's
         key = inputs.cache_key(call)
         cache = call.get(key)
         if cache is None:
