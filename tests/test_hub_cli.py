@@ -60,7 +60,9 @@ def test_server_login_push_pull(env):
         assert json.loads(saved.read_text())[url] == token and (saved.stat().st_mode & 0o777) == 0o600
         run("push", str(pkg), "alice/m@1.0.0", "--hub", url)  # uses the saved token
         run("pull", "alice/m", "--hub", url)
-        assert (env / "home" / "hub" / "packages" / "alice" / "m" / "1.0.0" / "module.json").is_file()
+        port = url.rsplit(":", 1)[1]
+        cached = env / "home" / "hubs" / f"http_127.0.0.1_{port}" / "packages" / "alice" / "m" / "1.0.0"
+        assert (cached / "module.json").is_file(), "pulls are cached per hub"
         assert "revoked" in run("user", "revoke", token, "--store", str(store.root))
         with pytest.raises(hub.AuthError, match="not valid"):
             runner.invoke(app, ["hub", "push", str(pkg), "alice/m@1.0.1", "--hub", url], catch_exceptions=False)

@@ -97,7 +97,8 @@ def connect(hub: Any = None, token: str | None = None):
     Args:
         hub: a URL, a directory, a ``Store``, an existing client, or None for ``$POLYMOD_HUB``
             (else the local store at ``$POLYMOD_HOME/hub``).
-        token: the token for a remote hub (default ``$POLYMOD_TOKEN``, else the one saved by ``login``).
+        token: the token for a remote hub (default: ``$POLYMOD_TOKEN`` when ``$POLYMOD_HUB`` names that hub, else the
+            one ``login`` saved for it).
     """
 
     if isinstance(hub, (LocalHub, RemoteHub)):

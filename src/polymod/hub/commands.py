@@ -27,8 +27,9 @@ app.add_typer(user_app, name="user")
 HubOpt = Annotated[str | None, typer.Option("--hub", help="hub URL or store directory "
                                                "(default: $POLYMOD_HUB, else $POLYMOD_HOME/hub)")]
 StoreOpt = Annotated[Path | None, typer.Option("--store", help="store directory (default: $POLYMOD_HOME/hub)")]
-TokenOpt = Annotated[str | None, typer.Option("--token", help="token for a remote hub (default: $POLYMOD_TOKEN, "
-                                                 "else the one saved by `polymod hub login`)")]
+TokenOpt = Annotated[str | None, typer.Option("--token", help="token for a remote hub (default: $POLYMOD_TOKEN "
+                                                 "when $POLYMOD_HUB names this hub, else the one saved by "
+                                                 "`polymod hub login` for it)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
 
 

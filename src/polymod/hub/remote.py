@@ -14,10 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -37,12 +39,60 @@ def credentials_file() -> Path:
     return home() / "credentials.json"
 
 
-def saved_token(url: str) -> str | None:
-    """The token saved by ``login`` for ``url``, if any."""
+def hub_key(url: str) -> str:
+    """A hub's identity: its base URL normalised (scheme and host lowercase, explicit port, no trailing slash).
+
+    Tokens and cached versions are bound to this key: ``http://HUB:80/`` and ``http://hub`` are one hub,
+    ``http://hub:8001`` and ``https://hub`` are others.
+
+    Raises:
+        HubError: ``url`` is not an ``http(s)://host`` URL.
+    """
+    parts = urlsplit(url.strip())
     try:
-        return json.loads(credentials_file().read_text()).get(url.rstrip("/"))
-    except (OSError, ValueError, AttributeError):
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or port == -1:
+        raise HubError(f"hub URL {url!r:.200} is not of the form http(s)://host[:port][/path]")
+    scheme = parts.scheme.lower()
+    port = port or (443 if scheme == "https" else 80)
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{scheme}://{host}:{port}{parts.path.rstrip('/')}"
+
+
+def saved_token(url: str) -> str | None:
+    """The token saved by ``login`` for the hub at ``url`` (matched by :func:`hub_key`), if any."""
+    try:
+        data = json.loads(credentials_file().read_text())
+        key = hub_key(url)
+        return next((t for u, t in data.items() if isinstance(t, str) and _same_hub(u, key)), None)
+    except (OSError, ValueError, AttributeError, HubError):
         return None
+
+
+def _same_hub(url: str, key: str) -> bool:
+    try:
+        return hub_key(url) == key
+    except HubError:
+        return False
+
+
+def env_token(url: str) -> str | None:
+    """``$POLYMOD_TOKEN``, but only for the hub named by ``$POLYMOD_HUB`` (a token is never sent elsewhere)."""
+    token, home_hub = os.environ.get("POLYMOD_TOKEN"), os.environ.get("POLYMOD_HUB", "")
+    if not token or not home_hub.startswith(("http://", "https://")):
+        return None
+    return token if _same_hub(home_hub, hub_key(url)) else None
+
+
+def cache_dir(url: str) -> Path:
+    """The local store that caches pulls from the hub at ``url``: ``$POLYMOD_HOME/hubs/<scheme>_<host>_<port>[_path]``.
+
+    One cache per hub, so a version pulled from one hub never stands in for the same name on another.
+    """
+    slug = re.sub(r"[^A-Za-z0-9.-]+", "_", hub_key(url).replace("://", "_").replace(":", "_")).strip("_")
+    return home() / "hubs" / slug[:200]
 
 
 def save_token(url: str, token: str) -> Path:
@@ -66,17 +116,19 @@ class RemoteHub:
 
     Args:
         url: the hub's base URL, e.g. ``http://127.0.0.1:8000``.
-        token: a token for writes (default ``$POLYMOD_TOKEN``, else the one saved by ``login``).
-        cache: the local store pulls are cached in (default ``$POLYMOD_HOME/hub``).
+        token: a token for writes. Default: ``$POLYMOD_TOKEN`` when ``$POLYMOD_HUB`` names this hub, else
+            the one ``login`` saved for this hub; a token is never sent to another hub.
+        cache: the local store pulls are cached in (default one per hub, :func:`cache_dir`).
         timeout: seconds per request.
     """
 
     def __init__(self, url: str, token: str | None = None, cache: Store | str | os.PathLike | None = None,
                  timeout: float = 60.0):
         self.url = url.rstrip("/")
-        self.token = token or os.environ.get("POLYMOD_TOKEN") or saved_token(self.url)
-        self._cache = cache
-        self.http = httpx.Client(base_url=self.url, timeout=timeout)
+        self.key = hub_key(self.url)
+        self.token = token or env_token(self.url) or saved_token(self.url)
+        self._cache = cache if cache is not None else cache_dir(self.url)
+        self.http = httpx.Client(base_url=self.url, timeout=timeout, follow_redirects=False)
 
     def __repr__(self) -> str:
         return f"RemoteHub({self.url!r})"
@@ -164,8 +216,11 @@ class RemoteHub:
         check_destination(Path(os.path.abspath(dest)), f"{info.owner}/{info.name}", force)  # before downloading
         with progress_bar(progress, info.size, f"download {info.ref}") as advance:
             for meta in info.files.values():
-                if not cache.has_blob(meta["sha256"]):
-                    cache.write_blob(self._download(meta["sha256"]), expected=meta["sha256"], on_chunk=advance)
+                sha = meta["sha256"]
+                if cache.has_blob(sha) and not cache.verify_blob(sha, meta["size"]):
+                    cache.blob_path(sha).unlink(missing_ok=True)  # corrupted in the cache: evicted, fetched again
+                if not cache.has_blob(sha):  # never more than the manifest's size (a hostile hub is cut off)
+                    cache.write_blob(self._download(sha), expected=sha, max_bytes=meta["size"], on_chunk=advance)
                 else:
                     advance(meta["size"])
         out = materialize(info, cache.iter_blob, dest, force=force)

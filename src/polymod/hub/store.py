@@ -203,6 +203,14 @@ class Store:
         with open(path, "rb") as f:
             return self.write_blob(iter(lambda: f.read(CHUNK), b""))
 
+    def verify_blob(self, sha256: str, size: int | None = None) -> bool:
+        """Whether the stored blob still has its sha256 (and ``size``): re-hashes the file."""
+        path = self.blob_path(sha256)
+        try:
+            return (size is None or path.stat().st_size == size) and file_sha256(path) == sha256
+        except (OSError, FormatError):
+            return False
+
     def open_blob(self, sha256: str) -> BinaryIO:
         """Open a stored blob for reading.
 
