@@ -54,21 +54,23 @@ def hub_thread(store, **kw):
 
     from polymod.hub.server import create_app
 
-    server = uvicorn.Server(uvicorn.Config(create_app(store, **kw), host="127.0.0.1", port=free_port(),
+    app = create_app(store, **kw)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(),
                                            log_level="error", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        if time.time() > deadline or not thread.is_alive():
-            raise RuntimeError("hub server did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
     try:
+        thread.start()
+        deadline = time.time() + 20
+        while not server.started:
+            if time.time() > deadline or not thread.is_alive():
+                raise RuntimeError("hub server did not start")
+            time.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+        app.state.lock.release()
 
 
 def start_hub_process(store: Path, port: int, max_upload_mb: int = 64) -> subprocess.Popen:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import hashlib
 import io
 import json
@@ -113,3 +114,48 @@ def test_header_bomb_keeps_the_server_responsive_and_is_checked_once(tmp_path, m
     assert max(latencies) < 0.5, f"/health took up to {max(latencies):.2f} s"
     with pytest.raises(hub.NotFoundError):
         store.get("alice", "bomb", "1.0.0")
+
+
+def test_a_second_server_on_the_same_store_is_refused_and_touches_no_upload(tmp_path):
+    from polymod.hub.server import create_app
+
+    store = hub.Store(tmp_path / "server")
+    with hub_thread(store):
+        in_flight = store.tmp / "upload-in-progress.part"
+        in_flight.write_bytes(b"half")
+        with pytest.raises(hub.HubError, match=r"already served by another hub server \(pid \d+\)"):
+            create_app(hub.Store(tmp_path / "server"))
+        assert in_flight.read_bytes() == b"half", "the first server's upload survives"
+    create_app(store).state.lock.release()  # free again once the first server stopped
+
+
+def test_held_write_lock_answers_503_with_retry_after_and_reads_stay_fast(tmp_path):
+    """A writer holding the index: publishes answer 503 + Retry-After after the write timeout (no hang),
+    while /health and search keep answering at once (WAL readers never wait for the writer)."""
+    store = hub.Store(tmp_path / "server")
+    token = create_token(store, "alice")
+    card = json.dumps({"format_version": FORMAT_VERSION, "kind": "composition", "owner": "alice", "name": "c",
+                       "version": "1.0.0", "config": {}}).encode()
+    blocker = store.connect()
+    with hub_thread(store, write_timeout=0.5) as url, httpx.Client(base_url=url, timeout=30) as http:
+        auth = {"Authorization": f"Bearer {token}"}
+        sha = hashlib.sha256(card).hexdigest()
+        assert http.put(f"/api/v1/blobs/{sha}", content=card, headers=auth).status_code == 201
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            body = {"version": "1.0.0", "files": {"module.json": sha}}
+            with cf.ThreadPoolExecutor(8) as pool:
+                posts = [pool.submit(http.post, "/api/v1/modules/alice/c/versions", json=body, headers=auth)
+                         for _ in range(8)]
+                t = time.perf_counter()
+                assert http.get("/api/v1/health").status_code == 200
+                assert http.get("/api/v1/search", params={"q": "c"}).status_code == 200
+                read_latency = time.perf_counter() - t
+                answers = [p.result() for p in posts]
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert {r.status_code for r in answers} == {503}, [r.text for r in answers]
+        assert all(r.headers.get("Retry-After") == "1" and r.json()["error"] == "BusyError" for r in answers)
+        assert read_latency < 1.0, f"reads took {read_latency:.2f} s behind a held write lock"
+        assert http.post("/api/v1/modules/alice/c/versions", json=body, headers=auth).status_code == 201

@@ -9,7 +9,6 @@ import httpx
 import pytest
 
 from polymod import hub
-from polymod.hub.auth import create_token
 from polymod.hub.remote import RemoteHub, cache_dir, hub_key, save_token
 from tests.hub_helpers import hub_thread, make_package
 

@@ -90,6 +90,12 @@ class TooLargeError(HubError, ValueError):
     status = 413
 
 
+class BusyError(HubError, TimeoutError):
+    """The hub's index stayed locked by other writers past the wait limit: retry shortly (HTTP 503)."""
+
+    status = 503
+
+
 class DestinationError(HubError, FileExistsError):
     """A pull may not write to the destination: it holds the user's own files (or edited pulled ones)."""
 
@@ -103,7 +109,8 @@ class IntegrityError(HubError, FormatError):
 
 
 HUB_ERRORS = {cls.__name__: cls for cls in (HubError, InvalidNameError, NotFoundError, ConflictError, AuthError,
-                                           ForbiddenError, TooLargeError, IntegrityError, DestinationError)}
+                                           ForbiddenError, TooLargeError, IntegrityError, DestinationError,
+                                           BusyError)}
 
 
 class HostMismatchWarning(UserWarning):

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from polymod.errors import BusyError
+
 SCHEMA_VERSION = 1
 
 SCHEMA = """
@@ -68,14 +70,19 @@ CREATE VIRTUAL TABLE IF NOT EXISTS search USING fts5(
 """
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """Open the index at ``path`` (autocommit mode; callers open transactions explicitly)."""
-    conn = sqlite3.connect(str(path), timeout=60.0, isolation_level=None, check_same_thread=False)
+def connect(path: Path, busy_timeout: float = 60.0) -> sqlite3.Connection:
+    """Open the index at ``path`` (autocommit mode; callers open transactions explicitly).
+
+    Args:
+        path: the SQLite file.
+        busy_timeout: seconds a write waits for the lock before :class:`~polymod.errors.BusyError`.
+    """
+    conn = sqlite3.connect(str(path), timeout=busy_timeout, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=60000")
     return conn
 
 
@@ -95,7 +102,12 @@ def initialise(path: Path) -> None:
 @contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception."""
-    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise BusyError("the hub's index is busy with other writes; retry in a moment") from None
+        raise
     try:
         yield conn
     except BaseException:

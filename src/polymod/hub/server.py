@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from polymod.errors import FormatError, HubError, PolymodError, TooLargeError
+from polymod.errors import BusyError, FormatError, HubError, PolymodError, TooLargeError
 from polymod.hub import auth, names
 from polymod.hub.ancestry import lineage
 from polymod.hub.query import FACETS, owner_modules, search
@@ -42,6 +42,7 @@ from polymod.hub.store import BlobWriter, Store
 from polymod.hub.web import add_routes
 
 DEFAULT_MAX_UPLOAD = 2 << 30  # 2 GiB per file
+DEFAULT_WRITE_TIMEOUT = 5.0  # seconds a publish waits for the index before 503 + Retry-After
 
 
 class PublishRequest(BaseModel):
@@ -91,24 +92,32 @@ class LineageOut(BaseModel):
     edges: list[dict[str, Any]]
 
 
-def create_app(store: Store | str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, web: bool = True) -> FastAPI:
-    """The hub application over ``store``.
+def create_app(store: Store | str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, web: bool = True,
+               write_timeout: float = DEFAULT_WRITE_TIMEOUT) -> FastAPI:
+    """The hub application over ``store``; it holds the store's one-server lock (``app.state.lock``).
 
     Args:
         store: the store (or its directory).
         max_upload_bytes: the largest file accepted (HTTP 413 above it).
         web: also serve the web pages.
+        write_timeout: seconds a write waits for the index's lock before answering 503 with ``Retry-After``.
+
+    Raises:
+        HubError: another server already serves this store.
     """
     store = store if isinstance(store, Store) else Store(store)
-    store.sweep_tmp(0)  # uploads cut off by a previous crash are never resumed
+    store.busy_timeout = write_timeout
     app = FastAPI(title="polymod hub", version="1", description="Publish, find, version and pull polymod modules. "
                   "Writes need `Authorization: Bearer <token>`.")
+    app.state.lock = store.lock_for_server()  # before the sweep: never delete another server's uploads
+    store.sweep_tmp(0)  # uploads cut off by a previous crash are never resumed
     app.state.store = store
 
     @app.exception_handler(PolymodError)
     async def polymod_error(request: Request, exc: PolymodError) -> JSONResponse:
         status = exc.status if isinstance(exc, HubError) else 422 if isinstance(exc, (FormatError, ValueError)) else 400
-        return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=status)
+        headers = {"Retry-After": "1"} if isinstance(exc, BusyError) else None
+        return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=status, headers=headers)
 
     def user(authorization: Annotated[str | None, Header()] = None) -> str:
         token = authorization.removeprefix("Bearer ").strip() if authorization else None
@@ -120,7 +129,7 @@ def create_app(store: Store | str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, w
     Sha = Annotated[str, Path(min_length=64, max_length=64, pattern="^[0-9a-f]{64}$")]
 
     @app.get("/api/v1/health")
-    def health() -> dict[str, str]:
+    async def health() -> dict[str, str]:  # on the event loop: never queued behind busy worker threads
         return {"status": "ok"}
 
     @app.get("/api/v1/whoami")
@@ -196,7 +205,7 @@ def create_app(store: Store | str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, w
         return owner_modules(store, owner)
 
     if web:
-        add_routes(app, store)
+        add_routes(app, store, api_error=polymod_error)
     return app
 
 

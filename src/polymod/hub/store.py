@@ -16,6 +16,7 @@ never a partial version. Identical files are stored once (deduplication).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from polymod.errors import ConflictError, FormatError, IntegrityError, NotFoundError, TooLargeError
+from polymod.errors import ConflictError, FormatError, HubError, IntegrityError, NotFoundError, TooLargeError
 from polymod.hub import db, names
 from polymod.hub.package import (
     CARD_FILE,
@@ -138,15 +139,44 @@ class BlobWriter:
         self.path.unlink(missing_ok=True)
 
 
+class ServerLock:
+    """An exclusive ``flock`` on ``<store>/server.lock``: one hub server per store.
+
+    A second server would sweep the first one's uploads in progress as stale, so it is refused instead.
+    The kernel drops the lock when the process dies (even by ``kill -9``), so no stale lock survives a crash.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise HubError(f"the store {path.parent} is already served by another hub server (pid {holder}); "
+                           "stop it first, or serve another store directory") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        """Release the lock (idempotent)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class Store:
     """A hub store on the local file system.
 
     Args:
         root: the directory (created if missing); default ``$POLYMOD_HOME/hub``.
+        busy_timeout: seconds a write waits for the index's lock before ``BusyError``.
     """
 
-    def __init__(self, root: str | os.PathLike | None = None):
+    def __init__(self, root: str | os.PathLike | None = None, busy_timeout: float = 60.0):
         self.root = Path(root) if root is not None else home() / "hub"
+        self.busy_timeout = busy_timeout
         self.blobs = self.root / "blobs" / "sha256"
         self.tmp = self.root / "tmp"
         self.blobs.mkdir(parents=True, exist_ok=True)
@@ -159,8 +189,16 @@ class Store:
         return f"Store({str(self.root)!r})"
 
     def connect(self):
-        """A new SQLite connection to the index (one per thread or operation)."""
-        return db.connect(self.index)
+        """A new SQLite connection to the index (one per thread or operation); writes wait ``busy_timeout`` s."""
+        return db.connect(self.index, self.busy_timeout)
+
+    def lock_for_server(self) -> ServerLock:
+        """Take the store's one-server lock (released by :meth:`ServerLock.release` or when the process ends).
+
+        Raises:
+            HubError: another hub server (another process, or another app in this one) serves this store.
+        """
+        return ServerLock(self.root / "server.lock")
 
     # -- blobs -------------------------------------------------------------------------------
 

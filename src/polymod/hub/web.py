@@ -12,11 +12,12 @@ API; no JavaScript is needed, so every page also works in a text browser.
 
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, Response
 from jinja2 import DictLoader, Environment, select_autoescape
 
 from polymod.card import Lineage, Parent
@@ -98,13 +99,13 @@ def _page(template: str, status: int = 200, **values: Any) -> HTMLResponse:
     return HTMLResponse(_ENV.get_template(template).render(**values), status_code=status)
 
 
-def add_routes(app: FastAPI, store: Store) -> None:
-    """Add the web pages to ``app``."""
+def add_routes(app: FastAPI, store: Store, api_error: Callable[[Request, HubError], Awaitable[Response]]) -> None:
+    """Add the web pages to ``app``; hub errors on pages become an error page, on ``/api/`` ``api_error``'s answer."""
 
     @app.exception_handler(HubError)
     async def hub_error(request: Request, exc: HubError):
         if request.url.path.startswith("/api/"):
-            return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=exc.status)
+            return await api_error(request, exc)
         return _page("error", status=exc.status, message=str(exc))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
