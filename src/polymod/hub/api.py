@@ -20,13 +20,13 @@ from typing import Any
 from torch import nn
 
 from polymod import format
-from polymod.hub.client import connect
+from polymod.hub.client import HubLike, connect
 from polymod.hub.query import SearchResult
 from polymod.hub.remote import RemoteHub, save_token
 from polymod.hub.store import VersionInfo
 
 
-def push(path: str | os.PathLike, ref: str, version: str | None = None, *, hub: Any = None,
+def push(path: str | os.PathLike, ref: str, version: str | None = None, *, hub: HubLike = None,
          token: str | None = None, progress: bool = False) -> VersionInfo:
     """Publish the package at ``path`` (written by ``pm.save``) as ``owner/name@version``.
 
@@ -51,7 +51,7 @@ def push(path: str | os.PathLike, ref: str, version: str | None = None, *, hub: 
     return connect(hub, token).push(path, ref, version, progress=progress)
 
 
-def pull(ref: str, dest: str | os.PathLike | None = None, *, hub: Any = None, token: str | None = None,
+def pull(ref: str, dest: str | os.PathLike | None = None, *, hub: HubLike = None, token: str | None = None,
          progress: bool = False, force: bool = False) -> Path:
     """Fetch ``owner/name[@version]`` (default ``latest``) and write its package to ``dest``.
 
@@ -81,7 +81,7 @@ def pull(ref: str, dest: str | os.PathLike | None = None, *, hub: Any = None, to
     return connect(hub, token).pull(ref, dest, progress=progress, force=force)
 
 
-def get(ref: str, host: nn.Module | None = None, *, hub: Any = None, token: str | None = None) -> Any:
+def get(ref: str, host: nn.Module | None = None, *, hub: HubLike = None, token: str | None = None) -> Any:
     """Pull ``ref`` and load it; with ``host``, check that the module fits it first.
 
     Returns:
@@ -98,17 +98,17 @@ def get(ref: str, host: nn.Module | None = None, *, hub: Any = None, token: str 
     return format.load(path)
 
 
-def show(ref: str, *, hub: Any = None) -> VersionInfo:
+def show(ref: str, *, hub: HubLike = None) -> VersionInfo:
     """The card, files and state of ``owner/name[@version]``."""
     return connect(hub).show(ref)
 
 
-def versions(ref: str, *, hub: Any = None) -> list[VersionInfo]:
+def versions(ref: str, *, hub: HubLike = None) -> list[VersionInfo]:
     """Every version of ``owner/name``, newest first, yanked ones marked."""
     return connect(hub).versions(ref)
 
 
-def search(query: str = "", *, hub: Any = None, limit: int = 20, offset: int = 0, owner: str | None = None,
+def search(query: str = "", *, hub: HubLike = None, limit: int = 20, offset: int = 0, owner: str | None = None,
            kind: str | None = None, architecture: str | None = None, task: str | None = None,
            language: str | None = None, tag: str | None = None) -> SearchResult:
     """Full-text search over the latest version of every module, with exact facet filters and counts."""
@@ -116,12 +116,13 @@ def search(query: str = "", *, hub: Any = None, limit: int = 20, offset: int = 0
                                architecture=architecture, task=task, language=language, tag=tag)
 
 
-def lineage(ref: str, *, hub: Any = None, depth: int = 8) -> dict[str, Any]:
+def lineage(ref: str, *, hub: HubLike = None, depth: int = 8) -> dict[str, Any]:
     """The lineage graph of ``ref``: ancestors and descendants up to ``depth`` generations."""
     return connect(hub).lineage(ref, depth)
 
 
-def yank(ref: str, reason: str = "", *, hub: Any = None, token: str | None = None, undo: bool = False) -> VersionInfo:
+def yank(ref: str, reason: str = "", *, hub: HubLike = None, token: str | None = None,
+         undo: bool = False) -> VersionInfo:
     """Yank an exact version (hidden from ``latest`` and search; still pullable by exact version)."""
     return connect(hub, token).yank(ref, reason, undo=undo)
 

@@ -91,7 +91,11 @@ class LocalHub:
         return self.store.yank(r.owner, r.name, r.version, reason, yanked=not undo)
 
 
-def connect(hub: Any = None, token: str | None = None):
+# What every ``hub=`` argument takes: a client, a store, its directory, a hub URL, or None for the default.
+HubLike = LocalHub | RemoteHub | Store | str | os.PathLike | None
+
+
+def connect(hub: HubLike = None, token: str | None = None) -> LocalHub | RemoteHub:
     """A hub client: ``LocalHub`` for a directory or ``Store``, ``RemoteHub`` for an ``http(s)://`` URL.
 
     Args:

@@ -26,6 +26,7 @@ from polymod.card import Card, Lineage, Parent
 from polymod.errors import CompositionError, FormatError, IntegrityError
 from polymod.hub import names
 from polymod.hub.api import get, show
+from polymod.hub.client import HubLike
 from polymod.hub.package import CARD_FILE, card_bytes, parse_card
 from polymod.modular import Modular
 
@@ -40,7 +41,7 @@ class CompositionPackage:
     modules: dict[str, names.Ref]
     card: Card = field(default_factory=lambda: Card(kind=KIND))
 
-    def attach(self, model: Modular, hub: Any = None, token: str | None = None) -> None:
+    def attach(self, model: Modular, hub: HubLike = None, token: str | None = None) -> None:
         """Pull every module (content hashes checked), add each under its leaf name, and ``model.use`` the expression.
 
         Raises:
@@ -59,7 +60,7 @@ class CompositionPackage:
         model.use(self.expr)
 
 
-def save_composition(expr: Any, modules: dict[str, str], path: str | os.PathLike, hub: Any = None,
+def save_composition(expr: compose.Composition, modules: dict[str, str], path: str | os.PathLike, hub: HubLike = None,
                      **card_fields: Any) -> Path:
     """Write a composition package.
 

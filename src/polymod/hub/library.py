@@ -32,7 +32,7 @@ from polymod import format
 from polymod.compose import Mix
 from polymod.errors import ConfigError, StateError
 from polymod.hub import names
-from polymod.hub.client import LocalHub, connect
+from polymod.hub.client import HubLike, LocalHub, connect
 from polymod.hub.derived import DerivedInfo, DerivedStore
 from polymod.modules.contract import Module, ReadsHostLayer
 from polymod.routing.arrow import Arrow, arrow_prototypes
@@ -160,7 +160,7 @@ def _candidate_name(ref: names.Ref, taken: set[str]) -> str:
     return name.replace(".", "-")
 
 
-def library(source: str | Sequence[str], host: nn.Module, *, hub: Any = None, token: str | None = None,
+def library(source: str | Sequence[str], host: nn.Module, *, hub: HubLike = None, token: str | None = None,
             limit: int = 20, store: Any = None, **facets: str) -> Library:
     """Pull a library of modules that fit ``host``.
 

@@ -202,7 +202,7 @@ class AdapterPart(nn.Module):
         is_norm = "norm" in type(layer).__name__.lower()
         names = [p.name for p in params]
         argument = "input_tensor" if not is_norm and "input_tensor" in names else names[0]
-        object.__setattr__(self, "_host", (layer, argument, is_norm))  # a plain attribute, never a submodule
+        self._host = (layer, argument, is_norm)  # a tuple: nn.Module keeps it a plain attribute, never a submodule
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:
         """f_φ(h) = norm_after(dropout(s · U σ(D norm_before(h)))), shaped (B, T, D_out)."""
