@@ -30,6 +30,7 @@ from polymod.format import load, save
 from polymod.hub.composition import load_composition
 from polymod.interop import read_adapters, read_peft, write_peft
 from polymod.interop.peft import read_peft_modules
+from polymod.merging.cluster import Clustering, cluster
 from polymod.merging.genknowsub import gen_know_sub
 from polymod.merging.lorahub import few_shot_loss, lorahub
 from polymod.merging.merge import merge
@@ -80,6 +81,8 @@ __all__ = [
     "AttachReport",
     "AttentionFusion",
     "Card",
+    "cluster",
+    "Clustering",
     "CompositionError",
     "ConfigError",
     "Delta",
