@@ -16,7 +16,9 @@ Transforms and their configs (the derived-artifact keys):
 
 * ``arrow-prototypes`` — ``{"method": "svd-top1"}``, plus the host weights'
   digest at the module's sites for kinds whose ΔW reads the host (IA³);
-* ``retrieval-centroid`` — ``{"encoder": <name>, "examples": <sha256 of the texts>}``.
+* ``retrieval-centroid`` — ``{"encoder": <name>, "examples": <sha256 of the texts>}``;
+* ``phatgoose-gates`` — the gate-training recipe's config (steps, lr, data digest, ...), as the
+  contributor gives it to :meth:`Library.store_gates`.
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ from polymod.hub.derived import DerivedInfo, DerivedStore
 from polymod.modules.contract import Module, ReadsHostLayer
 from polymod.routing.arrow import Arrow, arrow_prototypes
 from polymod.routing.base import Router
+from polymod.routing.phatgoose import Phatgoose
 from polymod.routing.retrieval import Encoder, Retrieval, centroid, encoder_name, examples_digest
 from polymod.sites import named_layers
 
 ARROW = "arrow-prototypes"
 CENTROID = "retrieval-centroid"
+GATES = "phatgoose-gates"
 
 
 class Library(Mapping[str, Module]):
@@ -142,6 +146,29 @@ class Library(Mapping[str, Module]):
         """A :class:`~polymod.routing.retrieval.Retrieval` router with this library's centroids."""
         router = Retrieval(top_k=top_k, encoder=encoder)
         router.provide_all(self.centroids(encoder, examples))
+        return router
+
+
+    def store_gates(self, name: str, gates: Mapping[str, torch.Tensor], config: dict[str, Any]) -> DerivedInfo:
+        """Publish module ``name``'s PHATGOOSE gates (``{site: (D_in,)}``, from ``train_gates``) beside it."""
+        sha = format.content_hash(self._modules[name])
+        return self.derived.put(sha, GATES, config, dict(gates), parent=self.refs[name])
+
+    def phatgoose(self, top_k: int = 2) -> Phatgoose:
+        """A :class:`~polymod.routing.phatgoose.Phatgoose` router with every module's newest stored gates.
+
+        Raises:
+            StateError: a module has no stored gates.
+        """
+        router = Phatgoose(top_k=top_k)
+        for name in self._modules:
+            stored = [i for i in self.artifacts(name) if i.transform == GATES]
+            tensors = self.derived.load(stored[-1]) if stored else None
+            if tensors is None:
+                raise StateError(f"module {name!r} ({self.refs[name]}) has no PHATGOOSE gates; train them with "
+                                 "polymod.training.recipes.phatgoose.train_gates and publish them with "
+                                 "Library.store_gates")
+            router.provide(name, tensors)
         return router
 
 

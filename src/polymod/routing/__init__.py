@@ -5,7 +5,8 @@ One file per router, each registering itself for composition JSON:
 :mod:`~polymod.routing.softmax` (SoftmaxGate), :mod:`~polymod.routing.polytropon`
 (Polytropon / MHR), :mod:`~polymod.routing.topk` (TopK), :mod:`~polymod.routing.hash`
 (HashRouter), :mod:`~polymod.routing.attention` (AttentionFusion); library routers that need
-no routing data: :mod:`~polymod.routing.arrow` (Arrow), :mod:`~polymod.routing.retrieval` (Retrieval).
+no routing data: :mod:`~polymod.routing.arrow` (Arrow), :mod:`~polymod.routing.retrieval` (Retrieval),
+:mod:`~polymod.routing.phatgoose` (Phatgoose, PhatgooseGate).
 """
 
 from polymod.routing.arrow import Arrow, arrow_prototypes
@@ -14,6 +15,7 @@ from polymod.routing.base import Router, RouterStats, register_router, registere
 from polymod.routing.fixed import ExampleRouter, SpanRouter, Static, TaskRouter
 from polymod.routing.groups import RowGroups
 from polymod.routing.hash import HashRouter
+from polymod.routing.phatgoose import Phatgoose, PhatgooseGate
 from polymod.routing.polytropon import Polytropon
 from polymod.routing.retrieval import Retrieval, SentenceEncoder, centroid
 from polymod.routing.softmax import SoftmaxGate
@@ -24,6 +26,8 @@ __all__ = [
     "AttentionFusion",
     "ExampleRouter",
     "HashRouter",
+    "Phatgoose",
+    "PhatgooseGate",
     "Polytropon",
     "Retrieval",
     "Router",

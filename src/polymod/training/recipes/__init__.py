@@ -5,7 +5,8 @@ zero-shot transfer), :mod:`~polymod.training.recipes.continual` (a module per
 task, earlier ones frozen), :mod:`~polymod.training.recipes.fusion`
 (AdapterFusion), :mod:`~polymod.training.recipes.skills` (Polytropon: skills
 and allocation; few-shot new tasks) and :mod:`~polymod.training.recipes.hypernetwork`
-(hypernetworks; a new task is a new embedding). Two-phase sparse fine-tuning
+(hypernetworks; a new task is a new embedding); :mod:`~polymod.training.recipes.phatgoose`
+(PHATGOOSE gates for a published module). Two-phase sparse fine-tuning
 (LT-SFT) is :func:`polymod.training.lt_sft.train_lt_sft`. See docs/training.md.
 """
 
