@@ -2,16 +2,18 @@
 
 Host: the benchmark Llama-like model (hidden 512, intermediate 1408) with 4
 layers and an 8,000-word vocabulary (the head is not what is measured), fp32,
-2 threads. A library of E LoRAs (r = 8, at q_proj and v_proj) with random
+1 thread. A library of E LoRAs (r = 8, at q_proj and v_proj) with random
 orthonormal factors and singular values 0.05·(1, 0.3, 0.15, …): a clear top
 direction, so PEFT's 15-step power iteration converges and both route alike.
-Token-level Arrow, top-k 3, temperature 1; a batch of 2 rows × 64 tokens (a
+Token-level Arrow, top-k 3, temperature 1; a batch of 2 rows × 32 tokens (a
 shared 2-core machine must run all three sizes in under 3 minutes).
 
 For each library size the contenders — bare host, polymod Arrow, PEFT Arrow
 (``create_arrow_model`` on the same LoRAs, written with ``write_peft``) — run
 interleaved (one forward each per round, order rotated every round); each time
-is the median over the rounds. The script checks that polymod's and PEFT's
+is the median over the rounds, of wall time and of process CPU time (on a
+shared, oversubscribed machine one thread's CPU time is the steadier measure
+of the work done). The script checks that polymod's and PEFT's
 logits agree and records the machine's load average before and after (the
 machine is shared: compare ratios within one run, not absolute times).
 
@@ -67,16 +69,18 @@ def peft_arrow(bare: torch.nn.Module, model: pm.Modular, names: list[str], top_k
     return create_arrow_model(copy.deepcopy(bare), paths, cfg).eval()
 
 
-def timed(contenders: dict, rounds: int) -> dict[str, list[float]]:
-    """Interleaved rounds, order rotated each round; per-contender times in seconds."""
-    times: dict[str, list[float]] = {k: [] for k in contenders}
+def timed(contenders: dict, rounds: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Interleaved rounds, order rotated each round; per-contender wall and process CPU times in seconds."""
+    wall: dict[str, list[float]] = {k: [] for k in contenders}
+    cpu: dict[str, list[float]] = {k: [] for k in contenders}
     order = list(contenders)
     for r in range(rounds):
         for name in order[r % len(order):] + order[:r % len(order)]:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             contenders[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
+            cpu[name].append(time.process_time() - start_cpu)
+            wall[name].append(time.perf_counter() - start)
+    return wall, cpu
 
 
 def main() -> None:
@@ -84,10 +88,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-peft", action="store_true", help="skip PEFT's Arrow")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -99,7 +103,7 @@ def main() -> None:
     rows = []
     print(f"\nArrow top-{args.top_k}, LoRA r={args.rank} at {'/'.join(SITES)}, Llama-like host (hidden 512, 4 layers), "
           f"batch {args.batch}x{args.tokens}, fp32, {args.threads} threads, median of {args.rounds} interleaved rounds")
-    print(f"{'modules':>7} {'contender':<16} {'median s':>9} {'x bare host':>12}")
+    print(f"{'modules':>7} {'contender':<16} {'median s':>9} {'x bare host':>12} {'CPU s':>9} {'CPU x bare':>10}")
     for size in args.sizes:
         host = copy.deepcopy(bare)
         model, names = library(host, size, args.rank)
@@ -112,14 +116,15 @@ def main() -> None:
             contenders["PEFT Arrow"] = lambda t=twin: t(input_ids=ids).logits
         with torch.inference_mode():
             outputs = {k: f() for k, f in contenders.items()}  # warm-up (PEFT builds its prototypes here)
-            times = timed(contenders, args.rounds)
+            times, cpu = timed(contenders, args.rounds)
         diff = (outputs["polymod Arrow"] - outputs["PEFT Arrow"]).abs().max().item() if twin is not None else None
-        base = statistics.median(times["bare host"])
+        base, base_cpu = statistics.median(times["bare host"]), statistics.median(cpu["bare host"])
         for name, ts in times.items():
-            med = statistics.median(ts)
+            med, med_cpu = statistics.median(ts), statistics.median(cpu[name])
             rows.append({"modules": size, "contender": name, "median_s": med, "ratio_to_host": med / base,
-                         "times_s": ts})
-            print(f"{size:>7} {name:<16} {med:>9.4f} {med / base:>12.3f}")
+                         "median_cpu_s": med_cpu, "cpu_ratio_to_host": med_cpu / base_cpu, "times_s": ts,
+                         "cpu_s": cpu[name]})
+            print(f"{size:>7} {name:<16} {med:>9.4f} {med / base:>12.3f} {med_cpu:>9.4f} {med_cpu / base_cpu:>10.3f}")
         if diff is not None:
             rows[-1]["max_abs_diff_vs_polymod"] = diff
             print(f"{'':>7} max |polymod - PEFT| logits: {diff:.2e}")
