@@ -22,7 +22,7 @@ from polymod.training import distributed as ddp
 from polymod.training.config import TrainConfig
 from polymod.training.data import causal_lm_labels, read_records
 from polymod.training.multitask import Task
-from polymod.training.trainer import Trainer
+from polymod.training.trainer import Trainer, seed_everything
 
 
 def load_host(host: dict[str, Any], base: Path) -> torch.nn.Module:
@@ -92,9 +92,18 @@ class _Examples:
 
 
 def build_run(cfg: dict[str, Any], base: Path, *, resume: bool = False) -> Trainer:
-    """A :class:`~polymod.training.trainer.Trainer` for a validated config (joins ``torchrun``'s group first)."""
+    """A :class:`~polymod.training.trainer.Trainer` for a validated config (joins ``torchrun``'s group first).
+
+    The training seed is applied before the host is loaded and the modules are built, so a fresh task head
+    and the modules' random initial weights are the same in every run of the config (and on every rank).
+    """
 
     ddp.init_from_env()
+    config = TrainConfig.from_dict(cfg.get("training", {}))
+    # Seed before anything random is built (a fresh task head, the modules' initial weights): the same
+    # config gives the same run, and a resumed run rebuilds the exact host it checkpointed against.
+    # Every rank draws the same initial weights; the trainer re-seeds with seed + rank for dropout.
+    seed_everything(config.seed)
     host_cfg = cfg["host"]
     model = Modular(load_host(host_cfg, base))
     for name, spec in cfg["modules"].items():
@@ -118,5 +127,5 @@ def build_run(cfg: dict[str, Any], base: Path, *, resume: bool = False) -> Train
             data[name] = Task(train=examples.dataset(spec.get("train"), base),
                               eval=examples.dataset(spec.get("eval"), base), route=route)
     return Trainer(model, cfg["train"], data, eval_data=eval_data, metrics=cfg.get("metrics", []),
-                   config=TrainConfig.from_dict(cfg.get("training", {})), output_dir=base / cfg["output_dir"],
+                   config=config, output_dir=base / cfg["output_dir"],
                    temperature=cfg.get("temperature", 5.0), resume=resume)

@@ -16,7 +16,10 @@ and after: a changed host is an error, never a silent outcome.
 
 Determinism: ``seed`` fixes the data order (:class:`~polymod.training.data.EpochStream`)
 and seeds Python, NumPy and torch (``seed + rank``, so dropout differs across
-ranks). A checkpoint stores the trained weights, optimiser, schedule, loss
+ranks). ``polymod train`` applies the same seed once more *before* it builds
+the host and the modules (:func:`polymod.training.build.build_run`), so a fresh
+classification head and the modules' random initialisation are the same in
+every run of one config. A checkpoint stores the trained weights, optimiser, schedule, loss
 scaler, RNG states and data position, so resuming yields the same weights as
 never stopping.
 """
@@ -140,7 +143,7 @@ class Trainer:
             ConfigError: ``monitor`` is not an evaluation result; a checkpoint does not fit this run.
         """
         cfg = self.config
-        _seed_everything(cfg.seed + self.rank)
+        seed_everything(cfg.seed + self.rank)
         optimizer, scheduler = build_optimizer(self._param_groups(), cfg)
         log = MetricsLog(self.output_dir / "metrics.jsonl" if self.output_dir and self.rank == 0 else None)
         state = _Progress()
@@ -357,7 +360,8 @@ def _resolve_metrics(metrics: Mapping[str, Metric] | Sequence[str] | None) -> di
     return {m: METRICS[m] for m in metrics}
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (CUDA's too, through ``torch.manual_seed``)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
