@@ -116,6 +116,7 @@ def test_resume_refuses_a_different_run(tmp_path):
                     output_dir=tmp_path, resume=True)
     with pytest.raises(ConfigError, match=r"settings \['lr'\] differ from the checkpoint's"):
         other.fit()
+    model.use("b")  # a module must be active to be trained
     wrong = Trainer(model, ["b"], train, eval_data=dev, config=TrainConfig(**CFG), output_dir=tmp_path, resume=True)
     with pytest.raises(ConfigError, match="do not fit this run"):
         wrong.fit()

@@ -20,10 +20,12 @@ from polymod.errors import (
     FormatError,
     HostMismatchWarning,
     HubError,
+    InactiveModuleWarning,
     IncompatibleHostError,
     PolymodError,
     SiteNotFoundError,
     StateError,
+    UnknownArgumentError,
     UnknownModuleError,
 )
 from polymod.format import load, save
@@ -97,6 +99,7 @@ __all__ = [
     "HubError",
     "HyperLoRA",
     "IA3",
+    "InactiveModuleWarning",
     "IncompatibleHostError",
     "Invertible",
     "Lineage",
@@ -137,6 +140,7 @@ __all__ = [
     "TopK",
     "TrainConfig",
     "Trainer",
+    "UnknownArgumentError",
     "UnknownModuleError",
     "write_peft",
 ]

@@ -17,6 +17,13 @@ class ConfigError(PolymodError, ValueError):
     """A configuration value (module spec, recipe, argument) is invalid."""
 
 
+class UnknownArgumentError(ConfigError, TypeError):
+    """A keyword argument the callee does not take (often another library's name for one it does).
+
+    Also a ``TypeError``, which is what Python raises for an unexpected keyword argument.
+    """
+
+
 class SiteNotFoundError(PolymodError, LookupError):
     """A site selection matched nothing in the host."""
 
@@ -115,3 +122,7 @@ HUB_ERRORS = {cls.__name__: cls for cls in (HubError, InvalidNameError, NotFound
 
 class HostMismatchWarning(UserWarning):
     """A module is loaded onto a host whose touched weights differ but fit."""
+
+
+class InactiveModuleWarning(UserWarning):
+    """A training forward runs with trainable modules attached but none active (they get no gradient)."""

@@ -21,7 +21,11 @@ tensors.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
+import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,7 +38,13 @@ from polymod import sites as sites_mod
 from polymod.aggregation.base import Env, SiteOp
 from polymod.aggregation.cache import StackCache
 from polymod.compose import Composition, describe, leaves, unknown
-from polymod.errors import ConfigError, IncompatibleHostError, StateError, UnknownModuleError
+from polymod.errors import (
+    ConfigError,
+    InactiveModuleWarning,
+    IncompatibleHostError,
+    StateError,
+    UnknownModuleError,
+)
 from polymod.format import fingerprint, require_fit
 from polymod.inputs import bind_call
 from polymod.modules.contract import (
@@ -54,6 +64,8 @@ from polymod.sites import input_target, is_input_site
 from polymod.validation import check_tree
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,127}$")
+# host -> the Modular whose hooks are installed on it (until its detach()); a second wrapper would stack hooks
+_WRAPPERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -102,6 +114,15 @@ class Modular(nn.Module):
         super().__init__()
         if not isinstance(host, nn.Module):
             raise ConfigError(f"Modular wraps a torch.nn.Module, got {type(host).__name__}")
+        if isinstance(host, Modular):
+            raise ConfigError("this is already a Modular model; use it directly (its host is model.host)")
+        owner = _WRAPPERS.get(host)
+        if owner is not None and owner() is not None:
+            existing = owner()
+            raise StateError(
+                f"this host is already wrapped by a Modular (attached: {', '.join(existing.names()) or 'none'}); "
+                "a second wrapper would stack its hooks on the first (every module would act twice). Keep using "
+                "the first model, or call its detach() before wrapping the host again")
         self.host = host
         self.library = nn.ModuleDict()
         self._grad_flags = {n: p.requires_grad for n, p in host.named_parameters()}
@@ -119,14 +140,21 @@ class Modular(nn.Module):
         self._stacks = StackCache()
         self._library_token: tuple = ()
         self._dtype: torch.dtype | None = None
+        self._warned_inactive = False
         self.routing.install(host)
+        self._inactive_check = host.register_forward_pre_hook(self._check_inactive)
+        _WRAPPERS[host] = weakref.ref(self)
 
     # -- library ---------------------------------------------------------------------------
 
     def add(self, name: str, spec: ModuleSpec | Module) -> AttachReport:
         """Attach a new module built from ``spec`` (or an existing :class:`Module`) as ``name``.
 
-        The module does not act until a composition naming it is active (:meth:`use`).
+        The module does not act until a composition naming it is active (:meth:`use`). Unlike PEFT's
+        ``get_peft_model``, adding never activates: the active composition changes only through
+        :meth:`use` (selection state is explicit). A training forward with trainable modules attached
+        but none active warns (:class:`~polymod.errors.InactiveModuleWarning`), and polymod's
+        ``Trainer`` refuses to start with the module to activate named.
 
         Args:
             name: a library name (letters, digits, ``_`` and ``-``).
@@ -234,6 +262,7 @@ class Modular(nn.Module):
         if expr is not None:
             check_tree(expr, self.library)
         self._active = expr
+        self._warned_inactive = False
         self._recompile()
 
     @property
@@ -314,6 +343,20 @@ class Modular(nn.Module):
     def routing_stats(self) -> dict[str, dict[str, Any]]:
         """Each active router's load per module, entropy and dropped tokens (accumulated until reset)."""
         return self.routing.stats()
+
+    def _check_inactive(self, host: nn.Module, args: tuple) -> None:
+        """Warn once when a training forward runs trainable modules that nothing activates (PEFT's habit)."""
+        if self._plan or self._warned_inactive or not host.training or not torch.is_grad_enabled():
+            return
+        idle = [n for n, m in self.library.items() if n not in self._merged
+                and any(p.requires_grad for p in m.parameters())]
+        if idle:
+            self._warned_inactive = True
+            warnings.warn(
+                f"module(s) {idle} are attached and trainable but not active: this forward runs the host alone, "
+                f"so they get no gradient (a backward then fails with 'does not require grad'). Modules act only "
+                f"once a composition names them: call model.use({idle[0]!r}) before training",
+                InactiveModuleWarning, stacklevel=_caller_level())
 
     def _layer(self, site: str) -> nn.Module:
         """The host module at ``site``: a layer, or for an input site the module whose call it is."""
@@ -422,6 +465,9 @@ class Modular(nn.Module):
             handle.remove()
         self._hooks.clear()
         self.routing.uninstall()
+        self._inactive_check.remove()
+        if _WRAPPERS.get(self.host) is not None and _WRAPPERS[self.host]() is self:
+            del _WRAPPERS[self.host]
         self._active = None
         self._plan = {}
         for name in list(self.library):
@@ -496,6 +542,15 @@ def _tied_weights(host: nn.Module) -> dict[int, list[str]]:
     for n, p in host.named_parameters(remove_duplicate=False):
         out.setdefault(id(p), []).append(n)
     return out
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside polymod, torch and transformers (the user's forward call)."""
+    skip = tuple(f"{os.sep}{name}{os.sep}" for name in ("polymod", "torch", "transformers"))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and any(s in frame.f_code.co_filename for s in skip):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _device(host: nn.Module) -> torch.device | None:

@@ -320,8 +320,30 @@ def select(host: nn.Module, selection: str | Sequence[str] | SiteSelector) -> li
     return calls + [site_of(n, layers[n]) for n in layers if n in chosen]
 
 
+def _bare_name_hint(pattern: str, names: list[str]) -> str | None:
+    """Advice for PEFT-style bare layer names (``query``, ``query,value``): globs ``*.query`` joined by ``|``."""
+    if pattern.startswith("re:") or any(c in pattern for c in "*?[."):
+        return None
+    parts = [p.strip() for p in pattern.split(",") if p.strip()]
+    globs = [f"*.{p}" if any(n.rsplit(".", 1)[-1] == p for n in names) else None for p in parts]
+    if "," not in pattern and globs[0] is None:
+        return None
+    found = [g for g in globs if g]
+    advice = []
+    if found:
+        example = next(n for n in names if n.rsplit(".", 1)[-1] == found[0][2:])
+        advice.append(f"Patterns match whole qualified names such as {example!r}; to match those layers in every "
+                      f"block use the glob sites={'|'.join(found)!r}")
+    if "," in pattern:
+        advice.append("Several patterns are joined with '|' (or given as a list), not with ','")
+    return ". ".join(advice) + "."
+
+
 def _not_found_message(host: nn.Module, pattern: str, layers: dict[str, nn.Module]) -> str:
     names = list(layers)
+    bare = _bare_name_hint(pattern, names)
+    if bare is not None:
+        return f"sites pattern {pattern!r} matched nothing in {type(host).__name__}. {bare}"
     probe = pattern[3:] if pattern.startswith("re:") else pattern.replace("*", "")
     close = difflib.get_close_matches(probe, names + list(ROLES), n=5, cutoff=0.3)
     if not close:  # fall back to names sharing the last component

@@ -69,6 +69,8 @@ and calls :func:`register` — nothing central to edit.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
@@ -76,7 +78,7 @@ import torch
 from torch import nn
 
 from polymod.card import Card
-from polymod.errors import ConfigError, StateError
+from polymod.errors import ConfigError, StateError, UnknownArgumentError
 from polymod.sites import Site
 
 if TYPE_CHECKING:  # routing sits above modules (library routers read module deltas): a type, never an import
@@ -197,13 +199,67 @@ class CopiesLayers(Protocol):
 _KINDS: dict[str, type] = {}
 
 
+# Other libraries' names for a spec field (PEFT's LoraConfig/IA3Config/PromptTuningConfig, AdapterHub's configs):
+# a user's habit gets "did you mean" instead of a bare TypeError. The target must be a field of the spec.
+FOREIGN_NAMES = {
+    "r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "sites",
+    "use_rslora": "rslora", "init_lora_weights": "init", "feedforward_modules": "feedforward",
+    "num_virtual_tokens": "length", "reduction_factor": "reduction", "non_linearity": "activation",
+    "adapter_dropout": "dropout", "layers_to_transform": "sites",
+}
+# Foreign settings that are not a field of any spec, with what to do instead.
+FOREIGN_ADVICE = {
+    "modules_to_save": "polymod trains a copy of a host layer (a task head) as a module of its own kind, "
+                       "attached with model.add(...) next to this one (see `polymod kinds`)",
+    "task_type": "polymod reads the task from the host itself; drop it",
+    "bias": "polymod modules leave the host's biases frozen; drop it",
+    "fan_in_fan_out": "polymod detects transposed (Conv1D) layers itself; drop it",
+}
+
+
+def unknown_argument_message(owner: str, unknown: list[str], fields: list[str]) -> str:
+    """What was passed, what ``owner`` takes, and the likely intended name for each unknown argument."""
+    hints = []
+    for name in unknown:
+        if name in FOREIGN_NAMES and FOREIGN_NAMES[name] in fields:
+            hints.append(f"{name!r}: did you mean {FOREIGN_NAMES[name]!r}?")
+        elif name in FOREIGN_ADVICE:
+            hints.append(f"{name!r}: {FOREIGN_ADVICE[name]}")
+        else:
+            close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+            hints.append(f"{name!r}: did you mean {close[0]!r}?" if close else f"{name!r} is not a setting")
+    return (f"{owner} got unexpected argument(s) {', '.join(map(repr, unknown))} ({'; '.join(hints)}). "
+            f"{owner} takes: {', '.join(fields)}")
+
+
+def _checked_init(spec_cls: type) -> None:
+    """Wrap a spec dataclass's ``__init__`` so unknown keywords raise :class:`UnknownArgumentError` with a hint."""
+    init = spec_cls.__init__
+    fields = [f.name for f in dataclasses.fields(spec_cls) if f.init]
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        unknown = [k for k in kwargs if k not in fields]
+        if unknown:
+            raise UnknownArgumentError(unknown_argument_message(spec_cls.__name__, unknown, fields))
+        init(self, *args, **kwargs)
+
+    spec_cls.__init__ = __init__  # type: ignore[method-assign]
+
+
 def register(spec_cls: type) -> type:
-    """Class decorator registering a spec class under its ``kind`` name."""
+    """Class decorator registering a spec class under its ``kind`` name.
+
+    Unknown keyword arguments to the spec (another library's names such as PEFT's ``r`` or
+    ``target_modules``) raise :class:`~polymod.errors.UnknownArgumentError` naming the polymod field.
+    """
     kind = getattr(spec_cls, "kind", None)
     if not isinstance(kind, str) or not kind:
         raise TypeError(f"{spec_cls.__name__} needs a class attribute 'kind' to be registered")
     if kind in _KINDS and _KINDS[kind] is not spec_cls:
         raise TypeError(f"module kind {kind!r} is already registered by {_KINDS[kind].__name__}")
+    if dataclasses.is_dataclass(spec_cls) and _KINDS.get(kind) is not spec_cls:
+        _checked_init(spec_cls)
     _KINDS[kind] = spec_cls
     return spec_cls
 
@@ -243,9 +299,10 @@ def spec_from_dict(kind: str, config: dict[str, Any]) -> Any:
     """
     cls = spec_class(kind)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(config) - names
+    unknown = sorted(set(config) - names)
     if unknown:
-        raise ConfigError(f"{kind} config has unknown fields {sorted(unknown)}; expected a subset of {sorted(names)}")
+        raise UnknownArgumentError(unknown_argument_message(f"the {kind} config", unknown,
+                                                            [f.name for f in dataclasses.fields(cls)]))
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
     return cls(**values)
 

@@ -14,10 +14,11 @@ import transformers as tf
 from transformers import AutoTokenizer
 
 from polymod.compose import from_json
-from polymod.errors import ConfigError
-from polymod.format import load
+from polymod.errors import ConfigError, PolymodError
+from polymod.format import check_fits, load, read_card
 from polymod.modular import Modular
-from polymod.modules.contract import spec_from_dict
+from polymod.modules.contract import HostDependentSites, spec_from_dict
+from polymod.sites import SiteSelector, select
 from polymod.training import distributed as ddp
 from polymod.training.config import TrainConfig
 from polymod.training.data import causal_lm_labels, read_records
@@ -37,6 +38,38 @@ def load_host(host: dict[str, Any], base: Path) -> torch.nn.Module:
     if device == "auto":
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     return model.to(device)
+
+
+def check_sites(cfg: dict[str, Any], base: Path) -> tuple[list[str], dict[str, int]]:
+    """Resolve every module's sites against the config's host without building anything else.
+
+    Each ``|``-joined pattern is resolved on its own, so a pattern that matches nothing is reported even
+    when its siblings match. Modules given by ``load`` are checked for fit (:func:`polymod.format.check_fits`).
+
+    Returns:
+        The problems (empty when every pattern matches) and the number of sites per module.
+    """
+    host = load_host({**cfg["host"], "device": "cpu"}, base)
+    problems: list[str] = []
+    counts: dict[str, int] = {}
+    for name, spec in cfg["modules"].items():
+        if "load" in spec:
+            card = read_card(base / spec["load"]) if (base / spec["load"] / "module.json").is_file() else None
+            errors = check_fits(card, host).errors if card is not None else []
+            problems += [f"modules.{name}.load: {e}" for e in errors]
+            counts[name] = len(card.sites) if card is not None else 0
+            continue
+        module_spec = spec_from_dict(spec["kind"], {k: v for k, v in spec.items() if k != "kind"})
+        selection = module_spec.sites_for(host) if isinstance(module_spec, HostDependentSites) else module_spec.sites
+        selector = SiteSelector.parse(selection)
+        for pattern in selector.patterns:
+            try:
+                select(host, SiteSelector(patterns=(pattern,), types=selector.types))
+            except PolymodError as exc:
+                problems.append(f"modules.{name}.sites: {exc}")
+        if not any(p.startswith(f"modules.{name}.sites") for p in problems):
+            counts[name] = len(select(host, selector))
+    return problems, counts
 
 
 class _Examples:

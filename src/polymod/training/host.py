@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from polymod.compose import leaves
 from polymod.errors import ConfigError, StateError
 
 
@@ -23,6 +24,34 @@ def _routers(model: nn.Module) -> Mapping[str, nn.Module]:
     if callable(routers) and not isinstance(routers, nn.Module):
         routers = routers()
     return routers if isinstance(routers, Mapping | nn.ModuleDict) else {}
+
+
+def require_active(model: nn.Module, trainables: Mapping[str, nn.Module], routes: Sequence[Any]) -> None:
+    """Refuse to train library modules that no composition will run (they would get no gradient).
+
+    Args:
+        model: the modular model (anything without a ``library`` is not checked).
+        trainables: what the run trains, by name.
+        routes: each task's route (None: the active composition; a callable: not checkable, so no check).
+
+    Raises:
+        ConfigError: a trained module is attached but neither in the active composition nor in any task's route.
+    """
+    library = getattr(model, "library", None)
+    if library is None or any(callable(r) and not isinstance(r, str) for r in routes):
+        return
+    active = getattr(model, "active", None)
+    used: set[str] = set()
+    for composition in [active, *routes]:
+        if composition is not None:
+            used |= set(leaves(composition))
+    idle = [name for name in trainables if name in library and name not in used]
+    if idle:
+        first = idle[0]
+        raise ConfigError(
+            f"module(s) {idle} are attached but not active, so training would give them no gradient "
+            f"(active composition: {active!r}). Activate before training: model.use({first!r}) "
+            f"(or a Stack/Mix naming it), or give each task a route= that names it")
 
 
 def _holder(param: nn.Parameter) -> nn.Module:

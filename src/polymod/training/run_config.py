@@ -26,6 +26,7 @@ parallel (:mod:`polymod.training.distributed`).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ import yaml
 from polymod.compose import from_json, leaves
 from polymod.errors import ConfigError, PolymodError
 from polymod.modules.contract import spec_from_dict
-from polymod.training.build import build_run
+from polymod.training.build import build_run, check_sites
 from polymod.training.config import TrainConfig, config_problems
 from polymod.training.evaluate import METRICS
 
@@ -130,16 +131,34 @@ def problems(cfg: Any, base: Path) -> list[str]:
     return out
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus YAML 1.2's floats without a dot (``4e-3``), which YAML 1.1 reads as strings."""
+
+
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)?\.?[0-9]*[eE][-+]?[0-9]+$")
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML safely, reading ``lr: 4e-3`` as the float 0.004 (YAML 1.2) rather than a string (YAML 1.1).
+
+    Raises:
+        yaml.YAMLError: the text is not YAML.
+    """
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     """Read and validate a training config file.
+
+    Numbers such as ``4e-3`` are floats (YAML 1.2), not the strings YAML 1.1 makes of them.
 
     Raises:
         ConfigError: unreadable YAML or any invalid setting (all of them in one message).
     """
-
     path = Path(path)
     try:
-        cfg = yaml.safe_load(path.read_text())
+        cfg = read_yaml(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read training config {path}: {exc}") from exc
     found = problems(cfg, path.parent)
@@ -151,15 +170,24 @@ def load_config(path: str | Path) -> dict[str, Any]:
 def run_file(path: str | Path, *, resume: bool = False, check_only: bool = False) -> dict[str, Any]:
     """Validate, build and run the training described by ``path``.
 
+    With ``check_only`` nothing is trained: the config is validated, the host is loaded and every module's
+    ``sites`` are resolved against it (each ``|``-joined pattern on its own), and loaded modules are checked
+    for fit.
+
     Returns:
-        A summary: steps, best and final evaluation, output directory (or ``{"valid": True}`` with ``check_only``).
+        A summary: steps, best and final evaluation, output directory (or, with ``check_only``,
+        ``{"valid": True, "sites": {module: number of sites}}``).
 
     Raises:
-        ConfigError: the config (every problem listed) or its data is invalid.
+        ConfigError: the config (every problem listed) or its data is invalid; with ``check_only``, site
+            patterns that match nothing in the host or loaded modules that do not fit it (all listed).
     """
     cfg = load_config(path)
     if check_only:
-        return {"valid": True}
+        found, sites = check_sites(cfg, Path(path).parent)
+        if found:
+            raise ConfigError(f"{path} has {len(found)} problem(s) on its host:\n  " + "\n  ".join(found))
+        return {"valid": True, "sites": sites}
 
     trainer = build_run(cfg, Path(path).parent, resume=resume)
     result = trainer.fit()

@@ -43,7 +43,7 @@ from polymod.training import distributed as ddp
 from polymod.training.config import TrainConfig
 from polymod.training.data import fetch, host_inputs, tokens_of
 from polymod.training.evaluate import METRICS, LossFn, Metric, host_loss
-from polymod.training.host import HostGuard, resolve_trainables
+from polymod.training.host import HostGuard, require_active, resolve_trainables
 from polymod.training.multitask import TaskStream, as_tasks, evaluate_tasks, routing
 from polymod.training.optim import autocast_dtype, autocast_factory, build_optimizer, grad_scaler
 from polymod.training.outputs import write_outputs
@@ -104,7 +104,8 @@ class Trainer:
         verify_host: hash the host before and after training and raise if it changed.
 
     Raises:
-        ConfigError: nothing to train, unknown names, bad data or settings.
+        ConfigError: nothing to train, unknown names, a trained module that no composition runs
+            (attached but not active), bad data or settings.
     """
 
     def __init__(self, model: nn.Module, train: Sequence[str | nn.Module] | Mapping[str, nn.Module], data: Any, *,
@@ -117,6 +118,7 @@ class Trainer:
         self.tasks = as_tasks(data, eval_data)
         self.stream = TaskStream(self.tasks, temperature=temperature, seed=self.config.seed)
         self.trainables = resolve_trainables(model, train)
+        require_active(model, self.trainables, [t.route for t in self.tasks.values()])
         self.metrics = _resolve_metrics(metrics)
         self.loss_fn: LossFn = loss_fn or host_loss
         self.output_dir = Path(output_dir) if output_dir is not None else None
