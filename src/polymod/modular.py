@@ -537,6 +537,25 @@ def call_at_module_dtype(op: SiteOp, module: nn.Module, call: dict[str, Any], dt
             for k, v in out.items()}
 
 
+def build_module(host: nn.Module, spec: ModuleSpec) -> Module:
+    """Build ``spec``'s module on ``host`` exactly as :meth:`Modular.add` would, leaving the host untouched.
+
+    For readers of foreign formats, which need the module's sites and parts before loading tensors into
+    them. Works on a host that a :class:`Modular` wraps (the scratch wrapper is detached before returning).
+    """
+    owner = _WRAPPERS.pop(host, None)
+    try:
+        scratch = Modular(host, freeze=False)
+        try:
+            scratch.add("x", spec)
+            return scratch["x"]
+        finally:
+            scratch.detach()
+    finally:
+        if owner is not None:
+            _WRAPPERS[host] = owner
+
+
 def _tied_weights(host: nn.Module) -> dict[int, list[str]]:
     out: dict[int, list[str]] = {}
     for n, p in host.named_parameters(remove_duplicate=False):

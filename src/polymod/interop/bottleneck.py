@@ -26,7 +26,7 @@ from torch import nn
 from polymod.errors import ConfigError, FormatError
 from polymod.interop.adapters_options import BOTTLENECK
 from polymod.interop.options import check
-from polymod.modular import Modular
+from polymod.modular import build_module
 from polymod.modules.adapter import Adapter
 from polymod.modules.contract import Module
 from polymod.sites import INPUT
@@ -96,12 +96,7 @@ def read_bottleneck(meta: dict[str, Any], tensors: dict[str, torch.Tensor], host
         if not leaf or leaf not in _TENSORS:
             raise FormatError(f"adapters tensor {key!r} is not a bottleneck tensor of adapter {name!r}")
         by_owner.setdefault(owner, {})[_TENSORS[leaf]] = value
-    scratch = Modular(host, freeze=False)
-    try:
-        scratch.add("x", spec)
-        module = scratch["x"]
-    finally:
-        scratch.detach()
+    module = build_module(host, spec)
     kept = [s for s in module.sites if _owner(s) in by_owner]  # adapters' leave_out drops whole layers
     if {_owner(s) for s in kept} != set(by_owner):
         missing = sorted(set(by_owner) - {_owner(s) for s in kept})

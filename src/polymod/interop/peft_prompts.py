@@ -26,7 +26,7 @@ from torch import nn
 
 from polymod.card import Card
 from polymod.errors import ConfigError, FormatError
-from polymod.modular import Modular
+from polymod.modular import build_module
 from polymod.modules.contract import Module, ModuleSpec
 from polymod.modules.prefix import PrefixTuning
 from polymod.modules.prompt import PromptTuning
@@ -39,13 +39,7 @@ _TASKS = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSeque
 
 def _scratch(host: nn.Module, spec: ModuleSpec) -> Module:
     """Build ``spec``'s module on ``host`` exactly as ``Modular.add`` would, leaving the host untouched."""
-
-    scratch = Modular(host, freeze=False)
-    try:
-        scratch.add("x", spec)
-        return scratch["x"]
-    finally:
-        scratch.detach()
+    return build_module(host, spec)
 
 
 def _check_saved_host_copies(host: nn.Module, extra: dict[str, torch.Tensor]) -> None:
