@@ -91,6 +91,10 @@ def test_a_module_attached_but_not_active_is_named_with_the_fix():
         loss.backward()
     with pytest.raises(pm.ConfigError, match=r"\['t'\] are attached but not active.*model.use\('t'\)"):
         pm.Trainer(model, ["t"], classification_data(16), config=pm.TrainConfig(steps=1, progress=False))
+    model.add("u", pm.LoRA(rank=2))
+    model.use("u")  # one of two trained modules idle: a warning, the run may intend it
+    with pytest.warns(InactiveModuleWarning, match=r"\['t'\] are trained but not active, so they will not change"):
+        pm.Trainer(model, ["t", "u"], classification_data(16), config=pm.TrainConfig(steps=1, progress=False))
     model.use("t")
     with warnings.catch_warnings():
         warnings.simplefilter("error", InactiveModuleWarning)

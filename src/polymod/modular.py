@@ -537,6 +537,12 @@ def call_at_module_dtype(op: SiteOp, module: nn.Module, call: dict[str, Any], dt
             for k, v in out.items()}
 
 
+def wrapper_of(host: nn.Module) -> Modular | None:
+    """The :class:`Modular` whose hooks are installed on ``host`` (None when no wrapper holds it)."""
+    owner = _WRAPPERS.get(host)
+    return owner() if owner is not None else None
+
+
 def build_module(host: nn.Module, spec: ModuleSpec) -> Module:
     """Build ``spec``'s module on ``host`` exactly as :meth:`Modular.add` would, leaving the host untouched.
 

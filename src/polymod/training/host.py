@@ -9,6 +9,7 @@ tensors are compared, by sha256, with what they were on entry.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from polymod.compose import leaves
-from polymod.errors import ConfigError, StateError
+from polymod.errors import ConfigError, InactiveModuleWarning, StateError
 
 
 def _routers(model: nn.Module) -> Mapping[str, nn.Module]:
@@ -27,7 +28,10 @@ def _routers(model: nn.Module) -> Mapping[str, nn.Module]:
 
 
 def require_active(model: nn.Module, trainables: Mapping[str, nn.Module], routes: Sequence[Any]) -> None:
-    """Refuse to train library modules that no composition will run (they would get no gradient).
+    """Refuse to train when no trained library module is run by any composition (nothing would get a gradient).
+
+    Some idle modules next to active ones only warn (:class:`~polymod.errors.InactiveModuleWarning`): they are
+    left unchanged, which multi-task and continual runs may intend.
 
     Args:
         model: the modular model (anything without a ``library`` is not checked).
@@ -35,7 +39,8 @@ def require_active(model: nn.Module, trainables: Mapping[str, nn.Module], routes
         routes: each task's route (None: the active composition; a callable: not checkable, so no check).
 
     Raises:
-        ConfigError: a trained module is attached but neither in the active composition nor in any task's route.
+        ConfigError: every trained module is attached but neither in the active composition nor in any
+            task's route, and nothing else (a router) is trained.
     """
     library = getattr(model, "library", None)
     if library is None or any(callable(r) and not isinstance(r, str) for r in routes):
@@ -46,12 +51,15 @@ def require_active(model: nn.Module, trainables: Mapping[str, nn.Module], routes
         if composition is not None:
             used |= set(leaves(composition))
     idle = [name for name in trainables if name in library and name not in used]
-    if idle:
-        first = idle[0]
-        raise ConfigError(
-            f"module(s) {idle} are attached but not active, so training would give them no gradient "
-            f"(active composition: {active!r}). Activate before training: model.use({first!r}) "
-            f"(or a Stack/Mix naming it), or give each task a route= that names it")
+    if not idle:
+        return
+    advice = (f"(active composition: {active!r}). Activate before training: model.use({idle[0]!r}) "
+              "(or a Stack/Mix naming it), or give each task a route= that names it")
+    if len(idle) == len(trainables):
+        raise ConfigError(f"module(s) {idle} are attached but not active, so training would give them no "
+                          f"gradient {advice}")
+    warnings.warn(f"module(s) {idle} are trained but not active, so they will not change {advice}",
+                  InactiveModuleWarning, stacklevel=3)
 
 
 def _holder(param: nn.Parameter) -> nn.Module:
