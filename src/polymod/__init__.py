@@ -12,6 +12,7 @@ The public API (see the README)::
 """
 
 from polymod import format, hub, interop
+from polymod.bundle import load_all, save_all
 from polymod.card import Card, Lineage, Parent
 from polymod.compose import Mix, Parallel, Stack
 from polymod.errors import (
@@ -30,6 +31,7 @@ from polymod.errors import (
 )
 from polymod.format import load, save
 from polymod.hub.composition import load_composition
+from polymod.hub.pretrained import from_pretrained
 from polymod.interop import read_adapters, read_peft, write_peft
 from polymod.interop.peft import read_peft_modules
 from polymod.merging.cluster import Clustering, cluster
@@ -91,6 +93,7 @@ __all__ = [
     "ExampleRouter",
     "few_shot_loss",
     "FormatError",
+    "from_pretrained",
     "gen_know_sub",
     "HashRouter",
     "Head",
@@ -104,6 +107,7 @@ __all__ = [
     "Invertible",
     "Lineage",
     "load",
+    "load_all",
     "LoRA",
     "lorahub",
     "lt_sft",
@@ -124,6 +128,7 @@ __all__ = [
     "registered_kinds",
     "Retrieval",
     "save",
+    "save_all",
     "select",
     "Site",
     "SiteNotFoundError",

@@ -446,6 +446,59 @@ class Modular(nn.Module):
                 getattr(self._layers[site], attr or "weight").copy_(original)
         self._recompile()
 
+    def merge_and_unload(self, names: Sequence[str] | None = None) -> nn.Module:
+        """Merge modules into the host weights for good and unwrap the host (PEFT's ``merge_and_unload``).
+
+        Unlike :meth:`detach`, which restores the original host bit for bit, this keeps the merged
+        weights: the returned host computes what the model computed with those modules active, with
+        no hooks and no module objects left. Other attached modules are dropped.
+
+        Args:
+            names: modules to merge (each must have a weight delta). Default: the active composition
+                when it is a single module name.
+
+        Returns:
+            The host, with merged weights and its original ``requires_grad`` flags.
+
+        Raises:
+            StateError: no names given and the active composition is not one module name, or a module
+                cannot be merged (see :meth:`merge_into_host`).
+        """
+        if names is None:
+            if not isinstance(self._active, str):
+                raise StateError(f"merge_and_unload() merges the active module by default, but the active composition "
+                                 f"is {describe(self._active)}; name the modules: merge_and_unload(['a', 'b'])")
+            names = [self._active]
+        for name in names:
+            if name not in self._merged:
+                self.merge_into_host(name)
+        for name in names:
+            self._merged.pop(name)  # forget the originals: detach() below keeps the merged weights
+        return self.detach()
+
+    @contextmanager
+    def disable(self) -> Iterator[None]:
+        """Run the bare host inside the block (PEFT's ``disable_adapter``); the active composition returns after.
+
+        Example:
+            >>> with model.disable():
+            ...     reference = host(**batch).logits        # no module acts
+
+        Raises:
+            StateError: modules are merged into the host weights (unmerge them first).
+        """
+        if self._merged:
+            raise StateError(f"modules {self.merged} are merged into the host weights, so disabling cannot remove "
+                             "them; call model.unmerge(name) first")
+        active, warned = self._active, self._warned_inactive
+        self._active, self._warned_inactive = None, True
+        self._recompile()
+        try:
+            yield
+        finally:
+            self._active, self._warned_inactive = active, warned
+            self._recompile()
+
     @property
     def merged(self) -> list[str]:
         """Names of the modules currently merged into the host weights."""

@@ -33,7 +33,6 @@ polymod's own :class:`~polymod.training.Trainer`.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -42,13 +41,11 @@ import transformers
 from safetensors.torch import load_file
 from transformers.utils import find_labels
 
-from polymod.compose import to_json
+from polymod.bundle import read_index, save_all
 from polymod.errors import ConfigError, FormatError
-from polymod.format import WEIGHTS_FILE, load_tensors, save
+from polymod.format import WEIGHTS_FILE, load_tensors
 from polymod.modular import Modular, wrapper_of
 from polymod.training.host import require_active
-
-COMPOSITION_FILE = "composition.json"
 
 
 def trainable_modules(model: Modular) -> list[str]:
@@ -56,19 +53,13 @@ def trainable_modules(model: Modular) -> list[str]:
     return [n for n in model.names() if any(p.requires_grad for p in model[n].parameters())]
 
 
-def save_modules(model: Modular, output_dir: str | os.PathLike) -> list[Path]:
-    """Write every trainable module to ``output_dir/<name>/`` and the active composition to ``composition.json``.
+def save_modules(model: Modular, output_dir: str | os.PathLike) -> Path:
+    """Write every trainable module and the active composition (:func:`polymod.save_all`'s layout).
 
     Returns:
-        The module directories written.
+        The directory written.
     """
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = [save(model[name], out / name) for name in trainable_modules(model)]
-    composition = None if model.active is None else to_json(model.active)
-    (out / COMPOSITION_FILE).write_text(json.dumps({"active": composition, "modules": [p.name for p in written]},
-                                                   indent=2) + "\n")
-    return written
+    return save_all(model, output_dir, names=trainable_modules(model))
 
 
 def load_modules(model: Modular, checkpoint_dir: str | os.PathLike) -> list[str]:
@@ -78,13 +69,10 @@ def load_modules(model: Modular, checkpoint_dir: str | os.PathLike) -> list[str]
         The names restored.
 
     Raises:
-        FormatError: the directory has no ``composition.json``, or names a module ``model`` does not have.
+        FormatError: the directory is not a saved model, or names a module ``model`` does not have.
     """
     root = Path(checkpoint_dir)
-    index = root / COMPOSITION_FILE
-    if not index.is_file():
-        raise FormatError(f"{root} has no {COMPOSITION_FILE}: it was not written by ModularTrainer.save_model")
-    names = json.loads(index.read_text())["modules"]
+    names = read_index(root)["modules"]
     missing = [n for n in names if n not in model]
     if missing:
         raise FormatError(f"{root} holds modules {missing} that are not attached to this model "
@@ -151,4 +139,4 @@ class ModularTrainer(transformers.Trainer):
         load_modules(self.model, self.state.best_model_checkpoint)
 
 
-__all__ = ["COMPOSITION_FILE", "ModularTrainer", "load_modules", "save_modules", "trainable_modules"]
+__all__ = ["ModularTrainer", "load_modules", "save_modules", "trainable_modules"]
