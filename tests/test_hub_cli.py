@@ -46,7 +46,8 @@ def test_local_store_commands(env):
     assert "self       alice/senti@1.1.0" in run("lineage", "alice/senti", "--hub", store)
     assert "yanked" in run("yank", "alice/senti@1.1.0", "--reason", "bad", "--hub", store)
     assert run("versions", "alice/senti", "--hub", store).split() == ["1.1.0", "yanked", "1.0.0"]
-    assert "consistent" in run("check", "--store", store)
+    assert "consistent" in run("check", "--hub", store)  # one name for the hub in every subcommand
+    assert "consistent" in run("check", "--store", store)  # the older name still works
 
 
 def test_server_login_push_pull(env):

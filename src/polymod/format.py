@@ -42,12 +42,13 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from polymod.card import Card
-from polymod.errors import FormatError, HostMismatchWarning, IncompatibleHostError, SiteNotFoundError
+from polymod.errors import ConfigError, FormatError, HostMismatchWarning, IncompatibleHostError, SiteNotFoundError
 from polymod.modules.contract import Module, spec_from_dict
 from polymod.sites import Site, input_site, is_input_site, named_layers, site_of
 
 CARD_FILE = "module.json"
 WEIGHTS_FILE = "weights.safetensors"
+README_FILE = "README.md"
 _METADATA = {"format": "polymod"}
 
 
@@ -271,19 +272,76 @@ def detect(path: str | os.PathLike) -> str | None:
     return next((name for name, loader in _LOADERS.items() if loader.detect(path)), None)
 
 
-def save(module: Module, path: str | os.PathLike) -> Path:
+def base_model(host: nn.Module | str) -> dict[str, Any]:
+    """Which checkpoint a module was made on: its name or path, and for a live host hashes of config and weights.
+
+    ``config_sha256`` hashes the host's config as canonical JSON (without ``_name_or_path`` and
+    ``transformers_version``, which name where and how it was saved, not what it is); ``weights_sha256``
+    hashes every state-dict tensor's name, dtype, shape and bytes in order. Two hosts with equal
+    hashes compute the same function.
+    """
+    if isinstance(host, str):
+        return {"name": host}
+    config = getattr(host, "config", None)
+    out: dict[str, Any] = {"name": getattr(config, "_name_or_path", None) or type(host).__name__}
+    if config is not None and hasattr(config, "to_dict"):
+        settings = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+        out["config_sha256"] = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    digest = hashlib.sha256()
+    for name, tensor in host.state_dict().items():
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    out["weights_sha256"] = digest.hexdigest()
+    return out
+
+
+_base_model_fn = base_model  # save()'s keyword shadows the function's name
+
+
+def save(module: Module, path: str | os.PathLike, *, task: str | None = None, description: str | None = None,
+         tags: list[str] | None = None, license: str | None = None, language: str | None = None,
+         readme: str | None = None, base_model: nn.Module | str | None = None) -> Path:
     """Write ``module`` to directory ``path`` (created; replaced atomically if it exists).
+
+    The keyword arguments fill the saved card (``module.json``) without touching ``module.card``;
+    ``None`` keeps what the card already says.
+
+    Args:
+        module: the module.
+        path: the package directory.
+        task: what the module does (``sentiment``, ``nli``, ...).
+        description: one paragraph for people browsing the hub.
+        tags: search tags (replace the card's).
+        license: an SPDX identifier such as ``apache-2.0``.
+        language: a language code.
+        readme: Markdown written to ``README.md`` next to the card (the hub shows it).
+        base_model: the host the module was made on — the model itself (its name or path plus hashes of its
+            config and weights are recorded, :func:`base_model`) or just a name — stored as the card's
+            ``host.base_model``.
 
     Returns:
         The directory written.
+
+    Raises:
+        ConfigError: ``tags`` is not a list of strings.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     card = module.card.to_dict()
+    if tags is not None and (isinstance(tags, str) or not all(isinstance(t, str) for t in tags)):
+        raise ConfigError(f"tags must be a list of strings such as ['movies', 'english'], got {tags!r:.80}")
+    given = {"task": task, "description": description, "tags": list(tags) if tags is not None else None,
+             "license": license, "language": language}
+    card.update({k: v for k, v in given.items() if v is not None})
+    if base_model is not None:
+        card["host"] = {**card.get("host", {}), "base_model": _base_model_fn(base_model)}
+    Card.from_dict(card)  # the filled card must still be a valid card
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         save_file(module_tensors(module), str(tmp / WEIGHTS_FILE), metadata=_METADATA)
         (tmp / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+        if readme is not None:
+            (tmp / README_FILE).write_text(readme)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -371,6 +429,6 @@ def load(path: str | os.PathLike, host: nn.Module | None = None) -> Module:
     return module
 
 
-__all__ = ["CARD_FILE", "WEIGHTS_FILE", "Fit", "Loader", "check_fits", "content_hash", "detect", "fingerprint",
-           "load", "load_tensors", "module_tensors", "read_card", "register_loader", "register_package_kind",
-           "require_fit", "save", "tensor_sha256", "warn_host_mismatch"]
+__all__ = ["CARD_FILE", "README_FILE", "WEIGHTS_FILE", "Fit", "Loader", "base_model", "check_fits", "content_hash",
+           "detect", "fingerprint", "load", "load_tensors", "module_tensors", "read_card", "register_loader",
+           "register_package_kind", "require_fit", "save", "tensor_sha256", "warn_host_mismatch"]

@@ -26,7 +26,10 @@ app.add_typer(user_app, name="user")
 
 HubOpt = Annotated[str | None, typer.Option("--hub", help="hub URL or store directory "
                                                "(default: $POLYMOD_HUB, else $POLYMOD_HOME/hub)")]
-StoreOpt = Annotated[Path | None, typer.Option("--store", help="store directory (default: $POLYMOD_HOME/hub)")]
+# One name for "which hub" in every subcommand: --hub. Commands that run on the hub's own machine need its
+# store directory; --store is kept as the older spelling.
+StoreOpt = Annotated[Path | None, typer.Option("--hub", "--store", help="the hub's store directory (default: "
+                                                  "$POLYMOD_HOME/hub; --store is an alias)")]
 TokenOpt = Annotated[str | None, typer.Option("--token", help="token for a remote hub (default: $POLYMOD_TOKEN "
                                                  "when $POLYMOD_HUB names this hub, else the one saved by "
                                                  "`polymod hub login` for it)")]

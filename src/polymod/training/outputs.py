@@ -3,7 +3,8 @@
 * ``trained.safetensors`` — every trained parameter, ``<name>.<parameter>``;
 * ``modules/<name>/`` — each trained library module in polymod's module format
   (:func:`polymod.save`), its card carrying the final evaluation in
-  ``metrics`` and the training recipe in ``lineage.recipe``;
+  ``metrics``, the training recipe in ``lineage.recipe`` and the checkpoint
+  it was trained on in ``host.base_model`` (path plus config and weight hashes);
 * ``result.json`` — steps, early stopping, best and final evaluation.
 """
 
@@ -45,7 +46,7 @@ def write_outputs(trainer: Trainer, result: TrainResult) -> None:
             module = library[name]
             module.card.metrics = dict(result.metrics)
             module.card.lineage.recipe = recipe(trainer)
-            save(module, out / "modules" / name)
+            save(module, out / "modules" / name, base_model=getattr(trainer.model, "host", None))
     summary = {"step": result.step, "stopped_early": result.stopped_early, "best": result.best,
                "metrics": result.metrics}
     (out / "result.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
