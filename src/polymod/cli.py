@@ -8,6 +8,7 @@ with a one-line message, never a traceback (:func:`main` catches
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Annotated
 
@@ -21,6 +22,7 @@ from polymod.hub.commands import app as _hub_app
 from polymod.merging.recipe import merge_command
 from polymod.serving.engine import ServeOptions, load_engine
 from polymod.serving.server import serve as run_server
+from polymod.training.plot import plot_run
 from polymod.training.run_config import run_file
 
 app = typer.Typer(name="polymod", help="Modular deep learning: modules, routing, merging and a module hub.",
@@ -59,8 +61,24 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in output_dir."),
     check: bool = typer.Option(False, "--check", help="Only validate the config (every problem is listed)."),
 ) -> None:
-    """Train modules on a frozen host from a YAML config (data parallel under torchrun)."""
+    """Train modules on a frozen host from a YAML config (data parallel under torchrun).
+
+    Progress goes to stderr: a bar on a terminal, else a plain log line every 10 s; a final line gives the
+    steps, time and last training loss. The JSON summary goes to stdout.
+    """
+    if not logging.getLogger().handlers:  # a library user's own logging set-up wins
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(json.dumps(run_file(config, resume=resume, check_only=check), indent=2, sort_keys=True))
+
+
+@app.command()
+def plot(
+    run_dir: str = typer.Argument(..., help="A run's output_dir (with metrics.jsonl), or the metrics.jsonl file."),
+    out: str = typer.Option(None, "--out", help="PNG to write (default: metrics.png next to metrics.jsonl)."),
+) -> None:
+    """Draw a run's training loss and evaluation curves from metrics.jsonl to a PNG."""
+    print(plot_run(run_dir, out))
 
 
 @app.command()

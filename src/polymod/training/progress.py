@@ -1,4 +1,4 @@
-"""What a run shows and records: a rich progress bar and a JSONL metrics log.
+"""What a run shows and records: a progress bar (or plain log lines) and a JSONL metrics log.
 
 The log ``<output>/metrics.jsonl`` has one JSON object per line, either a
 training record (``{"kind": "train", "step", "loss", "lr", "grad_norm",
@@ -11,9 +11,11 @@ log of an uninterrupted one.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,14 +59,40 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+logger = logging.getLogger("polymod.training")
+
+
+def in_notebook() -> bool:
+    """Whether this process runs in a Jupyter kernel (where stderr is not a TTY but rich can draw)."""
+    shell = sys.modules.get("IPython")
+    get = getattr(shell, "get_ipython", None)
+    kernel = get() if callable(get) else None
+    return kernel is not None and type(kernel).__name__ == "ZMQInteractiveShell"
+
+
 class ProgressBar:
-    """A rich progress bar with step, loss and throughput; silent when disabled or not on a terminal."""
+    """What a run shows while it trains.
 
-    def __init__(self, total: int, start: int = 0, enabled: bool = True):
-        self._progress = None
-        if not (enabled and sys.stderr.isatty()):
+    * On a terminal, or in a Jupyter notebook: a rich progress bar with step, loss and throughput.
+    * Anywhere else (a log file, CI, a batch job): plain lines through :mod:`logging` on the
+      ``polymod.training`` logger, at most one per ``interval`` seconds plus the last step, e.g.
+      ``step 120/500 (24%) · loss 0.4312 · 35.1 ex/s · 2,210 tok/s · 0:01:40 left``.
+    * :meth:`summary` logs one final line with the steps, time and last training loss (always).
+
+    Args:
+        total: steps of the run.
+        start: the step it starts from (a resumed run).
+        enabled: draw a bar / log progress lines at all (the summary is logged regardless).
+        interval: least seconds between two plain progress lines.
+    """
+
+    def __init__(self, total: int, start: int = 0, enabled: bool = True, interval: float = 10.0):
+        self._progress: Progress | None = None
+        self.total, self.start, self.interval = total, start, interval
+        self._began = self._last_line = time.monotonic()
+        self._lines = enabled and not (sys.stderr.isatty() or in_notebook())
+        if not enabled or self._lines:
             return
-
         self._progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
             TextColumn("{task.fields[info]}"), transient=False,
@@ -74,12 +102,36 @@ class ProgressBar:
 
     def update(self, step: int, loss: float, examples_per_s: float, tokens_per_s: float) -> None:
         """Show the latest step, loss and throughput."""
+        info = f"loss {loss:.4f} · {examples_per_s:,.1f} ex/s · {tokens_per_s:,.0f} tok/s"
         if self._progress is not None:
-            info = f"loss {loss:.4f} · {examples_per_s:,.1f} ex/s · {tokens_per_s:,.0f} tok/s"
             self._progress.update(self._task, completed=step, info=info)
+            return
+        now = time.monotonic()
+        if self._lines and (now - self._last_line >= self.interval or step >= self.total):
+            self._last_line = now
+            done = max(step - self.start, 1)
+            left = (now - self._began) / done * (self.total - step)
+            logger.info("step %d/%d (%d%%) · %s · %s left", step, self.total, 100 * step // max(self.total, 1), info,
+                        _clock(left))
+
+    def summary(self, step: int, last_loss: float | None, evaluation: dict[str, Any] | None) -> str:
+        """Log (and return) the run's final line: steps, wall time, last training loss and evaluation."""
+        parts = [f"trained {step - self.start} steps (to step {step}) in {_clock(time.monotonic() - self._began)}"]
+        parts.append(f"last training loss {last_loss:.4f}" if last_loss is not None else "no training loss logged")
+        if evaluation:
+            parts.append("eval " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in evaluation.items()))
+        line = " · ".join(parts)
+        logger.info(line)
+        return line
 
     def close(self) -> None:
         """Stop drawing."""
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -175,7 +175,7 @@ def run_file(path: str | Path, *, resume: bool = False, check_only: bool = False
     for fit.
 
     Returns:
-        A summary: steps, best and final evaluation, output directory (or, with ``check_only``,
+        A summary: steps, best and final evaluation, last training loss, output directory (or, with ``check_only``,
         ``{"valid": True, "sites": {module: number of sites}}``).
 
     Raises:
@@ -192,7 +192,7 @@ def run_file(path: str | Path, *, resume: bool = False, check_only: bool = False
     trainer = build_run(cfg, Path(path).parent, resume=resume)
     result = trainer.fit()
     return {"step": result.step, "stopped_early": result.stopped_early, "best": result.best,
-            "metrics": result.metrics, "output_dir": str(result.output_dir)}
+            "metrics": result.metrics, "train_loss": result.train_loss, "output_dir": str(result.output_dir)}
 
 
 __all__ = ["TrainConfig", "load_config", "problems", "run_file"]

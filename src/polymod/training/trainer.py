@@ -65,6 +65,7 @@ class TrainResult:
         best: ``{"step", "value"}`` of the best evaluation of ``monitor`` (None without evaluation).
         history: every evaluation record, in order.
         output_dir: where logs, checkpoints and trained modules were written (None: nowhere).
+        train_loss: the mean training loss of the last logged window (None if this call logged none).
     """
 
     step: int
@@ -73,6 +74,7 @@ class TrainResult:
     best: dict[str, float] | None
     history: list[dict[str, Any]] = field(default_factory=list)
     output_dir: Path | None = None
+    train_loss: float | None = None
 
 
 @dataclass
@@ -81,6 +83,7 @@ class _Progress:
     best: float | None = None
     best_step: int | None = None
     bad_evals: int = 0
+    last_loss: float | None = None
     best_weights: dict[str, torch.Tensor] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     window: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "aux": 0.0, "micro": 0.0, "tokens": 0.0})
@@ -179,7 +182,9 @@ class Trainer:
                              metrics={k: v for k, v in (state.history[-1] if state.history else {}).items()
                                       if k not in ("kind", "step")},
                              best=None if state.best is None else {"step": state.best_step, "value": state.best},
-                             history=state.history, output_dir=self.output_dir)
+                             history=state.history, output_dir=self.output_dir, train_loss=state.last_loss)
+        if self.rank == 0:
+            bar.summary(state.step, state.last_loss, result.metrics)
         if self.output_dir is not None and self.rank == 0:
             write_outputs(self, result)
         return result
@@ -247,6 +252,7 @@ class Trainer:
         if aux:
             record["aux_loss"] = aux / max(micro, 1)
         log.write(record)
+        state.last_loss = record["loss"]
         bar.update(state.step, record["loss"], record["examples_per_s"], record["tokens_per_s"])
         state.window = {k: 0.0 for k in w}
         return now
