@@ -90,7 +90,10 @@ class ModuleSpec(Protocol):
     """A module kind's configuration: a frozen dataclass validated in ``__post_init__``."""
 
     kind: ClassVar[str]
-    sites: Any
+
+    @property
+    def sites(self) -> Any:
+        """The site selection (read-only: specs are frozen dataclasses)."""
 
     def check_site(self, site: Site) -> str | None:
         """Return why this kind cannot act at ``site``, or None when it can."""
