@@ -6,6 +6,7 @@ directories only (``local_files_only``): polymod never downloads a model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 import transformers as tf
 from transformers import AutoTokenizer
 
+from polymod import assets
 from polymod.compose import from_json
 from polymod.errors import ConfigError, PolymodError
 from polymod.format import check_fits, load, read_card
@@ -25,6 +27,25 @@ from polymod.training.data import causal_lm_labels, read_records
 from polymod.training.multitask import Task
 from polymod.training.trainer import Trainer, seed_everything
 
+# Pretrained models and real data shipped in PyPI packages (polymod[assets]) that a config may name instead of
+# paths, so a committed config runs as-is: ``host: {asset: minilm}``, ``data: {asset: rotten_tomatoes}``.
+HOST_ASSETS: dict[str, Callable[[], Path]] = {"minilm": assets.minilm_path}
+DATA_ASSETS: dict[str, Callable[..., tuple[assets.TextSplit, assets.TextSplit]]] = {
+    "rotten_tomatoes": assets.rotten_tomatoes, "imdb": assets.imdb}
+
+
+def host_path(host: dict[str, Any], base: Path) -> Path:
+    """The directory of a config's host: its ``path`` (relative to the config) or its bundled ``asset``."""
+    return HOST_ASSETS[host["asset"]]() if "asset" in host else base / host["path"]
+
+
+def asset_records(spec: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train and eval records ``{"text", "label"}`` of a bundled data set, split with ``split_seed``."""
+    train, test = DATA_ASSETS[spec["asset"]](train=spec.get("train_size", 2000), test=spec.get("eval_size", 500),
+                                             seed=spec.get("split_seed", 0))
+    return ([{"text": t, "label": y} for t, y in zip(train.texts, train.labels)],
+            [{"text": t, "label": y} for t, y in zip(test.texts, test.labels)])
+
 
 def load_host(host: dict[str, Any], base: Path) -> torch.nn.Module:
     """The host model of a config's ``host`` section, on its device."""
@@ -33,7 +54,7 @@ def load_host(host: dict[str, Any], base: Path) -> torch.nn.Module:
     cls = {"classification": tf.AutoModelForSequenceClassification, "causal-lm": tf.AutoModelForCausalLM,
            "seq2seq": tf.AutoModelForSeq2SeqLM}[task]
     kwargs = {"num_labels": host["num_labels"]} if task == "classification" and "num_labels" in host else {}
-    model = cls.from_pretrained(base / host["path"], local_files_only=True, **kwargs)
+    model = cls.from_pretrained(host_path(host, base), local_files_only=True, **kwargs)
     device = host.get("device", "auto")
     if device == "auto":
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
@@ -75,9 +96,9 @@ def check_sites(cfg: dict[str, Any], base: Path) -> tuple[list[str], dict[str, i
 class _Examples:
     """Turns JSON-lines records into model inputs for one host task, tokenizing text when needed."""
 
-    def __init__(self, task: str, spec: dict[str, Any], base: Path, host_path: str):
+    def __init__(self, task: str, spec: dict[str, Any], base: Path, host_dir: Path):
         self.task, self.spec = task, spec
-        self.tokenizer_path = base / spec.get("tokenizer", host_path)
+        self.tokenizer_path = base / spec["tokenizer"] if "tokenizer" in spec else host_dir
         self._tokenizer = None
 
     @property
@@ -123,6 +144,15 @@ class _Examples:
         path = base / file
         return [self.example(r, f"{path}:{i}") for i, r in enumerate(read_records(path), 1)]
 
+    def datasets(self, base: Path) -> tuple[list[dict[str, torch.Tensor]] | None, list[dict[str, torch.Tensor]] | None]:
+        """The train and eval sets: files, or a bundled data set's seeded split."""
+        if "asset" not in self.spec:
+            return self.dataset(self.spec.get("train"), base), self.dataset(self.spec.get("eval"), base)
+        train, dev = asset_records(self.spec)
+        where = f"asset {self.spec['asset']}"
+        return ([self.example(r, f"{where} train {i}") for i, r in enumerate(train)],
+                [self.example(r, f"{where} eval {i}") for i, r in enumerate(dev)])
+
 
 def build_run(cfg: dict[str, Any], base: Path, *, resume: bool = False) -> Trainer:
     """A :class:`~polymod.training.trainer.Trainer` for a validated config (joins ``torchrun``'s group first).
@@ -147,18 +177,17 @@ def build_run(cfg: dict[str, Any], base: Path, *, resume: bool = False) -> Train
     task = host_cfg.get("task", "classification")
     if "data" in cfg:
         model.use(from_json(cfg.get("use", cfg["train"][0])))
-        examples = _Examples(task, cfg["data"], base, host_cfg["path"])
-        data: Any = examples.dataset(cfg["data"].get("train"), base)
-        eval_data = examples.dataset(cfg["data"].get("eval"), base)
+        examples = _Examples(task, cfg["data"], base, host_path(host_cfg, base))
+        data, eval_data = examples.datasets(base)
     else:
         if "use" in cfg:
             model.use(from_json(cfg["use"]))
         data, eval_data = {}, None
         for name, spec in cfg["tasks"].items():
-            examples = _Examples(task, spec, base, host_cfg["path"])
+            examples = _Examples(task, spec, base, host_path(host_cfg, base))
             route = from_json(spec["route"]) if "route" in spec else None
-            data[name] = Task(train=examples.dataset(spec.get("train"), base),
-                              eval=examples.dataset(spec.get("eval"), base), route=route)
+            train, dev = examples.datasets(base)
+            data[name] = Task(train=train, eval=dev, route=route)
     return Trainer(model, cfg["train"], data, eval_data=eval_data, metrics=cfg.get("metrics", []),
                    config=config, output_dir=base / cfg["output_dir"],
                    temperature=cfg.get("temperature", 5.0), resume=resume)

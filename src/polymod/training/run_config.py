@@ -3,7 +3,7 @@
 ::
 
     host:
-      path: models/minilm            # a local transformers directory (no downloads)
+      path: models/minilm            # a local transformers directory (no downloads), or asset: minilm
       task: classification           # classification | causal-lm | seq2seq
       num_labels: 2                  # classification only
     modules:
@@ -11,7 +11,8 @@
       en: {load: modules/en}         # a saved module (pm.save / hub pull)
     use: {stack: [en, sentiment]}    # the active composition (default: the trained module)
     train: [sentiment]
-    data:                            # or `tasks:` — name → {train, eval, route} for multi-task runs
+    data:                            # or `tasks:` — name → {train, eval, route} for multi-task runs;
+                                     # or {asset: rotten_tomatoes | imdb, train_size, eval_size, split_seed}
       train: data/train.jsonl        # JSON lines: input_ids (+ labels), or text (+ label / target)
       eval: data/dev.jsonl
       max_length: 128
@@ -35,13 +36,14 @@ import yaml
 from polymod.compose import from_json, leaves
 from polymod.errors import ConfigError, PolymodError
 from polymod.modules.contract import spec_from_dict
-from polymod.training.build import build_run, check_sites
+from polymod.training.build import DATA_ASSETS, HOST_ASSETS, build_run, check_sites
 from polymod.training.config import TrainConfig, config_problems
 from polymod.training.evaluate import METRICS
 
 TASKS = ("classification", "causal-lm", "seq2seq")
 _TOP = {"host", "modules", "use", "train", "data", "tasks", "metrics", "training", "temperature", "output_dir"}
-_DATA = {"train", "eval", "max_length", "text_field", "label_field", "target_field", "tokenizer"}
+_DATA = {"train", "eval", "max_length", "text_field", "label_field", "target_field", "tokenizer", "asset",
+         "train_size", "eval_size", "split_seed"}
 
 
 def _path_problems(where: str, value: Any, base: Path, *, directory: bool = False) -> list[str]:
@@ -57,8 +59,15 @@ def _data_problems(where: str, spec: Any, base: Path) -> list[str]:
         return [f"{where} must be a mapping with 'train' (and 'eval') files, got {spec!r}"]
     out = [f"{where}: unknown key {k!r}; known: {', '.join(sorted(_DATA | {'route'}))}"
            for k in sorted(set(spec) - _DATA - {"route"})]
-    if "train" not in spec and "eval" not in spec:
-        out.append(f"{where} needs a 'train' or an 'eval' file")
+    if "asset" in spec:
+        if spec["asset"] not in DATA_ASSETS:
+            out.append(f"{where}.asset = {spec['asset']!r}; bundled data sets: {', '.join(DATA_ASSETS)}")
+        out += [f"{where}: give either 'asset' or '{k}' files, not both" for k in ("train", "eval") if k in spec]
+        for key in ("train_size", "eval_size", "split_seed"):
+            if key in spec and not (isinstance(spec[key], int) and spec[key] >= (0 if key == "split_seed" else 1)):
+                out.append(f"{where}.{key} must be a positive integer, got {spec[key]!r}")
+    elif "train" not in spec and "eval" not in spec:
+        out.append(f"{where} needs a 'train' or an 'eval' file (or a bundled 'asset')")
     for key in ("train", "eval"):
         if key in spec:
             out += _path_problems(f"{where}.{key}", spec[key], base)
@@ -74,9 +83,13 @@ def problems(cfg: Any, base: Path) -> list[str]:
         return [f"the config must be a YAML mapping, got {type(cfg).__name__}"]
     out = [f"unknown top-level key {k!r}; known: {', '.join(sorted(_TOP))}" for k in sorted(set(cfg) - _TOP)]
     host = cfg.get("host")
-    if not isinstance(host, dict) or "path" not in host:
-        out.append("host must be a mapping with a 'path' to a local transformers model directory")
+    if not isinstance(host, dict) or ("path" in host) == ("asset" in host):
+        out.append("host must be a mapping with a 'path' to a local transformers model directory "
+                   f"or an 'asset' (a bundled model: {', '.join(HOST_ASSETS)})")
         host = {}
+    elif "asset" in host:
+        if host["asset"] not in HOST_ASSETS:
+            out.append(f"host.asset = {host['asset']!r}; bundled models: {', '.join(HOST_ASSETS)}")
     else:
         out += _path_problems("host.path", host["path"], base, directory=True)
     if host.get("task", "classification") not in TASKS:
