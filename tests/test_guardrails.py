@@ -22,7 +22,9 @@ from tests.test_train_util import classification_data, one_thread  # noqa: F401
     ({"target_modules": ["query", "value"]}, "'target_modules': did you mean 'sites'"),
     ({"lora_alpha": 16}, "'lora_alpha': did you mean 'alpha'"),
     ({"lora_dropout": 0.1}, "'lora_dropout': did you mean 'dropout'"),
-    ({"modules_to_save": ["classifier"]}, "'modules_to_save': polymod trains a copy of a host layer"),
+    ({"modules_to_save": ["classifier"]},
+     r"'modules_to_save': a trainable copy of a host layer \(a task head\) is a module of its own in polymod: "
+     r"model.add\('head', pm.Head\(sites='classifier'\)\)"),
     ({"rnak": 4}, "'rnak': did you mean 'rank'"),
 ])
 def test_peft_keywords_say_the_polymod_name(kwargs, hint):

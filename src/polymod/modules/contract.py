@@ -212,8 +212,8 @@ FOREIGN_NAMES = {
 }
 # Foreign settings that are not a field of any spec, with what to do instead.
 FOREIGN_ADVICE = {
-    "modules_to_save": "polymod trains a copy of a host layer (a task head) as a module of its own kind, "
-                       "attached with model.add(...) next to this one (see `polymod kinds`)",
+    "modules_to_save": "a trainable copy of a host layer (a task head) is a module of its own in polymod: "
+                       "model.add('head', pm.Head(sites='classifier')) next to this one",
     "task_type": "polymod reads the task from the host itself; drop it",
     "bias": "polymod modules leave the host's biases frozen; drop it",
     "fan_in_fan_out": "polymod detects transposed (Conv1D) layers itself; drop it",
