@@ -94,3 +94,24 @@ def test_heads_need_the_host_and_write_peft_takes_only_a_head(tmp_path):
     model.add("lora", pm.LoRA(rank=2))
     with pytest.raises(pm.ConfigError, match="head= takes a head module"):
         pm.write_peft(model["lora"], tmp_path / "out", head=model["lora"])
+
+
+@pytest.mark.parametrize("cls", ["PromptTuningConfig"])  # PEFT's prefix tuning needs a cache BERT does not offer
+def test_prompt_learning_with_a_trained_classifier_reads_its_head(tmp_path, cls):
+    host = make_host("bert")
+    theirs = peft.get_peft_model(copy.deepcopy(host), getattr(peft, cls)(task_type="SEQ_CLS", num_virtual_tokens=3))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:  # the prompt and PEFT's trainable copy of the classifier
+                p.add_(torch.randn_like(p) * 0.3)
+    theirs.eval().save_pretrained(tmp_path / "peft")
+    with pytest.raises(pm.FormatError, match=r"modules_to_save.*pm\.read_peft_modules"):
+        pm.load(tmp_path / "peft", host=host)
+    modules = pm.read_peft_modules(tmp_path / "peft", host=host)
+    assert sorted(modules) == ["head", "prefix" if cls.startswith("Prefix") else "prompt"]
+    model = pm.Modular(host)
+    for name, module in modules.items():
+        model.add(name, module)
+    model.use(pm.Stack(*modules))
+    batch = make_batch("bert")
+    torch.testing.assert_close(logits(host, batch), logits(theirs, batch), rtol=0, atol=1e-5)

@@ -94,16 +94,25 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return config, tensors
 
 
-def _head_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+def _head_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any],
+                  host: nn.Module | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Pop the ``modules_to_save`` copies out of ``tensors``: layer name -> {"weight": ..., "bias": ...}.
 
-    PEFT saves each copy under the layer's own name (``base_model.model.classifier.weight``);
-    ``modules_to_save`` lists names that match a layer or one of its parents by suffix.
+    PEFT saves each copy under the layer's own name (``base_model.model.classifier.weight``; prompt
+    learning: ``base_model.classifier.weight``); ``modules_to_save`` lists names that match a layer or
+    one of its parents by suffix. For prompt learning (PEFT saves the SEQ_CLS head whether trained or
+    not) only copies that differ from ``host``'s own layers are taken; the others stay for the reader.
     """
     names = [n for n in (config.get("modules_to_save") or []) if n]
+    prompt = config["peft_type"] in ("PROMPT_TUNING", "PREFIX_TUNING")
+    own = dict(host.named_parameters()) if host is not None else {}
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key in list(tensors):
-        name, _, leaf = key.removeprefix(PREFIX).rpartition(".")
+        plain = key.replace(".modules_to_save.default", "")
+        plain = plain.removeprefix(PREFIX) if plain.startswith(PREFIX) else plain.removeprefix("base_model.")
+        name, _, leaf = plain.rpartition(".")
+        if prompt and (host is None or torch.equal(own.get(plain, torch.empty(0)).detach().cpu(), tensors[key])):
+            continue
         if leaf not in ("weight", "bias") or ".lora_" in f".{name}" or name.endswith(".base_layer"):
             continue
         parts = name.split(".")
@@ -273,7 +282,7 @@ def read_peft_modules(path: str | os.PathLike, host: nn.Module | None = None) ->
     """
     path = Path(path)
     config, tensors = _read(path)
-    copies = {} if config["peft_type"] in ("PROMPT_TUNING", "PREFIX_TUNING") else _head_tensors(tensors, config)
+    copies = _head_tensors(tensors, config, host)
     if config["peft_type"] in ("PROMPT_TUNING", "PREFIX_TUNING"):
         adapter = read_prompt_learning(config, tensors, host, _card)
     else:

@@ -112,8 +112,9 @@ _PROMPT_SHARED: dict[str, Option] = {
     "num_transformer_submodules": exact(
         None, "1 (the encoder or decoder-only stack)", accepts=_submodules,
         refusal="2 also prompts the decoder of an encoder-decoder host, which polymod's prompt and prefix do not"),
-    "modules_to_save": exact(None, "PEFT saves these copies (the SEQ_CLS head); they must equal the host's own "
-                                   "layers (checked), a trained copy is refused"),
+    "modules_to_save": exact(None, "PEFT saves these copies (the SEQ_CLS head): copies equal to the host's own "
+                                   "layers are skipped, trained copies become a head module (pm.read_peft_modules; "
+                                   "pm.load, which returns one module, says so)"),
 }
 
 PROMPT_TUNING: dict[str, Option] = {
