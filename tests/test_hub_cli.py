@@ -142,3 +142,35 @@ def test_check_with_a_corrupt_blob_exits_1(env, capsys, monkeypatch):
     code, out, _ = _main(capsys, monkeypatch, "hub", "check", "--store", str(store.root))
     assert code == 1 and f"alice/m@1.0.0:weights.safetensors: blob {info.sha256} corrupt" in out
     assert "1 problem(s)" in out
+
+
+def test_terminal_escapes_from_a_hub_are_shown_not_obeyed(env, capsys, monkeypatch):
+    from polymod.hub.commands import terminal_safe
+
+    assert terminal_safe("ok\x1b]0;pwned\x07\x1b[2J\rX\x9b") == "ok\\x1b]0;pwned\\x07\\x1b[2J\\x0dX\\x9b"
+    store = str(env / "store")
+    info = hub.push(make_package(env / "pkg"), "alice/m@1.0.0", hub=store)
+    hostile = hub.VersionInfo(**{**info.to_dict(), "card": {**info.card, "description": "fine \x1b[31mred\x1b[0m"},
+                                 "yank_reason": "\x1b]0;pwned\x07", "yanked": True})
+    monkeypatch.setattr(hub, "show", lambda ref, hub=None: hostile)  # what a hostile hub could answer
+    code, out, err = _main(capsys, monkeypatch, "hub", "show", "alice/m", "--hub", store)
+    assert code == 0 and "\x1b" not in out + err and "\\x1b[31mred" in out and "\\x1b]0;pwned\\x07" in out
+
+
+def test_gc_and_admin_revoke_by_user(env, capsys, monkeypatch):
+    store = hub.Store(env / "store")
+    hub.push(make_package(env / "pkg"), "alice/m@1.0.0", hub=store)
+    orphan, _ = store.write_blob([b"left over by an abandoned push"])
+    code, out, _ = _main(capsys, monkeypatch, "hub", "gc", "--store", str(store.root), "--older-than-hours", "0")
+    assert code == 0 and "removed 1 unreferenced blob(s)" in out
+    assert not store.has_blob(orphan) and store.verify_blob(store.get("alice", "m").sha256)
+    from polymod.hub.auth import authenticate, create_token
+
+    tokens = [create_token(store, "bob") for _ in range(2)]
+    code, out, _ = _main(capsys, monkeypatch, "hub", "user", "revoke", "--user", "bob", "--store", str(store.root))
+    assert code == 0 and "revoked 2 token(s) of bob" in out
+    for t in tokens:
+        with pytest.raises(hub.AuthError, match="not valid"):
+            authenticate(store, t)
+    assert _main(capsys, monkeypatch, "hub", "user", "revoke", "--user", "nobody", "--store", str(store.root))[0] == 1
+    assert _main(capsys, monkeypatch, "hub", "user", "revoke", "--store", str(store.root))[0] == 2

@@ -19,6 +19,7 @@ from rich.markup import escape
 import polymod
 from polymod.errors import ConfigError, PolymodError
 from polymod.hub.commands import app as _hub_app
+from polymod.hub.commands import terminal_safe
 from polymod.merging.recipe import merge_command
 from polymod.serving.engine import ServeOptions, load_engine
 from polymod.serving.server import serve as run_server
@@ -134,7 +135,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except PolymodError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(terminal_safe(str(exc)))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")
@@ -146,7 +147,7 @@ def main() -> None:
                       soft_wrap=True)
         sys.exit(exc.exit_code)
     except OSError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(terminal_safe(str(exc)))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
 

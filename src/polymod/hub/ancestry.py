@@ -2,9 +2,17 @@
 
 A card's ``lineage.parents`` name each parent by ``name`` (a hub reference
 ``owner/name``, or a plain name meaning the child's own namespace), ``version``
-and ``sha256`` (the parent's content hash). A parent is resolved by its
-sha256 first — content, not names, is the identity — then by name and
-version. Parents not in this hub stay in the graph as external nodes.
+and ``sha256`` (the parent's content hash). Parents are what the publisher
+declares, verified by the hub: a declared ``name@version`` that exists here is
+that version, and its content hash must match the declared one (checked on
+publish, :func:`~polymod.hub.store.check_parents`). Only a parent whose declared name is not here
+(renamed, or published elsewhere) is found by its content hash, and only when
+one module holds that hash: a copy of someone's weights published first cannot
+capture later modules' lineage. Parents not found stay as external nodes.
+
+Anyone may declare any module a parent, so descendants are bounded: at most
+:data:`MAX_CHILDREN` per version per page (``offset`` pages through the
+centre's direct descendants), and the graph says how many there are.
 """
 
 from __future__ import annotations
@@ -13,9 +21,10 @@ import json
 from typing import Any
 
 from polymod.hub import names
-from polymod.hub.store import Store
+from polymod.hub.store import Store, declared_parent
 
 MAX_NODES = 500
+MAX_CHILDREN = 12
 
 
 def _node_id(row) -> str:
@@ -29,38 +38,49 @@ def _node(row, role: str) -> dict[str, Any]:
 
 
 def _resolve_parent(conn, child, p) -> Any:
-    if p["sha256"]:
-        row = conn.execute("SELECT * FROM versions WHERE sha256=? ORDER BY created LIMIT 1", (p["sha256"],)).fetchone()
-        if row is not None:
-            return row
-    owner, _, name = p["name"].rpartition("/")
-    owner = owner or child["owner"]
-    if p["version"]:
-        return conn.execute("SELECT * FROM versions WHERE owner=? AND name=? AND version=?",
-                            (owner, name, p["version"])).fetchone()
-    return None
+    row = declared_parent(conn, child["owner"], p["name"], p["version"])
+    if row is not None or not p["sha256"]:
+        return row
+    rows = conn.execute("SELECT * FROM versions WHERE sha256=? ORDER BY created LIMIT 50", (p["sha256"],)).fetchall()
+    modules = {(r["owner"], r["name"]) for r in rows}
+    return rows[0] if len(modules) == 1 else None  # several modules hold this content: ambiguous, not guessed
 
 
-def _children(conn, row) -> list:
-    """Versions naming ``row`` as a parent, by content hash or by name and version."""
-    sql = ("SELECT DISTINCT v.* FROM parents p JOIN versions v ON v.id = p.child_id WHERE p.sha256 = ? "
-           "OR (p.version = ? AND (p.name = ? OR (p.name = ? AND v.owner = ?)))")
-    return list(conn.execute(sql, (row["sha256"], row["version"], f"{row['owner']}/{row['name']}",
-                                   row["name"], row["owner"])))
+_CHILDREN = ("FROM parents p JOIN versions v ON v.id = p.child_id WHERE p.sha256 = ? "
+             "OR (p.version = ? AND (p.name = ? OR (p.name = ? AND v.owner = ?)))")
 
 
-def lineage(store: Store, owner: str, name: str, version: str = names.LATEST, depth: int = 8) -> dict[str, Any]:
+def _children(conn, row, offset: int = 0) -> tuple[list, int]:
+    """A page of the versions naming ``row`` as a parent (oldest first) and how many there are in all.
+
+    Candidates are re-checked with :func:`_resolve_parent`, so a child counts only if its parent really is ``row``.
+    """
+    args = (row["sha256"], row["version"], f"{row['owner']}/{row['name']}", row["name"], row["owner"])
+    found, total = [], 0
+    for cand in conn.execute(f"SELECT DISTINCT v.* {_CHILDREN} ORDER BY v.created, v.id LIMIT 5000", args):
+        parents = conn.execute("SELECT * FROM parents WHERE child_id=?", (cand["id"],)).fetchall()
+        if any((r := _resolve_parent(conn, cand, p)) is not None and r["id"] == row["id"] for p in parents):
+            if offset <= total < offset + MAX_CHILDREN:
+                found.append(cand)
+            total += 1
+    return found, total
+
+
+def lineage(store: Store, owner: str, name: str, version: str = names.LATEST, depth: int = 8,
+            offset: int = 0) -> dict[str, Any]:
     """The lineage graph around ``owner/name@version``.
 
     Args:
         store: the store.
         owner, name, version: the version at the centre (``latest`` allowed).
         depth: how many generations to follow up (ancestors) and down (descendants).
+        offset: the first of the centre's direct descendants to show (pages of :data:`MAX_CHILDREN`).
 
     Returns:
-        ``{"root": id, "nodes": [...], "edges": [{"parent", "child", "weight", "recipe"}]}``
-        with node ids ``owner/name@version`` (``name@version`` or a sha256 prefix for
-        parents outside the hub) and node ``role`` ``self``, ``ancestor`` or ``descendant``.
+        ``{"root": id, "nodes": [...], "edges": [{"parent", "child", "weight", "recipe"}],
+        "children": {"total", "offset", "limit"}}`` with node ids ``owner/name@version``
+        (``name@version`` or a sha256 prefix for parents outside the hub), node ``role``
+        ``self``, ``ancestor`` or ``descendant``, and ``more`` on a node with unshown descendants.
 
     Raises:
         NotFoundError: no such version.
@@ -91,11 +111,16 @@ def lineage(store: Store, owner: str, name: str, version: str = names.LATEST, de
                                                "sha256": p["sha256"], "role": "ancestor", "in_hub": False})
                     edges.append({"parent": pid, "child": _node_id(child), "weight": p["weight"], "recipe": recipe})
             frontier = nxt
-        frontier = [start]
-        for _ in range(depth):  # descendants
+        frontier, children = [start], {"total": 0, "offset": offset, "limit": MAX_CHILDREN}
+        for level in range(depth):  # descendants, a bounded page per version
             nxt = []
             for parent in frontier:
-                for row in _children(conn, parent):
+                page, total = _children(conn, parent, offset if level == 0 else 0)
+                if level == 0:
+                    children["total"] = total
+                if total > len(page):
+                    nodes[_node_id(parent)]["more"] = total - len(page)
+                for row in page:
                     cid = _node_id(row)
                     if cid not in nodes and len(nodes) < MAX_NODES:
                         nodes[cid] = _node(row, "descendant")
@@ -105,6 +130,6 @@ def lineage(store: Store, owner: str, name: str, version: str = names.LATEST, de
                     if not any(e["parent"] == edge["parent"] and e["child"] == cid for e in edges):
                         edges.append(edge)
             frontier = nxt
-        return {"root": _node_id(start), "nodes": list(nodes.values()), "edges": edges}
+        return {"root": _node_id(start), "nodes": list(nodes.values()), "edges": edges, "children": children}
     finally:
         conn.close()

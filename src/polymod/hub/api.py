@@ -116,9 +116,14 @@ def search(query: str = "", *, hub: HubLike = None, limit: int = 20, offset: int
                                architecture=architecture, task=task, language=language, tag=tag)
 
 
-def lineage(ref: str, *, hub: HubLike = None, depth: int = 8) -> dict[str, Any]:
-    """The lineage graph of ``ref``: ancestors and descendants up to ``depth`` generations."""
-    return connect(hub).lineage(ref, depth)
+def lineage(ref: str, *, hub: HubLike = None, depth: int = 8, offset: int = 0) -> dict[str, Any]:
+    """The lineage graph of ``ref``: ancestors and descendants up to ``depth`` generations.
+
+    Parents are the ones each card declares, verified by the hub; descendants come in pages of
+    ``polymod.hub.ancestry.MAX_CHILDREN`` per version (``offset`` pages through ``ref``'s own), and
+    ``graph["children"]`` gives their total.
+    """
+    return connect(hub).lineage(ref, depth, offset)
 
 
 def yank(ref: str, reason: str = "", *, hub: HubLike = None, token: str | None = None,

@@ -91,6 +91,26 @@ def revoke_token(store: Store, token: str) -> bool:
         conn.close()
 
 
+def revoke_user_tokens(store: Store, user: str) -> int:
+    """Revoke every live token of ``user`` (an admin's way to cut off a token they do not hold).
+
+    Returns:
+        How many tokens were revoked.
+
+    Raises:
+        NotFoundError: no such user.
+    """
+    conn = store.connect()
+    try:
+        with db.transaction(conn):
+            if conn.execute("SELECT 1 FROM users WHERE name=?", (user,)).fetchone() is None:
+                raise NotFoundError(f"no user {user!r}; `polymod hub user add` creates users")
+            cur = conn.execute("UPDATE tokens SET revoked=1 WHERE user=? AND revoked=0", (user,))
+        return cur.rowcount
+    finally:
+        conn.close()
+
+
 def authenticate(store: Store, token: str | None) -> str:
     """The user a token belongs to.
 

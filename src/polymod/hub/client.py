@@ -79,11 +79,11 @@ class LocalHub:
 
         return search(self.store, query, limit=limit, offset=offset, owner=owner, **facets)
 
-    def lineage(self, ref: str, depth: int = 8) -> dict[str, Any]:
-        """The lineage graph (ancestors and descendants) of ``ref``."""
+    def lineage(self, ref: str, depth: int = 8, offset: int = 0) -> dict[str, Any]:
+        """The lineage graph (ancestors and a page of descendants from ``offset``) of ``ref``."""
 
         r = names.Ref.parse(ref)
-        return lineage(self.store, r.owner, r.name, r.version, depth)
+        return lineage(self.store, r.owner, r.name, r.version, depth, offset)
 
     def yank(self, ref: str, reason: str = "", undo: bool = False) -> VersionInfo:
         """Yank ``ref`` (an exact version) or, with ``undo``, restore it."""

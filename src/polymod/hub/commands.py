@@ -9,13 +9,14 @@ stdout (``--json`` for machine-readable output).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from polymod import hub as pmhub
-from polymod.hub.auth import create_token, grant, revoke_token
+from polymod.hub.auth import create_token, grant, revoke_token, revoke_user_tokens
 from polymod.hub.server import serve as run
 
 app = typer.Typer(help="Publish, find, version and pull modules: a local store or a hub server.",
@@ -36,8 +37,25 @@ TokenOpt = Annotated[str | None, typer.Option("--token", help="token for a remot
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with control characters (ANSI escapes, carriage returns, ...) shown as ``\\xNN``, never obeyed.
+
+    What a hub sends (names, descriptions, error details) is printed through this: a hostile hub cannot
+    move the cursor, recolour, retitle or rewrite the user's terminal.
+    """
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def out(text: object) -> None:
+    """Print one line of output to stdout, made :func:`terminal_safe`."""
+    print(terminal_safe(str(text)))
+
+
 def _dump(data: object) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))  # JSON escapes control characters itself
 
 
 @app.command()
@@ -47,7 +65,7 @@ def serve(store: StoreOpt = None,
           max_upload_mb: Annotated[int, typer.Option(help="largest file accepted, in MiB")] = 2048) -> None:
     """Run the hub server (API under /api/v1, web pages under /, schema at /docs)."""
 
-    print(f"polymod hub on http://{host}:{port} (store {store or pmhub.Store().root})")
+    out(f"polymod hub on http://{host}:{port} (store {store or pmhub.Store().root})")
     run(store if store is not None else pmhub.Store(), host=host, port=port, max_upload_bytes=max_upload_mb << 20)
 
 
@@ -56,7 +74,7 @@ def login(url: Annotated[str, typer.Argument(help="the hub's URL, e.g. http://12
           token: Annotated[str, typer.Option("--token", help="your token (from the hub's admin)", prompt=True,
                                              hide_input=True)]) -> None:
     """Check a token against a hub and save it for later commands."""
-    print(f"logged in to {url} as {pmhub.login(url, token)}")
+    out(f"logged in to {url} as {pmhub.login(url, token)}")
 
 
 @app.command()
@@ -66,7 +84,7 @@ def push(path: Annotated[Path, typer.Argument(help="package directory written by
          hub: HubOpt = None, token: TokenOpt = None) -> None:
     """Publish a module package."""
     info = pmhub.push(path, ref, version, hub=hub, token=token, progress=True)
-    print(f"published {info.ref} sha256:{info.sha256}")
+    out(f"published {info.ref} sha256:{info.sha256}")
 
 
 @app.command()
@@ -77,7 +95,7 @@ def pull(ref: Annotated[str, typer.Argument(help="owner/name[@version] (default 
                                              "pull (only the package's own files are replaced)")] = False,
          hub: HubOpt = None, token: TokenOpt = None) -> None:
     """Download a package, verifying every file's sha256; prints its directory. Never deletes your files."""
-    print(pmhub.pull(ref, dest, hub=hub, token=token, progress=True, force=force))
+    out(pmhub.pull(ref, dest, hub=hub, token=token, progress=True, force=force))
 
 
 @app.command()
@@ -95,9 +113,9 @@ def search(query: Annotated[str, typer.Argument(help="free text")] = "",
                           task=task, language=language, tag=tag)
     if as_json:
         return _dump(result.to_dict())
-    print(f"{result.total} module(s)")
+    out(f"{result.total} module(s)")
     for h in result.hits:
-        print(f"{h['owner']}/{h['name']}@{h['version']}  {h['kind']}  {h['task'] or ''}  {h['description'] or ''}")
+        out(f"{h['owner']}/{h['name']}@{h['version']}  {h['kind']}  {h['task'] or ''}  {h['description'] or ''}")
 
 
 @app.command()
@@ -108,24 +126,24 @@ def show(ref: Annotated[str, typer.Argument(help="owner/name[@version]")], hub: 
     if as_json:
         return _dump(info.to_dict())
     card = info.card
-    print(f"{info.ref}{'  [yanked: ' + (info.yank_reason or '') + ']' if info.yanked else ''}")
-    print(f"kind {info.kind} · host {card.get('host', {}).get('architecture')} · {len(card.get('sites', []))} sites")
+    out(f"{info.ref}{'  [yanked: ' + (info.yank_reason or '') + ']' if info.yanked else ''}")
+    out(f"kind {info.kind} · host {card.get('host', {}).get('architecture')} · {len(card.get('sites', []))} sites")
     for key in ("task", "language", "license", "description"):
         if card.get(key):
-            print(f"{key}: {card[key]}")
+            out(f"{key}: {card[key]}")
     if card.get("tags"):
-        print("tags: " + ", ".join(card["tags"]))
+        out("tags: " + ", ".join(card["tags"]))
     for key, value in card.get("metrics", {}).items():
-        print(f"metric {key}: {value}")
+        out(f"metric {key}: {value}")
     for path, meta in info.files.items():
-        print(f"file {path}  {meta['size']:,} bytes  sha256:{meta['sha256']}")
+        out(f"file {path}  {meta['size']:,} bytes  sha256:{meta['sha256']}")
 
 
 @app.command()
 def versions(ref: Annotated[str, typer.Argument(help="owner/name")], hub: HubOpt = None) -> None:
     """List a module's versions, newest first."""
     for v in pmhub.versions(ref, hub=hub):
-        print(f"{v.version}{'  yanked' if v.yanked else ''}")
+        out(f"{v.version}{'  yanked' if v.yanked else ''}")
 
 
 @app.command()
@@ -137,10 +155,10 @@ def lineage(ref: Annotated[str, typer.Argument(help="owner/name[@version]")],
     if as_json:
         return _dump(graph)
     for n in graph["nodes"]:
-        print(f"{n['role']:<10} {n['id']}{'' if n.get('in_hub', True) else '  (not in this hub)'}")
+        out(f"{n['role']:<10} {n['id']}{'' if n.get('in_hub', True) else '  (not in this hub)'}")
     for e in graph["edges"]:
         weight = f"  weight {e['weight']}" if e.get("weight") is not None else ""
-        print(f"edge {e['parent']} -> {e['child']}{weight}")
+        out(f"edge {e['parent']} -> {e['child']}{weight}")
 
 
 @app.command()
@@ -150,7 +168,7 @@ def yank(ref: Annotated[str, typer.Argument(help="owner/name@version")],
          hub: HubOpt = None, token: TokenOpt = None) -> None:
     """Yank a version (hidden from latest and search; still pullable by exact version)."""
     info = pmhub.yank(ref, reason, hub=hub, token=token, undo=undo)
-    print(f"{info.ref} {'yanked' if info.yanked else 'restored'}")
+    out(f"{info.ref} {'yanked' if info.yanked else 'restored'}")
 
 
 @app.command()
@@ -158,10 +176,20 @@ def check(store: StoreOpt = None) -> None:
     """Verify a store: every blob present and matching its sha256; exits 1 on problems."""
     problems = pmhub.Store(store).check()
     for p in problems:
-        print(p)
-    print("store is consistent" if not problems else f"{len(problems)} problem(s)")
+        out(p)
+    out("store is consistent" if not problems else f"{len(problems)} problem(s)")
     if problems:
         raise typer.Exit(1)
+
+
+@app.command()
+def gc(store: StoreOpt = None,
+       older_than_hours: Annotated[float, typer.Option(help="keep unreferenced blobs younger than this "
+                                                       "(uploads of pushes in progress)")] = 1.0) -> None:
+    """Remove blobs no version refers to (and stale unfinished uploads); prints how many."""
+    s = pmhub.Store(store)
+    blobs, uploads = s.gc(older_than_hours * 3600), s.sweep_tmp(older_than_hours * 3600)
+    out(f"removed {blobs} unreferenced blob(s) and {uploads} unfinished upload(s)")
 
 
 @user_app.command("add")
@@ -171,7 +199,7 @@ def user_add(name: Annotated[str, typer.Argument(help="user name (also their nam
     """Create a user (if needed) and print a new token for them (shown once)."""
 
     expires = expires_days * 86400 if expires_days is not None else None
-    print(create_token(pmhub.Store(store), name, expires_in=expires, label=label))
+    out(create_token(pmhub.Store(store), name, expires_in=expires, label=label))
 
 
 @user_app.command("grant")
@@ -180,13 +208,22 @@ def user_grant(namespace: Annotated[str, typer.Argument(help="namespace, e.g. an
     """Let a user publish in another namespace."""
 
     grant(pmhub.Store(store), namespace, name)
-    print(f"{name} may publish in {namespace}")
+    out(f"{name} may publish in {namespace}")
 
 
 @user_app.command("revoke")
-def user_revoke(token: Annotated[str, typer.Argument(help="the token to revoke")], store: StoreOpt = None) -> None:
-    """Revoke a token; exits 1 when the store has no such token."""
+def user_revoke(token: Annotated[str | None, typer.Argument(help="the token to revoke")] = None,
+                user: Annotated[str | None, typer.Option("--user", help="revoke every token of this user "
+                                                         "(when you do not hold the token)")] = None,
+                store: StoreOpt = None) -> None:
+    """Revoke a token, or all of a user's tokens; exits 1 when there is no such token or user."""
+    if (token is None) == (user is None):
+        out("give either a TOKEN or --user NAME")
+        raise typer.Exit(2)
+    if user is not None:
+        out(f"revoked {revoke_user_tokens(pmhub.Store(store), user)} token(s) of {user}")
+        return
     if not revoke_token(pmhub.Store(store), token):
-        print("no such token")
+        out("no such token")
         raise typer.Exit(1)
-    print("revoked")
+    out("revoked")

@@ -238,11 +238,11 @@ class RemoteHub:
         params = {k: v for k, v in params.items() if v not in (None, "")}
         return SearchResult.from_dict(self._request("GET", "/search", params=params).json())
 
-    def lineage(self, ref: str, depth: int = 8) -> dict[str, Any]:
+    def lineage(self, ref: str, depth: int = 8, offset: int = 0) -> dict[str, Any]:
         """The lineage graph of ``ref``."""
         r = names.Ref.parse(ref)
         return self._request("GET", f"/modules/{r.owner}/{r.name}/versions/{r.version}/lineage",
-                             params={"depth": depth}).json()
+                             params={"depth": depth, "offset": offset}).json()
 
     def yank(self, ref: str, reason: str = "", undo: bool = False) -> VersionInfo:
         """Yank ``ref`` (or restore it with ``undo``); needs the owner's token."""

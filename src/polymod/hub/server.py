@@ -90,6 +90,7 @@ class LineageOut(BaseModel):
     root: str
     nodes: list[dict[str, Any]]
     edges: list[dict[str, Any]]
+    children: dict[str, int] = Field(description="the centre's direct descendants: total, offset and page limit")
 
 
 def create_app(store: Store | str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, web: bool = True,
@@ -182,8 +183,9 @@ def create_app(store: Store | str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, w
         return store.get(owner, name, version).to_dict()
 
     @app.get("/api/v1/modules/{owner}/{name}/versions/{version}/lineage", response_model=LineageOut)
-    def graph(owner: Owner, name: Name, version: Version, depth: Annotated[int, Query(ge=1, le=32)] = 8) -> Any:
-        return lineage(store, owner, name, version, depth)
+    def graph(owner: Owner, name: Name, version: Version, depth: Annotated[int, Query(ge=1, le=32)] = 8,
+              offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0) -> Any:
+        return lineage(store, owner, name, version, depth, offset)
 
     @app.post("/api/v1/modules/{owner}/{name}/versions/{version}/yank", response_model=VersionOut)
     def yank(owner: Owner, name: Name, version: Version, body: YankRequest,

@@ -56,6 +56,28 @@ def home() -> Path:
     return Path(os.environ.get("POLYMOD_HOME") or Path.home() / ".cache" / "polymod")
 
 
+def declared_parent(conn, child_owner: str, name: str, version: str | None) -> Any:
+    """The version of this hub a lineage parent declares (``owner/name`` or a bare name in the child's namespace)."""
+    owner, _, bare = name.rpartition("/")
+    if not version:
+        return None
+    return conn.execute("SELECT * FROM versions WHERE owner=? AND name=? AND version=?",
+                        (owner or child_owner, bare, version)).fetchone()
+
+
+def check_parents(conn, owner: str, parents: list) -> None:
+    """Verify a card's declared parents on publish: a declared ``name@version`` here must have the declared hash.
+
+    Raises:
+        FormatError: a parent names a version of this hub whose content hash differs from the declared one.
+    """
+    for p in parents:
+        row = declared_parent(conn, owner, p.name, p.version)
+        if row is not None and p.sha256 and row["sha256"] != p.sha256:
+            raise FormatError(f"lineage parent {p.name}@{p.version} has content hash {row['sha256']} in this hub, "
+                              f"but the card declares {p.sha256}: fix the parent's name, version or sha256")
+
+
 @dataclass
 class VersionInfo:
     """One published version: its card, files and state."""
@@ -336,6 +358,7 @@ class Store:
                         raise ConflictError(f"{owner}/{name}@{version} already exists with different content; "
                                             "published versions are immutable: bump the version")
                 else:
+                    check_parents(conn, owner, card.lineage.parents)
                     self._insert(conn, owner, name, sv, card, files, sizes, content, uploader)
             return self.get(owner, name, version, conn=conn)
         finally:

@@ -77,6 +77,12 @@ _MODULE = """{% extends "base" %}{% block title %}{{ v.owner }}/{{ v.name }}{% e
 <tr><td><a href="/api/v1/blobs/{{ f.sha256 }}">{{ path }}</a></td><td>{{ "{:,}".format(f.size) }}</td>
 <td><code>{{ f.sha256 }}</code></td></tr>{% endfor %}</table>
 <h2>Lineage</h2><div id="lineage">{{ svg|safe }}</div>
+{% if children.total > children.limit %}<p class="pages">descendants {{ children.offset + 1 }}–{{
+ [children.offset + children.limit, children.total]|min }} of {{ children.total }}
+{% if children.offset > 0 %}<a href="?descendants={{ [children.offset - children.limit, 0]|max
+ }}">previous</a>{% endif %}
+{% if children.offset + children.limit < children.total %}<a href="?descendants={{ children.offset + children.limit
+ }}">next</a>{% endif %}</p>{% endif %}
 <h2>Versions</h2><ul id="versions">{% for o in versions %}<li><a href="/m/{{ o.owner }}/{{ o.name }}/{{ o.version }}">
 {{ o.version }}</a>{% if o.yanked %} <span class="yanked">yanked</span>{% endif %}</li>{% endfor %}</ul>
 <h2>Raw card</h2><pre>{{ raw }}</pre>{% endblock %}"""
@@ -120,14 +126,15 @@ def add_routes(app: FastAPI, store: Store, api_error: Callable[[Request, HubErro
 
     @app.get("/m/{owner}/{name}", response_class=HTMLResponse, include_in_schema=False)
     @app.get("/m/{owner}/{name}/{version}", response_class=HTMLResponse, include_in_schema=False)
-    def module_page(owner: str, name: str, version: str = "latest") -> HTMLResponse:
+    def module_page(owner: str, name: str, version: str = "latest", descendants: int = 0) -> HTMLResponse:
         info = store.get(owner, name, version)
         card = info.card
         lin = card.get("lineage", {})
         recipe = Lineage([Parent(**p) for p in lin.get("parents", [])], lin.get("recipe", {})).describe()
-        svg = lineage_svg(lineage(store, owner, name, info.version))
+        graph = lineage(store, owner, name, info.version, depth=4, offset=max(0, min(descendants, 1_000_000)))
         return _page("module", v=info, card=card, recipe=recipe if lin.get("parents") or lin.get("recipe") else "",
-                     svg=svg, versions=store.versions(owner, name), raw=json.dumps(card, indent=2, sort_keys=True))
+                     svg=lineage_svg(graph), children=graph["children"], versions=store.versions(owner, name),
+                     raw=json.dumps(card, indent=2, sort_keys=True))
 
     @app.get("/u/{owner}", response_class=HTMLResponse, include_in_schema=False)
     def owner_page(owner: str) -> HTMLResponse:
