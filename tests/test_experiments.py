@@ -89,3 +89,10 @@ def test_e7_modules_stay_near_the_multitask_host_on_training_tasks(tmp_path):
     r = run("e7_multitask_vs_modular", tmp_path)
     assert r["train_mod"] > r["train_mt"] - 0.1
     assert r["held_mod"] > 0.5 and r["held_mt"] > 0.5
+
+
+def test_e8_library_routing_smoke(tmp_path):
+    r = run("e8_library", tmp_path)
+    assert all(0.0 <= r[c] <= 1.0 for c in ("host", "uniform Mix", "uniform merge", "Arrow", "retrieval"))
+    assert r["retrieval"] > r["host"]  # quick run: 0.660 vs 0.600 (retrieval picks the sentiment module)
+    assert r["own module"] >= r["host"]  # quick run: 0.630 vs 0.600
