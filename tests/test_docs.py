@@ -163,3 +163,16 @@ def test_concepts_diagram_is_drawn_by_its_source():
     assert (DOCS / "assets" / "concepts.svg").read_text(encoding="utf-8") == drawn, (
         "docs/assets/concepts.svg is stale: run python docs/assets/concepts_diagram.py")
 
+
+
+def test_benchmarks_page_includes_the_whole_readme_benchmarks_section():
+    """docs/benchmarks.md includes the README's section between its snippet markers: nothing may sit outside."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start, end = "<!-- --8<-- [start:benchmarks] -->", "<!-- --8<-- [end:benchmarks] -->"
+    section = readme[readme.index("\n## Benchmarks\n"):]
+    following = re.search(r"\n## ", section[1:])
+    section = section if following is None else section[: following.start() + 1]
+    assert start in section and end in section, "the README's Benchmarks section keeps both snippet markers"
+    after = section[section.index(end) + len(end):].strip()
+    assert not after, f"README text after the benchmarks end marker is missing from the docs: {after[:80]!r}"
+    assert '--8<-- "README.md:benchmarks"' in (DOCS / "benchmarks.md").read_text(encoding="utf-8")
