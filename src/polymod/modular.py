@@ -28,13 +28,13 @@ import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from polymod import sites as sites_mod
+from polymod import view
 from polymod.aggregation.base import Env, SiteOp
 from polymod.aggregation.cache import StackCache
 from polymod.compose import Composition, describe, leaves, unknown
@@ -47,8 +47,8 @@ from polymod.errors import (
 )
 from polymod.format import fingerprint, require_fit
 from polymod.inputs import bind_call
+from polymod.merged import MergedWeights
 from polymod.modules.contract import (
-    BiasDelta,
     CopiesLayers,
     HostDependentSites,
     Module,
@@ -62,38 +62,11 @@ from polymod.routing.state import RoutingState
 from polymod.rows import RowPlans, run_root
 from polymod.sites import input_target, is_input_site
 from polymod.validation import check_tree
+from polymod.view import AttachReport
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,127}$")
 # host -> the Modular whose hooks are installed on it (until its detach()); a second wrapper would stack hooks
 _WRAPPERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
-
-
-@dataclass
-class AttachReport:
-    """What :meth:`Modular.add` did: every site touched and the parameter budget."""
-
-    name: str
-    kind: str
-    sites: list[str]
-    trainable_parameters: int
-    host_parameters: int
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def share(self) -> float:
-        """Module parameters as a fraction of the host's."""
-        return self.trainable_parameters / max(self.host_parameters, 1)
-
-    def __str__(self) -> str:
-        lines = [
-            f"attached {self.kind} module {self.name!r} at {len(self.sites)} sites: "
-            f"{self.trainable_parameters:,} parameters ({100 * self.share:.3f}% of the host's {self.host_parameters:,})"
-        ]
-        lines += [f"  {s}" for s in self.sites[:8]]
-        if len(self.sites) > 8:
-            lines.append(f"  ... and {len(self.sites) - 8} more")
-        lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
 
 
 class Modular(nn.Module):
@@ -131,14 +104,15 @@ class Modular(nn.Module):
         self._hooks: dict[str, Any] = {}
         self._layers = sites_mod.named_layers(host)
         self._active: Composition | None = None
-        self._merged: dict[str, dict[str, torch.Tensor]] = {}  # name -> site (or "site#bias") -> original
+        self._merged = MergedWeights()  # merged modules and the host originals that undo them
         self.routing = RoutingState()  # routers of the active composition and the inputs they read
         # Per-call engine state, owned here and nowhere else: the plan the site hooks run (swapped by
         # route()), compiled row plans, and stacked module weights reused across forwards.
         self._plan: dict[str, SiteOp] = {}
         self._row_plans = RowPlans()
         self._stacks = StackCache()
-        self._library_token: tuple = ()
+        self._library_seen = -1  # the library version the row plans and stacks were built for
+        self._library_version = 0  # bumped by add/remove: ids of freed modules can be reused
         self._dtype: torch.dtype | None = None
         self._warned_inactive = False
         self.routing.install(host)
@@ -200,6 +174,7 @@ class Modular(nn.Module):
         if family_of(self.host) == "gpt2" and any(n.endswith("attn.c_attn") for n in module.sites):
             notes.append(FUSED_QKV_NOTE)
         self.library[name] = module
+        self._library_version += 1
         for site, part in module.items():
             if isinstance(part, ReadsHostLayer):  # parts whose Δy reads the host layer (IA³ scaling an input)
                 part.attach_layer(self._layer(site))
@@ -231,6 +206,7 @@ class Modular(nn.Module):
         if name in self._merged:
             self.unmerge(name)
         del self.library[name]
+        self._library_version += 1
         still_used = {s for m in self.library.values() for s in m.sites}
         for site in module.sites:
             if site not in still_used:
@@ -272,15 +248,14 @@ class Modular(nn.Module):
 
     def _recompile(self) -> None:
         """Compile the active composition; drop cached stacks and row plans when the library changed."""
-        token = tuple((n, id(m)) for n, m in self.library.items())
         self.routing.attached = tuple(self.library.values())  # they follow the host's train/eval mode
         self._dtype = next((p.dtype for m in self.library.values() for p in m.parameters()
                             if p.is_floating_point()), None)  # the modules' compute dtype (see at_module_dtype)
-        if token != self._library_token:
-            self._library_token = token
+        if self._library_version != self._library_seen:
+            self._library_seen = self._library_version
             self._stacks.clear()
             self._row_plans.clear()
-        self._plan = compile_plan(self._active, self.library, set(self._merged), self._layers, self.routing,
+        self._plan = compile_plan(self._active, self.library, set(self._merged.names()), self._layers, self.routing,
                                   self._stacks)
 
     @contextmanager
@@ -396,39 +371,13 @@ class Modular(nn.Module):
         """Add module ``name``'s weight delta into the host weights (inference speed of the bare host).
 
         The original weights are kept so that :meth:`unmerge` and :meth:`detach`
-        restore them bit for bit.
+        restore them bit for bit (:class:`~polymod.merged.MergedWeights`).
 
         Raises:
             StateError: already merged, not a parameter-composition module, or a site's
                 weight is tied to another layer (merging would change both).
         """
-        module = self[name]
-        if name in self._merged:
-            raise StateError(f"module {name!r} is already merged into the host; unmerge it first")
-        if not module.mergeable:
-            raise StateError(f"module {name!r} is a {module.kind} module, which has no weight delta to merge")
-        tied = _tied_weights(self.host)
-        for site in module.sites:
-            names = tied.get(id(self._layers[site].weight), [])
-            if len(names) > 1:
-                raise StateError(
-                    f"cannot merge {name!r}: the weight at {site!r} is shared by {', '.join(names)}; "
-                    "merging would change every layer that shares it"
-                )
-        deltas = module.delta(self._layers)
-        originals: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for site, delta in deltas.items():
-                weight = self._layers[site].weight
-                originals[site] = weight.detach().clone()
-                weight.add_(delta.to(weight.dtype))
-            for site, part in module.items():  # kinds that also change the bias (IA³ scaling an output)
-                bias = getattr(self._layers[site], "bias", None)
-                delta = part.delta_bias(self._layers[site]) if isinstance(part, BiasDelta) else None
-                if delta is not None and isinstance(bias, torch.Tensor):
-                    originals[f"{site}#bias"] = bias.detach().clone()
-                    bias.add_(delta.to(bias.dtype))
-        self._merged[name] = originals
+        self._merged.merge(name, self[name], self._layers, self.host)
         self._recompile()
 
     def unmerge(self, name: str) -> None:
@@ -438,12 +387,7 @@ class Modular(nn.Module):
             StateError: the module is not merged.
         """
         self[name]
-        if name not in self._merged:
-            raise StateError(f"module {name!r} is not merged into the host")
-        with torch.no_grad():
-            for key, original in self._merged.pop(name).items():
-                site, _, attr = key.partition("#")  # "site" (weight) or "site#bias"
-                getattr(self._layers[site], attr or "weight").copy_(original)
+        self._merged.unmerge(name, self._layers)
         self._recompile()
 
     def merge_and_unload(self, names: Sequence[str] | None = None) -> nn.Module:
@@ -473,7 +417,7 @@ class Modular(nn.Module):
             if name not in self._merged:
                 self.merge_into_host(name)
         for name in names:
-            self._merged.pop(name)  # forget the originals: detach() below keeps the merged weights
+            self._merged.forget(name)  # detach() below keeps the merged weights
         return self.detach()
 
     @contextmanager
@@ -487,7 +431,7 @@ class Modular(nn.Module):
         Raises:
             StateError: modules are merged into the host weights (unmerge them first).
         """
-        if self._merged:
+        if self._merged.names():
             raise StateError(f"modules {self.merged} are merged into the host weights, so disabling cannot remove "
                              "them; call model.unmerge(name) first")
         active, warned = self._active, self._warned_inactive
@@ -502,7 +446,7 @@ class Modular(nn.Module):
     @property
     def merged(self) -> list[str]:
         """Names of the modules currently merged into the host weights."""
-        return list(self._merged)
+        return self._merged.names()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -512,7 +456,7 @@ class Modular(nn.Module):
         Afterwards the host has the same layer objects, bit-identical tensors and
         its original ``requires_grad`` flags.
         """
-        for name in list(self._merged):
+        for name in self._merged.names():
             self.unmerge(name)
         for handle in self._hooks.values():
             handle.remove()
@@ -551,14 +495,19 @@ class Modular(nn.Module):
         return self.host.generate(*args, **kwargs)
 
     def __repr__(self) -> str:
-        lines = [f"Modular({type(self.host).__name__}, family={family_of(self.host)})"]
-        for name, module in self.library.items():
-            state = " [merged]" if name in self._merged else ""
-            size = f"{len(module.sites)} sites, {module.num_parameters():,} params"
-            lines.append(f"  {name}: {module.kind}, {size}{state}")
-        lines.append(f"  active: {describe(self._active)}")
-        return "\n".join(lines)
+        header = f"Modular({type(self.host).__name__}, family={family_of(self.host)})"
+        return view.summary(header, self.library, self._merged, self._active_names(), describe(self._active))
 
+    def describe(self) -> str:
+        """Where every module sits: ``repr(model)``, then each touched site with the modules acting there.
+
+        Each module is ``merged`` (its ΔW is in the host weights), ``active`` (named by the active
+        composition) or ``inactive`` (attached, acting nowhere until a composition names it).
+        """
+        return repr(self) + "\n" + view.per_site(self.library, self._merged, self._active_names(), list(self._layers))
+
+    def _active_names(self) -> set[str]:
+        return set(leaves(self._active)) if self._active is not None else set()
 
 def module_dtype(host_dtype: torch.dtype) -> torch.dtype:
     """The dtype of module parameters on a host of ``host_dtype``: float32 for half-precision hosts, else the host's.
@@ -613,13 +562,6 @@ def build_module(host: nn.Module, spec: ModuleSpec) -> Module:
     finally:
         if owner is not None:
             _WRAPPERS[host] = owner
-
-
-def _tied_weights(host: nn.Module) -> dict[int, list[str]]:
-    out: dict[int, list[str]] = {}
-    for n, p in host.named_parameters(remove_duplicate=False):
-        out.setdefault(id(p), []).append(n)
-    return out
 
 
 def _caller_level() -> int:
