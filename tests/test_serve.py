@@ -155,7 +155,12 @@ def test_stop_string_cuts_the_text(setup):
 
 def test_health_and_metrics(setup):
     assert httpx.get(setup["url"] + "/health").json()["status"] == "ok"
+    for _ in range(2):  # the second request for the module is a resident hit
+        setup["client"].completions.create(model=setup["refs"]["a"], prompt=PROMPT, max_tokens=2)
+    assert httpx.get(setup["url"] + "/no/such/path/123").status_code == 404
     text = httpx.get(setup["url"] + "/metrics").text
+    assert 'endpoint="/v1/completions",status="200"' in text and 'endpoint="unmatched",status="404"' in text
+    assert "/no/such/path" not in text
     for name in ("polymod_requests_total", "polymod_generation_tokens_total", "polymod_batch_size",
                  "polymod_queue_depth", 'polymod_module_cache_total{event="hit",tier="resident"}',
                  "polymod_time_to_first_token_seconds_bucket", "polymod_generation_tokens_per_second"):

@@ -115,8 +115,12 @@ def test_queue_full_is_429_with_retry_after(hub):
             r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
             assert r.status_code == 429 and r.headers["retry-after"] == "1"
             assert r.json()["error"]["code"] == "queue_full"
-        first.join(30), second.join(30)
-        assert results == [200, 200]
+            engine.scheduler.waiting[0].request.cancel()  # its client gave up: the place is free again
+            third = threading.Thread(target=send)
+            third.start()
+            _wait(lambda: len(engine.scheduler.waiting) == 1 and engine.scheduler.submitted == 3)
+        first.join(30), second.join(30), third.join(30)
+        assert sorted(results) == [200, 200, 200]  # the cancelled one still answers (finish_reason abort)
 
 
 def test_client_disconnect_mid_stream_frees_its_slot(hub):

@@ -141,6 +141,8 @@ class Scheduler:
             QueueFullError: more than ``max_queue`` rows would be waiting.
         """
         with self._wake:
+            if any(r.request.cancelled for r in self.waiting):  # abandoned rows give their places back
+                self.waiting = deque(r for r in self.waiting if not self._gone(r))
             if len(self.waiting) + request.n > self.max_queue:
                 raise QueueFullError(f"the server's queue is full ({len(self.waiting)} waiting rows, at most "
                                      f"{self.max_queue}); retry after a moment")

@@ -97,7 +97,8 @@ def create_app(engine: Engine) -> FastAPI:
     @app.middleware("http")
     async def _count(request: Request, call_next):
         response = await call_next(request)
-        engine.metrics.request(request.url.path, response.status_code)
+        route = request.scope.get("route")  # the matched route's path: unknown paths share one label
+        engine.metrics.request(getattr(route, "path", "unmatched"), response.status_code)
         return response
 
     @app.get("/health")
