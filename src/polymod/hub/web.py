@@ -23,7 +23,9 @@ from jinja2 import DictLoader, Environment, select_autoescape
 from polymod.card import Lineage, Parent
 from polymod.errors import HubError
 from polymod.hub.ancestry import lineage
+from polymod.hub.package import MAX_README_BYTES, README_FILE
 from polymod.hub.query import FACETS, owner_modules, search
+from polymod.hub.render import human_date, human_size, render_readme
 from polymod.hub.store import Store
 from polymod.hub.svg import lineage_svg
 
@@ -35,7 +37,10 @@ body{font-family:system-ui,sans-serif;margin:0;color:#1e293b}header{background:#
 header a{color:#fff;text-decoration:none;font-weight:600}main{padding:1em 1.5em;max-width:1100px}
 .hit{border-bottom:1px solid #e2e8f0;padding:.6em 0}.hit h3{margin:.1em 0}.meta{color:#475569;font-size:.9em}
 .tag{background:#e0e7ff;border-radius:3px;padding:0 .4em;margin-right:.3em;font-size:.85em}
-.facets{float:right;width:220px;font-size:.9em}.facets h4{margin:.6em 0 .2em}table{border-collapse:collapse}
+.layout{display:flex;flex-wrap:wrap-reverse;gap:1.5em}.results{flex:1 1 420px;min-width:0}
+.facets{flex:0 0 200px;font-size:.9em}.facets h4{margin:.6em 0 .2em}table{border-collapse:collapse}
+.scroll{overflow-x:auto;max-width:100%}code{overflow-wrap:anywhere}.readme{border-top:1px solid #e2e8f0}
+.byline{color:#475569}
 td,th{border:1px solid #e2e8f0;padding:.25em .6em;text-align:left;font-size:.92em}code{font-size:.85em}
 .yanked{color:#b91c1c;font-weight:600}pre{background:#f8fafc;padding:.6em;overflow:auto;max-height:300px}
 </style></head><body><header><a href="/">polymod hub</a></header>
@@ -45,38 +50,49 @@ _SEARCH = """{% extends "base" %}{% block title %}search{% endblock %}{% block b
 <form action="/" method="get" role="search"><input type="search" name="q" value="{{ q }}" size="40"
  placeholder="search modules" aria-label="search"> <button type="submit">Search</button>
 {% for k, v in active.items() %}<input type="hidden" name="{{ k }}" value="{{ v }}">{% endfor %}</form>
-<div class="facets">{% for facet, counts in result.facets.items() %}{% if counts %}<h4>{{ facet }}</h4>
-{% for value, n in counts.items() %}
-<div><a class="facet" href="?{{ link(facet, value) }}">{{ value }}</a> ({{ n }})</div>
-{% endfor %}{% endif %}{% endfor %}</div>
+<div class="layout"><div class="results">
 <p id="total">{{ result.total }} module{{ "" if result.total == 1 else "s" }}{% if q %} for “{{ q }}”{% endif %}
 {% for k, v in active.items() %} · {{ k }}={{ v }}{% endfor %}</p>
 {% for h in result.hits %}<div class="hit"><h3><a href="/m/{{ h.owner }}/{{ h.name }}">{{ h.owner }}/{{ h.name }}</a>
 <small>{{ h.version }}</small></h3><div>{{ h.description or "" }}</div><div class="meta">{{ h.kind }}
 {% if h.architecture %}· {{ h.architecture }}{% endif %}{% if h.task %} · task {{ h.task }}{% endif %}
 {% if h.language %} · {{ h.language }}{% endif %} · by <a href="/u/{{ h.owner }}">{{ h.owner }}</a>
-{% for t in h.tags %}<span class="tag">{{ t }}</span>{% endfor %}</div></div>{% endfor %}{% endblock %}"""
+{% for t in h.tags %}<span class="tag">{{ t }}</span>{% endfor %}</div></div>{% endfor %}</div>
+<div class="facets">{% for facet, counts in result.facets.items() %}{% if counts %}<h4>{{ facet }}</h4>
+{% for value, n in counts.items() %}
+<div><a class="facet" href="?{{ link(facet, value) }}">{{ value }}</a> ({{ n }})</div>
+{% endfor %}{% endif %}{% endfor %}</div></div>{% endblock %}"""
 
 _MODULE = """{% extends "base" %}{% block title %}{{ v.owner }}/{{ v.name }}{% endblock %}{% block body %}
 <h1><a href="/u/{{ v.owner }}">{{ v.owner }}</a>/{{ v.name }} <small id="version">{{ v.version }}</small></h1>
 {% if v.yanked %}<p class="yanked">This version is yanked: {{ v.yank_reason or "no reason given" }}</p>{% endif %}
-<p id="description">{{ card.description or "" }}</p>
-<h2>Card</h2><table id="card"><tr><th>kind</th><td>{{ v.kind }}</td></tr>
-<tr><th>host</th><td>{{ card.host.architecture or "?" }} ({{ card.host.model_type or "?" }})</td></tr>
-<tr><th>sites</th><td>{{ card.sites|length }}</td></tr><tr><th>task</th><td>{{ card.task or "" }}</td></tr>
-<tr><th>language</th><td>{{ card.language or "" }}</td></tr><tr><th>license</th><td>{{ card.license or "" }}</td></tr>
-<tr><th>tags</th><td>{% for t in card.tags %}<span class="tag">{{ t }}</span>{% endfor %}</td></tr>
-<tr><th>lineage</th><td>{{ recipe }}</td></tr><tr><th>sha256</th><td><code>{{ v.sha256 }}</code></td></tr>
-<tr><th>pull</th><td><code>polymod hub pull {{ v.owner }}/{{ v.name }}@{{ v.version }}</code></td></tr></table>
-<h2>Metrics</h2><table id="metrics"><tr><th>metric</th><th>value</th><th>details</th></tr>
-{% for k, m in card.metrics.items() %}<tr><td>{{ k }}</td><td>{{ m.value if m is mapping else m }}</td>
-<td>{% if m is mapping %}
-{% for dk, dv in m.items() if dk != "value" %}{{ dk }}: {{ dv }} {% endfor %}{% endif %}</td></tr>
-{% endfor %}</table>
-<h2>Files</h2><table id="files"><tr><th>file</th><th>size</th><th>sha256</th></tr>{% for path, f in v.files.items() %}
-<tr><td><a href="/api/v1/blobs/{{ f.sha256 }}">{{ path }}</a></td><td>{{ "{:,}".format(f.size) }}</td>
-<td><code>{{ f.sha256 }}</code></td></tr>{% endfor %}</table>
-<h2>Lineage</h2><div id="lineage">{{ svg|safe }}</div>
+<p class="byline" id="byline">published {{ date }}{% if v.uploader %} by {{ v.uploader }}{% endif %} ·
+ {{ size(v.size) }}</p>
+{% if card.description %}<p id="description">{{ card.description }}</p>{% endif %}
+<h2>Use it</h2><pre id="snippet">import polymod as pm
+
+module = pm.hub.get("{{ v.owner }}/{{ v.name }}@{{ v.version }}", host=host, hub="{{ hub_url }}")</pre>
+<pre id="cli">polymod hub pull {{ v.owner }}/{{ v.name }}@{{ v.version }} --hub {{ hub_url }}</pre>
+<h2>Card</h2><div class="scroll"><table id="card"><tr><th>kind</th><td>{{ v.kind }}</td></tr>
+{% if base_model %}<tr><th>base model</th><td id="base-model">{{ base_model.name }}{% if base_model.weights_sha256 %}
+ <code>weights {{ base_model.weights_sha256[:12] }}</code>{% endif %}</td></tr>{% endif %}
+{% if card.host.architecture %}<tr><th>host</th><td>{{ card.host.architecture }}{% if card.host.model_type %}
+ ({{ card.host.model_type }}){% endif %}</td></tr>{% endif %}
+{% if card.sites %}<tr><th>sites</th><td>{{ card.sites|length }}</td></tr>{% endif %}
+{% for key in ("task", "language", "license") if card[key] %}<tr><th>{{ key }}</th><td>{{ card[key] }}</td></tr>
+{% endfor %}{% if card.tags %}<tr><th>tags</th><td>{% for t in card.tags %}<span class="tag">{{ t }}</span>
+{% endfor %}</td></tr>{% endif %}{% if recipe %}<tr><th>lineage</th><td>{{ recipe }}</td></tr>{% endif %}
+<tr><th>sha256</th><td><code>{{ v.sha256 }}</code></td></tr></table></div>
+{% if card.metrics %}<h2>Metrics</h2><div class="scroll"><table id="metrics"><tr><th>metric</th><th>value</th>
+<th>details</th></tr>{% for k, m in card.metrics.items() %}<tr><td>{{ k }}</td><td>{{ m.value if m is mapping else m }}
+</td><td>{% if m is mapping %}{% for dk, dv in m.items() if dk != "value" %}{{ dk }}: {{ dv }} {% endfor %}{% endif %}
+</td></tr>{% endfor %}</table></div>{% endif %}
+{% if readme %}<h2>README</h2><div class="readme" id="readme">{{ readme|safe }}</div>{% endif %}
+<h2>Files</h2><div class="scroll"><table id="files"><tr><th>file</th><th>size</th><th>sha256</th></tr>
+{% for path, f in v.files.items() %}<tr><td><a href="/api/v1/blobs/{{ f.sha256 }}">{{ path }}</a></td>
+<td title="{{ f.size }} bytes">{{ size(f.size) }}</td><td><code>{{ f.sha256 }}</code></td></tr>{% endfor %}
+</table></div>
+{% if show_lineage %}<h2>Lineage</h2><div id="lineage" class="scroll">{{ svg|safe }}</div>{% endif %}
 {% if children.total > children.limit %}<p class="pages">descendants {{ children.offset + 1 }}–{{
  [children.offset + children.limit, children.total]|min }} of {{ children.total }}
 {% if children.offset > 0 %}<a href="?descendants={{ [children.offset - children.limit, 0]|max
@@ -126,15 +142,22 @@ def add_routes(app: FastAPI, store: Store, api_error: Callable[[Request, HubErro
 
     @app.get("/m/{owner}/{name}", response_class=HTMLResponse, include_in_schema=False)
     @app.get("/m/{owner}/{name}/{version}", response_class=HTMLResponse, include_in_schema=False)
-    def module_page(owner: str, name: str, version: str = "latest", descendants: int = 0) -> HTMLResponse:
+    def module_page(request: Request, owner: str, name: str, version: str = "latest",
+                    descendants: int = 0) -> HTMLResponse:
         info = store.get(owner, name, version)
         card = info.card
         lin = card.get("lineage", {})
         recipe = Lineage([Parent(**p) for p in lin.get("parents", [])], lin.get("recipe", {})).describe()
         graph = lineage(store, owner, name, info.version, depth=4, offset=max(0, min(descendants, 1_000_000)))
+        readme = None
+        if README_FILE in info.files and info.files[README_FILE]["size"] <= MAX_README_BYTES:
+            with store.open_blob(info.files[README_FILE]["sha256"]) as f:
+                readme = render_readme(f.read(MAX_README_BYTES).decode("utf-8", errors="replace"))
         return _page("module", v=info, card=card, recipe=recipe if lin.get("parents") or lin.get("recipe") else "",
                      svg=lineage_svg(graph), children=graph["children"], versions=store.versions(owner, name),
-                     raw=json.dumps(card, indent=2, sort_keys=True))
+                     raw=json.dumps(card, indent=2, sort_keys=True), readme=readme, size=human_size,
+                     date=human_date(info.created), hub_url=str(request.base_url).rstrip("/"),
+                     base_model=(card.get("host") or {}).get("base_model"), show_lineage=len(graph["nodes"]) > 1)
 
     @app.get("/u/{owner}", response_class=HTMLResponse, include_in_schema=False)
     def owner_page(owner: str) -> HTMLResponse:
