@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import subprocess
 import tempfile
 from collections import deque
@@ -39,6 +40,7 @@ from peft import LoraConfig, get_peft_model
 import polymod as pm
 from polymod.merging.merge import merge
 from polymod.merging.recipe import merge_command
+from polymod.merging.shards import Checkpoint
 from polymod.merging.sparsify import dare_mask
 from polymod.sites import named_layers
 
@@ -48,9 +50,9 @@ MK_YAML = ROOT / "benchmarks/.cache/mergekit-venv/bin/mergekit-yaml"
 SITES = "attn.q|attn.v"
 
 
-def tiny_llama(seed: int = 0) -> torch.nn.Module:
+def tiny_llama(seed: int = 0, layers: int = 2) -> torch.nn.Module:
     torch.manual_seed(seed)
-    cfg = tf.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    cfg = tf.LlamaConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          intermediate_size=48, vocab_size=96, max_position_embeddings=64)
     return tf.LlamaForCausalLM(cfg).eval()
 
@@ -145,39 +147,161 @@ def mergekit_tensor_parity() -> list[dict]:
     return [{"peer": "mergekit (tensor)", **json.loads(line)} for line in out.stdout.splitlines() if line.strip()]
 
 
-def mergekit_checkpoint_parity(work: Path) -> list[dict]:
-    host = tiny_llama()
-    host.save_pretrained(work / "base")
+def save_family(work: Path, layers: int, names: tuple[str, ...], dtype: torch.dtype = torch.float32) -> None:
+    """A tiny Llama base and fine-tunes of it (every tensor moved), saved under ``work/<name>``."""
+    host = tiny_llama(layers=layers).to(dtype)
+    host.save_pretrained(work / names[0])
     base = {k: v.clone() for k, v in host.state_dict().items()}
-    for i in range(3):
+    for i, name in enumerate(names[1:]):
         g = torch.Generator().manual_seed(20 + i)
         with torch.no_grad():
             for p in host.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.01)
-        host.save_pretrained(work / f"ft{i}")
+                p.add_((torch.randn(p.shape, generator=g) * 0.01).to(dtype))
+        host.save_pretrained(work / name)
         host.load_state_dict(base)
-    recipes = {
-        "linear": "models:\n" + "".join(f"  - model: {work / f'ft{i}'}\n    parameters: {{weight: {w}}}\n"
-                                         for i, w in enumerate((0.2, 0.3, 0.5))),
-        "task_arithmetic": f"base_model: {work / 'base'}\nparameters: {{lambda: 0.8}}\nmodels:\n" + "".join(
-            f"  - model: {work / f'ft{i}'}\n    parameters: {{weight: {w}}}\n" for i, w in enumerate((1, -0.5, 0.7))),
-        "ties": f"base_model: {work / 'base'}\nmodels:\n" + "".join(
-            f"  - model: {work / f'ft{i}'}\n    parameters: {{weight: {w}, density: {d}}}\n"
-            for i, (w, d) in enumerate(((1.0, 0.2), (0.6, 0.5), (0.3, 0.3)))),
-    }
+
+
+def read_all(path: Path) -> dict[str, torch.Tensor]:
+    with Checkpoint(path) as ck:
+        return {n: ck.read(n).clone() for n in ck.names}
+
+
+def both(work: Path, name: str, recipe_text: str) -> tuple[dict, dict, dict, dict]:
+    """Run one recipe through polymod merge and mergekit-yaml; return both outputs' tensors and configs."""
+    recipe = work / f"{name}.yml"
+    recipe.write_text(recipe_text)
+    here = os.getcwd()
+    os.chdir(work)  # relative model paths resolve against the working directory, in both tools
+    try:
+        merge_command(recipe, work / f"ours-{name}", progress=False)
+    finally:
+        os.chdir(here)
+    subprocess.run([str(MK_YAML), str(recipe), str(work / f"mk-{name}"), "--no-copy-tokenizer", "--quiet",
+                    "--no-write-model-card"], check=True, capture_output=True, cwd=work,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    cfg = [json.loads((work / f"{who}-{name}" / "config.json").read_text()) for who in ("ours", "mk")]
+    return read_all(work / f"ours-{name}"), read_all(work / f"mk-{name}"), cfg[0], cfg[1]
+
+
+def compare_checkpoints(ours: dict, theirs: dict) -> dict:
+    if set(ours) != set(theirs):
+        return {"max_abs_diff": None, "tensor_names_differ": sorted(set(ours) ^ set(theirs))[:5]}
+    diff = max(float((ours[k].float() - theirs[k].float()).abs().max()) for k in theirs)
+    differing = sum(int((ours[k] != theirs[k]).sum()) for k in theirs)
+    total = sum(v.numel() for v in theirs.values())
+    return {"max_abs_diff": diff, "identical_fraction": 1 - differing / total, "differing_entries": differing,
+            "entries": total, "tensors": len(theirs)}
+
+
+def models(*entries: tuple[str, str]) -> str:
+    return "models:\n" + "".join(f"  - model: {m}\n" + (f"    parameters: {p}\n" if p else "") for m, p in entries)
+
+
+SLERP_T = """parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+"""
+# Deterministic recipes, float32: every added method and recipe feature, tensor for tensor.
+RECIPES = {
+    "linear": models(("ft0", "{weight: 0.2}"), ("ft1", "{weight: 0.3}"), ("ft2", "{weight: 0.5}")),
+    "task_arithmetic": "base_model: base\nparameters: {lambda: 0.8}\n" + models(
+        ("ft0", "{weight: 1}"), ("ft1", "{weight: -0.5}"), ("ft2", "{weight: 0.7}")),
+    "ties": "base_model: base\n" + models(("ft0", "{weight: 1.0, density: 0.2}"),
+                                           ("ft1", "{weight: 0.6, density: 0.5}"),
+                                           ("ft2", "{weight: 0.3, density: 0.3}")),
+    "ties gradient + filter": "base_model: base\nparameters: {normalize: true, int8_mask: true}\n" + models(
+        ("ft0", "{density: [1, 0.7, 0.1], weight: 1.0}"), ("ft1", "{density: 0.5, weight: [0, 0.3, 0.7, 1]}"),
+        ("ft2", "{density: 0.33, weight: [{filter: mlp, value: 0.5}, {value: 0}]}")),
+    "slerp gradient + filter": "base_model: base\n" + models(("base", ""), ("ft0", "")) + SLERP_T,
+    "slerp slices": "base_model: base\nslices:\n  - sources:\n      - {model: base, layer_range: [0, 6]}\n"
+                    "      - {model: ft0, layer_range: [0, 6]}\n" + SLERP_T,
+    "nuslerp (base, flatten)": "base_model: base\n" + models(("ft0", "{weight: 1.0}"), ("ft1", "{weight: 3.0}")),
+    "nuslerp (no base, rows)": "parameters: {nuslerp_flatten: false}\n" + models(
+        ("ft0", "{weight: 2.0}"), ("ft1", "{weight: 1.0}")),
+    "nuslerp (base, row_wise)": "base_model: base\nparameters: {nuslerp_flatten: false, nuslerp_row_wise: true}\n"
+                                + models(("ft0", "{weight: 1.0}"), ("ft1", "{weight: 1.0}")),
+    "model_stock": "base_model: base\n" + models(("ft0", ""), ("ft1", ""), ("ft2", "")),
+    "model_stock filter_wise": "base_model: base\nparameters: {filter_wise: true}\n" + models(
+        ("ft0", ""), ("ft1", ""), ("ft2", "")),
+    "passthrough frankenmerge": "slices:\n  - sources: [{model: ft0, layer_range: [0, 4]}]\n"
+                                "  - sources:\n      - model: ft1\n        layer_range: [2, 6]\n"
+                                "        parameters: {scale: [{filter: o_proj, value: 0.5}, {value: 1.0}]}\n",
+}
+
+
+def mergekit_checkpoint_parity(work: Path) -> list[dict]:
+    """``polymod merge`` vs ``mergekit-yaml`` on the same recipes over a 6-layer tiny Llama base and 3 fine-tunes."""
+    save_family(work, 6, ("base", "ft0", "ft1", "ft2"))
     rows = []
-    for method, body in recipes.items():
-        recipe = work / f"{method}.yml"
-        recipe.write_text(f"merge_method: {method}\ndtype: float32\n{body}")
-        merge_command(recipe, work / f"ours-{method}", progress=False)
-        subprocess.run([str(MK_YAML), str(recipe), str(work / f"mk-{method}"), "--no-copy-tokenizer", "--quiet"],
-                       check=True, capture_output=True)
-        ours = tf.LlamaForCausalLM.from_pretrained(work / f"ours-{method}").state_dict()
-        theirs = tf.LlamaForCausalLM.from_pretrained(work / f"mk-{method}").state_dict()
-        diff = max(float((ours[k] - theirs[k]).abs().max()) for k in theirs)
-        same = sum(int((ours[k] == theirs[k]).sum()) for k in theirs) / sum(v.numel() for v in theirs.values())
-        rows.append({"peer": "mergekit (checkpoint)", "method": method, "max_abs_diff": diff,
-                     "identical_fraction": same, "tensors": len(theirs)})
+    for name, body in RECIPES.items():
+        method = {"ties gradient + filter": "ties", "slerp slices": "slerp"}.get(name, name.split(" ")[0])
+        ours, theirs, cfg, mk_cfg = both(work, name.replace(" ", "_").replace("(", "").replace(")", "")
+                                         .replace(",", "").replace("+", "and"),
+                                         f"merge_method: {method}\ndtype: float32\n{body}")
+        rows.append({"peer": "mergekit (checkpoint)", "method": name, **compare_checkpoints(ours, theirs),
+                     "config_same": {k: cfg.get(k) == mk_cfg.get(k) for k in ("dtype", "num_hidden_layers")},
+                     "layers": cfg.get("num_hidden_layers")})
+    # DELLA's masks are random in both tools (different generators): equal statistics, not equal entries.
+    ours, theirs, _, _ = both(work, "della", "merge_method: della\nbase_model: base\ndtype: float32\n" + models(
+        ("ft0", "{weight: 1.0, density: 0.4, epsilon: 0.1}"), ("ft1", "{weight: 1.0, density: 0.4, epsilon: 0.1}")))
+    base = read_all(work / "base")
+    stats = {}
+    for who, out in (("polymod", ours), ("mergekit", theirs)):
+        moved = sum(int((out[k] != base[k]).sum()) for k in base) / sum(v.numel() for v in base.values())
+        l1 = sum(float((out[k] - base[k]).abs().sum()) for k in base)
+        stats[who] = {"fraction_changed": moved, "delta_l1": l1}
+    rows.append({"peer": "mergekit (checkpoint)", "method": "della (statistics)", "max_abs_diff": None, **stats})
+    # bfloat16 TIES: the same recipe on bfloat16 checkpoints, merged in bfloat16.
+    save_family(work / "bf16", 6, ("base", "ft0", "ft1", "ft2"), torch.bfloat16)
+    ours, theirs, _, _ = both(work / "bf16", "ties", "merge_method: ties\ndtype: bfloat16\n" + RECIPES["ties"])
+    rows.append({"peer": "mergekit (checkpoint)", "method": "ties, bfloat16", **compare_checkpoints(ours, theirs)})
+    return rows
+
+
+EXAMPLES = {  # mergekit's examples/*.yml (commit a6e4028), model names mapped to a 40-layer tiny Llama family
+    "linear.yml": "merge_method: linear\ndtype: float16\n" + models(
+        ("ft0", "{weight: 1.0}"), ("ft1", "{weight: 0.3}"), ("ft2", "{weight: 0.5}")),
+    "ties.yml": "merge_method: ties\nbase_model: base\nparameters: {normalize: true, int8_mask: true}\n"
+                "dtype: float16\n" + models(
+                    ("ft0", "{density: [1, 0.7, 0.1], weight: 1.0}"),
+                    ("ft1", "{density: 0.5, weight: [0, 0.3, 0.7, 1]}"),
+                    ("ft2", "{density: 0.33, weight: [{filter: mlp, value: 0.5}, {value: 0}]}")),
+    "bio-merge.yml": "merge_method: ties\nbase_model: base\nparameters: {normalize: false, int8_mask: true}\n"
+                     "dtype: float16\n" + models(("ft0", "{density: 0.5, weight: 0.5}"),
+                                                 ("ft1", "{density: 0.5, weight: 0.5}")),
+    "gradient-slerp.yml": "merge_method: slerp\nbase_model: ft0\ndtype: float16\nslices:\n  - sources:\n"
+                          "      - {model: ft0, layer_range: [0, 40]}\n      - {model: ft1, layer_range: [0, 40]}\n"
+                          + SLERP_T,
+    "orcamini-platy-44layer.yml": "merge_method: passthrough\ndtype: float16\nslices:\n"
+                                  "  - sources: [{model: ft0, layer_range: [0, 24]}]\n"
+                                  "  - sources: [{model: ft1, layer_range: [20, 40]}]\n",
+    "arcee_fusion.yml": "merge_method: arcee_fusion\nbase_model: ft0\ndtype: bfloat16\n" + models(
+        ("ft0", ""), ("ft1", "")),
+}
+
+
+def mergekit_examples(work: Path) -> list[dict]:
+    """mergekit's example recipes: run by both tools as written (float16) and in float32."""
+    save_family(work, 40, ("base", "ft0", "ft1", "ft2"))
+    rows = []
+    for name, text in EXAMPLES.items():
+        for dtype in ("as written", "float32"):
+            body = text if dtype == "as written" else "\n".join(
+                "dtype: float32" if line.startswith("dtype:") else line for line in text.split("\n"))
+            tag = f"{name.removesuffix('.yml')}-{'w' if dtype == 'as written' else 'f32'}"
+            try:
+                ours, theirs, cfg, mk_cfg = both(work, tag, body)
+            except pm.ConfigError as exc:
+                rows.append({"peer": "mergekit (example)", "method": name, "dtype": dtype, "max_abs_diff": None,
+                             "polymod": f"refused: {str(exc).splitlines()[-1].strip()}"})
+                continue
+            rows.append({"peer": "mergekit (example)", "method": name, "dtype": dtype,
+                         **compare_checkpoints(ours, theirs), "layers": [cfg.get("num_hidden_layers"),
+                                                                         mk_cfg.get("num_hidden_layers")]})
     return rows
 
 
@@ -189,6 +313,8 @@ def main() -> None:
         rows += mergekit_tensor_parity()
         with tempfile.TemporaryDirectory() as tmp:
             rows += mergekit_checkpoint_parity(Path(tmp))
+        with tempfile.TemporaryDirectory() as tmp:
+            rows += mergekit_examples(Path(tmp))
     else:
         print(f"mergekit is not installed at {MK_PY}; see docs/merging.md — skipping its parity")
     out = ROOT / "benchmarks/results/merge_parity.json"
@@ -198,8 +324,12 @@ def main() -> None:
     for r in rows:
         method = r.get("peft") or r.get("method")
         detail = str(r.get("shape", "")) if "shape" in r else ""
-        same = f"{r['identical_fraction']:.7f}" if "identical_fraction" in r else f"rel {r['relative']:.1e}"
-        print(f"{r['peer']:22s} {method:22s} {detail:30s} {r['max_abs_diff']:10.2e} {same:>10s}")
+        same = (f"{r['identical_fraction']:.7f}" if "identical_fraction" in r else f"rel {r['relative']:.1e}"
+                if "relative" in r else r.get("polymod", json.dumps({k: r[k] for k in ("polymod", "mergekit")
+                                                                    if k in r})))
+        diff = "" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:10.2e}"
+        detail = detail or str(r.get("dtype", ""))
+        print(f"{r['peer']:22s} {method:26s} {detail:14s} {diff:>10s} {same}")
     print(f"wrote {out}")
 
 

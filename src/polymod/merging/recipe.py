@@ -41,26 +41,30 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-from polymod.errors import ConfigError, FormatError
+from polymod.errors import ConfigError
 from polymod.merging.interp import InterpSpec
 from polymod.merging.jobs import Job, run_jobs
 from polymod.merging.layers import NUM_LAYER_KEYS
 from polymod.merging.merge import recipe_of
-from polymod.merging.methods import METHODS, MergeSpec
+from polymod.merging.methods import MergeSpec
+from polymod.merging.recipe_check import (
+    check_count,
+    check_entry,
+    check_params,
+    check_path,
+    check_slices,
+    layout_diff,
+)
 from polymod.merging.recipe_plan import (
     BASE_USE,
-    INPUTS,
     PARAMS,
-    PER_INPUT,
     RECIPE_METHODS,
-    SHARED,
     Source,
     job_problems,
     plan_models,
     plan_slices,
 )
-from polymod.merging.settings import check
-from polymod.merging.shards import Checkpoint, checkpoint_files, staged_output
+from polymod.merging.shards import Checkpoint, staged_output
 from polymod.merging.streaming import copy_files
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -163,7 +167,7 @@ def parse_recipe(data: Any, root: Path | None = None, seed: int = 0, source: str
     paths: list[Path] = []
 
     def checkpoint(value: Any, where: str) -> Source | None:
-        p = _path(value, where, root, problems, recipe_dir)
+        p = check_path(value, where, root, problems, recipe_dir)
         if p is None:
             return None
         for i, q in enumerate(paths):
@@ -177,7 +181,7 @@ def parse_recipe(data: Any, root: Path | None = None, seed: int = 0, source: str
     if data.get("base_model") is None and uses_base in ("task", "first"):
         problems.append(f"base_model is required by {method} ("
                         + ("task vectors are taken against it)" if uses_base == "task" else "it is the first input)"))
-    global_scope = _params(data.get("parameters"), "parameters", method, shared=True, problems=problems)
+    global_scope = check_params(data.get("parameters"), "parameters", method, shared=True, problems=problems)
     has_models, has_slices = data.get("models") is not None, data.get("slices") is not None
     if has_models == has_slices:
         problems.append("give exactly one of models (a list of {model, parameters}) or slices (a list of "
@@ -190,7 +194,7 @@ def parse_recipe(data: Any, root: Path | None = None, seed: int = 0, source: str
             problems.append(f"models must be a non-empty list of {{model: path, parameters: {{...}}}}, got {entries!r}")
             entries = []
         for i, entry in enumerate(entries):
-            src = _entry(entry, f"models[{i}]", ("model", "parameters"), method, checkpoint, problems)
+            src = check_entry(entry, f"models[{i}]", ("model", "parameters"), method, checkpoint, problems)
             if src is None:
                 continue
             if base is not None and src.ck == base.ck and uses_base != "ignored":
@@ -202,9 +206,9 @@ def parse_recipe(data: Any, root: Path | None = None, seed: int = 0, source: str
             sources.append(src)
         if entries and not sources and not problems:
             problems.append("models lists only the base model; nothing to merge")
-        _count(method, len(sources), "models", problems)
+        check_count(method, len(sources), "models", problems)
     elif has_slices:
-        slices = _slices(data["slices"], method, base, checkpoint, problems)
+        slices = check_slices(data["slices"], method, base, checkpoint, problems)
     out_dtype = data.get("out_dtype", data.get("dtype"))
     for key in ("dtype", "out_dtype"):
         if data.get(key) is not None and data[key] not in DTYPES:
@@ -217,7 +221,7 @@ def parse_recipe(data: Any, root: Path | None = None, seed: int = 0, source: str
         if has_models:
             ref = cks[(base_used or sources[0]).ck]
             problems += [f"{paths[i]} {what}" for i, ck in enumerate(cks) if ck is not ref
-                         for what in _layout(ref, ck)]
+                         for what in layout_diff(ref, ck)]
             jobs = [] if problems else plan_models(method, sources, base_used, cks, [global_scope], seed)
             layers = None
         else:
@@ -244,151 +248,6 @@ def _error(source: str, problems: list[str]) -> ConfigError:
 
 def _has(scope: dict[str, Any] | None, name: str) -> bool:
     return bool(scope) and name in scope
-
-
-def _count(method: str | None, n: int, where: str, problems: list[str]) -> None:
-    lo, hi = INPUTS.get(method, (1, None))
-    if n and (n < lo or (hi is not None and n > hi)):
-        want = f"exactly {lo}" if lo == hi else f"at least {lo}"
-        problems.append(f"{where}: {method} takes {want} model{'s' if lo > 1 else ''} besides the base model, "
-                        f"got {n}")
-
-
-def _layout(ref: Checkpoint, ck: Checkpoint) -> list[str]:
-    missing = [n for n in ref.infos if n not in ck.infos]
-    extra = [n for n in ck.infos if n not in ref.infos]
-    shapes = [f"{n} {list(ck.infos[n].shape)} vs {list(i.shape)}" for n, i in ref.infos.items()
-              if n in ck.infos and ck.infos[n].shape != i.shape]
-    out = []
-    for what, items in (("lacks", missing), ("has extra tensors", extra), ("has other shapes", shapes)):
-        if items:
-            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-            out.append(f"{what} relative to {ref.path}: {', '.join(items[:3])}{more}")
-    return out
-
-
-def _params(params: Any, where: str, method: str | None, shared: bool, problems: list[str]) -> dict[str, Any] | None:
-    """Validate a parameters mapping: names the method reads, value shapes (scalar, gradient, filters), ranges."""
-    if params is None:
-        return None
-    if not isinstance(params, dict):
-        problems.append(f"{where} must be a mapping, got {params!r}")
-        return None
-    per_input, shared_names = PARAMS.get(method, (set(PER_INPUT), set(SHARED)))
-    allowed = per_input | shared_names if shared else per_input
-    for key, setting in params.items():
-        if key not in allowed:
-            problems.append(f"{where}: unknown parameter {key!r} for {method} (expected "
-                            f"{', '.join(sorted(allowed)) or 'none'})")
-            continue
-        kind = (PER_INPUT.get(key) or SHARED[key])[0]
-        leaves = check(setting, kind, f"{where}.{key}", problems)
-        for v in leaves:
-            bad = _range(key, v, method)
-            if bad:
-                problems.append(f"{where}.{key} {bad}, got {v!r}")
-                break
-    return params
-
-
-def _range(key: str, v: Any, method: str | None) -> str | None:
-    if key == "density" and not 0 < v <= 1:
-        return "must be in (0, 1]"
-    if key == "gamma" and not 0 <= v < 1:
-        return "must be in [0, 1)"
-    if key == "epsilon" and not 0 <= v < 0.5:
-        return "must be in [0, 0.5)"
-    if key == "consensus" and v not in ("sum", "count"):
-        return "must be 'sum' or 'count'"
-    if key == "rescale":
-        if v not in (True, False, "inverse", "l1", "none"):
-            return ("must be one of true or 'l1' (match the task vector's L1 norm, mergekit's), 'inverse' "
-                    "(x 1/density, the DARE paper's), false or 'none' (no rescaling)")
-        if v not in (False, "none") and method in METHODS and METHODS[method][0] not in ("random", "della"):
-            return (f"rescales only random masks (dare_*, della*); {method} keeps its trimmed entries as they are "
-                    "(mergekit would L1-rescale them: not supported)")
-    return None
-
-
-def _entry(entry: Any, where: str, keys: tuple[str, ...], method: str | None, checkpoint: Any,
-           problems: list[str]) -> Source | None:
-    if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
-        problems.append(f"{where} must be a mapping with a 'model' path, got {entry!r}")
-        return None
-    problems += [f"{where}: unknown key {k!r} (expected {', '.join(keys)})" for k in entry if k not in keys]
-    params = _params(entry.get("parameters"), f"{where}.parameters", method, shared=False, problems=problems)
-    src = checkpoint(entry["model"], f"{where}.model")
-    if src is None:
-        return None
-    layers = None
-    if "layer_range" in keys:
-        lr = entry.get("layer_range")
-        if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
-                                                              for x in lr) and lr[0] < lr[1]):
-            problems.append(f"{where}.layer_range must be [first, end) with first < end, got {lr!r}")
-            return None
-        layers = (lr[0], lr[1])
-    return Source(src.ck, src.path, params, layers)
-
-
-def _slices(items: Any, method: str | None, base: Source | None, checkpoint: Any,
-            problems: list[str]) -> list[tuple[list[Source], Source | None, Any]]:
-    if not isinstance(items, list) or not items:
-        problems.append(f"slices must be a non-empty list of {{sources: [{{model, layer_range}}]}}, got {items!r}")
-        return []
-    out = []
-    for i, item in enumerate(items):
-        where = f"slices[{i}]"
-        if not isinstance(item, dict) or not isinstance(item.get("sources"), list) or not item["sources"]:
-            problems.append(f"{where} must be a mapping with a non-empty sources list, got {item!r}")
-            continue
-        problems += [f"{where}: unknown key {k!r} (expected sources, base_model, parameters)" for k in item
-                     if k not in ("sources", "base_model", "parameters")]
-        scope = _params(item.get("parameters"), f"{where}.parameters", method, shared=True, problems=problems)
-        slice_base = checkpoint(item["base_model"], f"{where}.base_model") if item.get("base_model") else base
-        srcs = [s for j, e in enumerate(item["sources"])
-                if (s := _entry(e, f"{where}.sources[{j}]", ("model", "layer_range", "parameters"), method,
-                                checkpoint, problems)) is not None]
-        if len(srcs) != len(item["sources"]):
-            continue
-        lengths = {s.layers[1] - s.layers[0] for s in srcs}
-        if len(lengths) > 1:
-            problems.append(f"{where}: every source of a slice spans the same number of layers, got "
-                            f"{sorted(lengths)}")
-        uses = BASE_USE.get(method, "ignored")
-        in_slice = slice_base is not None and any(s.ck == slice_base.ck for s in srcs)
-        if uses in ("task", "first") and not in_slice:
-            problems.append(f"{where}: {method} needs the base model among the slice's sources "
-                            f"({slice_base.path if slice_base else 'no base_model given'})")
-        n = len(srcs) - (1 if in_slice and uses != "ignored" else 0)
-        _count(method, n, where, problems)
-        out.append((srcs, slice_base if uses != "ignored" else None, scope))
-    return out
-
-
-def _path(value: Any, where: str, root: Path, problems: list[str], recipe_dir: Path | None = None) -> Path | None:
-    if not isinstance(value, str) or not value:
-        problems.append(f"{where} must be a path, got {value!r}")
-        return None
-    given = Path(value).expanduser()
-    p = given if given.is_absolute() else root / given
-    beside = None if given.is_absolute() or recipe_dir is None else recipe_dir / given
-    if beside is not None and beside.exists() and (not p.exists() or beside.resolve() != p.resolve()):
-        if p.exists():
-            problems.append(f"{where}: {value!r} is ambiguous: relative to the working directory it is {p}, relative "
-                            f"to the recipe's folder it is {beside}; polymod resolves relative paths against the "
-                            "working directory, as mergekit does — write the path absolute to say which")
-        else:
-            problems.append(f"{where}: {p} does not exist; relative paths resolve against the working directory "
-                            f"{root} (as in mergekit), and {value!r} exists only beside the recipe ({beside}): "
-                            f"run from {recipe_dir} or write the path absolute")
-        return None
-    try:
-        checkpoint_files(p)
-    except FormatError as exc:
-        problems.append(f"{where}: {exc} (polymod merges local safetensors checkpoints)")
-        return None
-    return p
 
 
 def run_recipe(recipe: Recipe, out_dir: str | os.PathLike, *, shard_bytes: int = 2 * 1024**3,
