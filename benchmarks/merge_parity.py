@@ -258,8 +258,38 @@ def mergekit_checkpoint_parity(work: Path) -> list[dict]:
     # bfloat16 TIES: the same recipe on bfloat16 checkpoints, merged in bfloat16.
     save_family(work / "bf16", 6, ("base", "ft0", "ft1", "ft2"), torch.bfloat16)
     ours, theirs, _, _ = both(work / "bf16", "ties", "merge_method: ties\ndtype: bfloat16\n" + RECIPES["ties"])
-    rows.append({"peer": "mergekit (checkpoint)", "method": "ties, bfloat16", **compare_checkpoints(ours, theirs)})
+    rows.append({"peer": "mergekit (checkpoint)", "method": "ties, bfloat16", **compare_checkpoints(ours, theirs),
+                 "why": bf16_differences(work / "bf16", ours, theirs, (0.2, 0.5, 0.3))})
     return rows
+
+
+def bf16_differences(work: Path, ours: dict, theirs: dict, density: tuple[float, ...]) -> dict:
+    """Classify the entries where a bfloat16 TIES merge differs from mergekit's.
+
+    *tie*: for some input, the entry's |τ| (τ in bfloat16, as mergekit computes it) equals that
+    input's trim threshold, so which tied entries survive is the tools' choice (mergekit's argsort
+    order, polymod's lowest index); *rounding*: not a tie, and at most 2 bfloat16 units in the last
+    place apart (polymod computes in float32, mergekit in bfloat16); *other*: anything else.
+    """
+    base = read_all(work / "base")
+    fts = [read_all(work / f"ft{i}") for i in range(3)]
+    counts = {"tie": 0, "rounding": 0, "other": 0}
+    for name, mine in ours.items():
+        differ = (mine != theirs[name]).reshape(-1)
+        if not differ.any():
+            continue
+        tie = torch.zeros_like(differ)
+        for ft, d in zip(fts, density):
+            a = (ft[name] - base[name]).abs().float().reshape(-1)  # bfloat16 subtraction, as mergekit
+            k = max(1, int(d * a.numel()))
+            tie |= a == a.topk(k).values.min()
+        x, y = mine.float().reshape(-1), theirs[name].float().reshape(-1)
+        ulp = torch.exp2(torch.floor(torch.log2(torch.maximum(x.abs(), y.abs()).clamp_min(1e-30))) - 7)
+        rounding = ~tie & ((x - y).abs() <= 2 * ulp)
+        counts["tie"] += int((differ & tie).sum())
+        counts["rounding"] += int((differ & rounding).sum())
+        counts["other"] += int((differ & ~tie & ~rounding).sum())
+    return counts
 
 
 EXAMPLES = {  # mergekit's examples/*.yml (commit a6e4028), model names mapped to a 40-layer tiny Llama family

@@ -14,9 +14,11 @@ Breadcrumbs); negation is a negative weight. What comes out:
 * all inputs LoRA: a LoRA by one of three explicit semantics (``lora=``, see
   :mod:`polymod.merging.lora`); by default ``cat`` for the methods
   linear in ΔW (exact) and ``delta`` otherwise;
-* otherwise (or ``lora="delta"`` without ``rank``) a delta module: sparse
-  (``SparseFT``, only the non-zero entries) when every input is sparse, else
-  dense (``Delta``); ``result=`` forces either.
+* otherwise (or ``lora="delta"`` without ``rank``) a delta module in the
+  smaller exact form (:mod:`.compact`): sparse (``SparseFT``, only the non-zero
+  entries; TIES/DARE merges often are) or dense (``Delta``); ``result=`` forces
+  either; ``max_rel_error=ε`` instead factorises ΔW into the lowest-rank LoRA
+  within relative error ε at every site, when that is smaller.
 
 Head modules (copies of a task head's layers) merge only with heads, by a
 weighted average (:mod:`polymod.merging.heads`). Inputs must share host, sites
@@ -35,6 +37,7 @@ from torch import nn
 from polymod.card import Lineage, Parent
 from polymod.errors import ConfigError, IncompatibleHostError, StateError
 from polymod.format import content_hash
+from polymod.merging import compact
 from polymod.merging import lora as lora_merge
 from polymod.merging.heads import merge_heads
 from polymod.merging.methods import METHODS, MergeSpec, MethodName, TensorMerge
@@ -50,8 +53,8 @@ LoraSemantics = Literal["delta", "cat", "ab"]
 
 def merge(modules: Sequence[Module] | Mapping[str, Module], method: MethodName = "linear",
           weights: Sequence[float] | None = None, *, lora: LoraSemantics | None = None, rank: int | None = None,
-          result: Literal["auto", "dense", "sparse"] = "auto", host: nn.Module | None = None,
-          name: str | None = None, seed: int = 0, **params: Any) -> Module:
+          result: Literal["auto", "dense", "sparse"] = "auto", max_rel_error: float | None = None,
+          host: nn.Module | None = None, name: str | None = None, seed: int = 0, **params: Any) -> Module:
     """Merge modules into a new module whose card records its lineage.
 
     Args:
@@ -63,7 +66,11 @@ def merge(modules: Sequence[Module] | Mapping[str, Module], method: MethodName =
         lora: for LoRA inputs, ``delta`` (ΔW-wise), ``cat`` (concatenation) or ``ab`` (A/B-wise).
         rank: with ``lora="delta"``, re-factorise the merged ΔW into a LoRA of this rank by SVD;
             the relative error per site goes to ``card.metrics["svd_relative_error"]``.
-        result: ``dense`` or ``sparse`` delta module, or ``auto`` (sparse iff all inputs are sparse).
+        result: ``dense`` or ``sparse`` delta module, or ``auto``: the smaller exact form (sparse
+            when all inputs are sparse or the merged ΔW has few enough non-zeros, else dense).
+        max_rel_error: store ΔW as the lowest-rank LoRA whose relative Frobenius error is at most
+            this at every site, when that is smaller than the exact form (else the exact form, error
+            0). The rank, error and sizes go to ``card.metrics["representation"]``.
         host: the host (or ``Modular``) the inputs act on; needed only for kinds whose delta
             reads the host weight (IA³) when they are not attached to a ``Modular``.
         name: the merged module's card name.
@@ -100,6 +107,14 @@ def merge(modules: Sequence[Module] | Mapping[str, Module], method: MethodName =
     if rank is not None and (lora != "delta" or not isinstance(rank, int) or rank < 1):
         raise ConfigError(f"rank (SVD re-factorisation) needs lora='delta' and a positive integer, "
                           f"got rank={rank!r} with lora={lora!r}")
+    if max_rel_error is not None:
+        bad = compact.check_bound(max_rel_error)
+        if bad is None and (rank is not None or lora in ("cat", "ab") or result != "auto"):
+            bad = (f"max_rel_error chooses the representation itself; it cannot be combined with rank, "
+                   f"lora={lora!r} or result={result!r} (for LoRA inputs it needs lora='delta', the default "
+                   "for non-linear methods)")
+        if bad:
+            raise ConfigError(bad)
     recipe = recipe_of(spec)
     metrics: dict[str, Any] = {}
     if any(m.kind == "head" for m in mods):  # heads hold weights, not deltas: averaged, or refused with the reason
@@ -113,10 +128,18 @@ def merge(modules: Sequence[Module] | Mapping[str, Module], method: MethodName =
         if rank is not None:
             out, errors = _svd_module(mods[0], mixed_w, rank)
             metrics["svd_relative_error"] = {"max": max(errors.values(), default=0.0), "per_site": errors}
+        elif max_rel_error is not None:
+            out, info = _within_bound(mods, mixed_w, mixed_b, float(max_rel_error))
+            metrics["representation"] = info
+            if out.kind == "lora":
+                metrics["svd_relative_error"] = {"max": info["max_rel_error_measured"], "per_site": info["per_site"]}
         else:
             out = _delta_module(mods, mixed_w, mixed_b, result)
+            metrics["representation"] = {"kind": out.kind, "bytes": _exact_bytes(mixed_w)[out.kind],
+                                         "dense_bytes": compact.dense_bytes(mixed_w)}
         recipe.update({"lora": lora} if lora else {})
         recipe.update({"rank": rank} if rank else {})
+        recipe.update({"max_rel_error": max_rel_error} if max_rel_error is not None else {})
     recipe["result"] = out.kind
     out.card.name = name
     out.card.host = _restricted_host(mods[0], list(out.sites))
@@ -311,9 +334,41 @@ def _svd_module(ref: Module, mixed: dict[str, torch.Tensor], rank: int) -> tuple
     return _lora_module(ref, factors), errors
 
 
+def _exact_bytes(mixed_w: dict[str, torch.Tensor]) -> dict[str, int]:
+    return {"delta": compact.dense_bytes(mixed_w), "sparse": compact.sparse_bytes(mixed_w)}
+
+
+def _within_bound(mods: list[Module], mixed_w: dict[str, torch.Tensor], mixed_b: dict[str, torch.Tensor],
+                  bound: float) -> tuple[Module, dict[str, Any]]:
+    """The lowest-rank LoRA within ``bound`` at every site, or the exact form when that is not smaller."""
+    if any(bool(b.any()) for b in mixed_b.values()):
+        raise ConfigError("max_rel_error factorises weight deltas; the merged modules also change biases, which "
+                          "a LoRA cannot hold: leave max_rel_error out (the result keeps the exact deltas)")
+    ref = mods[0]
+    oriented = {s: lora_merge.to_out_in(d, ref.sites[s].kind) for s, d in mixed_w.items()}  # (D_out, D_in)
+    curves = {s: compact.truncation_errors(d) for s, d in oriented.items()}
+    rank = max(max((compact.smallest_rank(c, bound) for c in curves.values()), default=1), 1)
+    exact = _delta_module(mods, mixed_w, mixed_b, "auto")
+    sizes = _exact_bytes(mixed_w)
+    itemsize = next(iter(mixed_w.values())).element_size()
+    low = compact.lora_bytes([tuple(d.shape) for d in oriented.values()], rank, itemsize)
+    info: dict[str, Any] = {"max_rel_error": bound, "rank_needed": rank, "lora_bytes": low,
+                            "dense_bytes": sizes["delta"], "sparse_bytes": sizes["sparse"]}
+    if low >= sizes[exact.kind]:
+        info.update(kind=exact.kind, bytes=sizes[exact.kind], max_rel_error_measured=0.0,
+                    note=f"rank {rank} is not smaller than the exact {exact.kind} form: kept exact")
+        return exact, info
+    out, errors = _svd_module(ref, mixed_w, rank)
+    info.update(kind="lora", bytes=low, rank=rank, max_rel_error_measured=max(errors.values(), default=0.0),
+                per_site=errors)
+    return out, info
+
+
 def _delta_module(mods: list[Module], mixed_w: dict[str, torch.Tensor], mixed_b: dict[str, torch.Tensor],
                   result: str) -> Module:
-    sparse = result == "sparse" or (result == "auto" and all(m.kind == "sparse" for m in mods))
+    smaller = (not any(bool(b.any()) for b in mixed_b.values())
+               and compact.sparse_bytes(mixed_w) < compact.dense_bytes(mixed_w))
+    sparse = result == "sparse" or (result == "auto" and (all(m.kind == "sparse" for m in mods) or smaller))
     sites = _sites(mods[0])
     if sparse:
         if any(bool(b.any()) for b in mixed_b.values()):
