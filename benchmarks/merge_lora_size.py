@@ -54,14 +54,14 @@ def main() -> None:
                      "max_rel_error": 0.0})
         auto = merge(inputs, "ties", density=0.2)
         rows.append({"representation": f"auto: {auto.kind} (exact)", "file_bytes": saved(auto, "auto"),
-                     "max_rel_error": 0.0, **{k: auto.card.metrics["representation"][k] for k in ("bytes",)}})
+                     "max_rel_error": 0.0, "bytes": auto.card.metrics["representation"]["value"]})
         for bound in BOUNDS:
             low = merge(inputs, "ties", density=0.2, max_rel_error=bound)
             rep = low.card.metrics["representation"]
             rows.append({"representation": f"max_rel_error={bound}: {low.kind}"
                                             + (f" rank {rep['rank']}" if low.kind == "lora" else ""),
-                         "file_bytes": saved(low, f"b{bound}"), "max_rel_error": rep["max_rel_error_measured"],
-                         "bytes": rep["bytes"], "rank_needed": rep["rank_needed"], "lora_bytes": rep["lora_bytes"]})
+                         "file_bytes": saved(low, f"b{bound}"), "max_rel_error": rep["measured_rel_error"],
+                         "bytes": rep["value"], "rank_needed": rep["rank_needed"], "lora_bytes": rep["lora_bytes"]})
     for r in rows:
         r["ratio_to_input"] = round(r["file_bytes"] / rows[0]["file_bytes"], 2)
     out = ROOT / "benchmarks/results/merge_lora_size.json"

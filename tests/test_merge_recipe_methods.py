@@ -10,7 +10,7 @@ import torch
 import transformers as tf
 
 import polymod as pm
-from polymod.merging.interp import InterpSpec
+from polymod.merging.interp import InterpSpec, interp_tensor
 from polymod.merging.methods import MergeSpec
 from polymod.merging.recipe import load_recipe, merge_command
 from polymod.merging.settings import evaluate
@@ -106,6 +106,7 @@ dtype: float32
     for name in got:
         t = specs[name].t
         torch.testing.assert_close(got[name].double(), slerp_ref(t, base[name], ft[name]), rtol=0, atol=2e-7)
+        assert torch.equal(got[name], interp_tensor(specs[name], name, [base[name], ft[name]])), name  # streamed
     assert torch.equal(got["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
 
 

@@ -38,6 +38,7 @@ import torch
 from polymod.errors import ConfigError
 
 InterpMethod = Literal["slerp", "nuslerp", "model_stock"]
+_CHUNK = 1 << 15  # dot-product chunks at fixed flat positions: sums do not depend on how a tensor is read
 Grouping = Literal["tensor", "rows", "columns"]
 
 
@@ -88,7 +89,6 @@ class GroupedMerge:
 
     needs_stats = False
     needs_block_stats = True
-    align = 1
 
     def __init__(self, spec: InterpSpec, name: str, shape: tuple[int, ...]):
         self.spec, self.name, self.shape = spec, name, tuple(shape)
@@ -105,6 +105,8 @@ class GroupedMerge:
         self._sq = torch.zeros(n, self._groups, dtype=torch.float64)  # Σ x² per input and group
         self._dot = torch.zeros(n, n, self._groups, dtype=torch.float64)  # Σ xᵢxⱼ, i < j
         self._coef: list[torch.Tensor] | None = None
+        # blocks start on a row (rows: a trailing-dimension row; columns: a row of the leading dimension)
+        self.align = 1 if self._groups == 1 else (self._mod or self._div)
 
     def _group_ids(self, offset: int, length: int) -> torch.Tensor | None:
         if self._groups == 1:
@@ -112,23 +114,34 @@ class GroupedMerge:
         idx = torch.arange(offset, offset + length)
         return idx % self._mod if self._mod else idx // self._div
 
-    def _sum(self, values: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
-        v = values.to(torch.float64)
-        if ids is None:
-            return v.sum().reshape(1)
-        return torch.zeros(self._groups, dtype=torch.float64).index_add_(0, ids, v)
+    def _inner(self, x: torch.Tensor, y: torch.Tensor, offset: int) -> torch.Tensor:
+        """Σ x·y per group over flat entries [offset, offset + len), as float64."""
+        if self._groups == 1:  # float32 dot products over fixed 2¹⁵-entry chunks, summed in float64
+            cuts = [offset, *range((offset // _CHUNK + 1) * _CHUNK, offset + x.numel(), _CHUNK), offset + x.numel()]
+            return torch.tensor([sum(float(torch.dot(x[a - offset:b - offset], y[a - offset:b - offset]))
+                                     for a, b in zip(cuts, cuts[1:]))], dtype=torch.float64)
+        width = self._mod or self._div
+        if offset % width or x.numel() % width:  # a range not made of whole rows: entry by entry
+            ids = self._group_ids(offset, x.numel())
+            return torch.zeros(self._groups, dtype=torch.float64).index_add_(0, ids, (x * y).to(torch.float64))
+        prod = (x * y).view(-1, width)  # (rows of this range, width)
+        if self._mod:  # columns: each row adds one entry to every group
+            return prod.sum(dim=0, dtype=torch.float64)
+        first = offset // width
+        out = torch.zeros(self._groups, dtype=torch.float64)
+        out[first:first + prod.shape[0]] = prod.sum(dim=1, dtype=torch.float64)
+        return out
 
     def observe_block(self, xs: list[torch.Tensor], offset: int) -> None:
         """Accumulate the statistics of flat entries ``[offset, offset + len)`` of every input."""
         flat = [x.reshape(-1) for x in xs]
-        ids = self._group_ids(offset, flat[0].numel())
         if self.spec.method == "model_stock":  # angles between task vectors θᵢ − θ₀ (inputs: θ₀, θ₁, …)
             flat = [flat[0], *[x - flat[0] for x in flat[1:]]]
         first = 1 if self.spec.method == "model_stock" else 0
         for i in range(first, len(flat)):
-            self._sq[i] += self._sum(flat[i] * flat[i], ids)
+            self._sq[i] += self._inner(flat[i], flat[i], offset)
             for j in range(i + 1, len(flat)):
-                self._dot[i, j] += self._sum(flat[i] * flat[j], ids)
+                self._dot[i, j] += self._inner(flat[i], flat[j], offset)
 
     def _coefficients(self, dtype: torch.dtype) -> list[torch.Tensor]:
         if self._coef is not None:

@@ -132,10 +132,11 @@ def merge(modules: Sequence[Module] | Mapping[str, Module], method: MethodName =
             out, info = _within_bound(mods, mixed_w, mixed_b, float(max_rel_error))
             metrics["representation"] = info
             if out.kind == "lora":
-                metrics["svd_relative_error"] = {"max": info["max_rel_error_measured"], "per_site": info["per_site"]}
+                worst = info["measured_rel_error"]
+                metrics["svd_relative_error"] = {"value": worst, "max": worst, "rank": info["rank"]}
         else:
             out = _delta_module(mods, mixed_w, mixed_b, result)
-            metrics["representation"] = {"kind": out.kind, "bytes": _exact_bytes(mixed_w)[out.kind],
+            metrics["representation"] = {"value": _exact_bytes(mixed_w)[out.kind], "unit": "bytes", "kind": out.kind,
                                          "dense_bytes": compact.dense_bytes(mixed_w)}
         recipe.update({"lora": lora} if lora else {})
         recipe.update({"rank": rank} if rank else {})
@@ -352,15 +353,15 @@ def _within_bound(mods: list[Module], mixed_w: dict[str, torch.Tensor], mixed_b:
     sizes = _exact_bytes(mixed_w)
     itemsize = next(iter(mixed_w.values())).element_size()
     low = compact.lora_bytes([tuple(d.shape) for d in oriented.values()], rank, itemsize)
-    info: dict[str, Any] = {"max_rel_error": bound, "rank_needed": rank, "lora_bytes": low,
+    # a card metric: a numeric "value" (the bytes stored) and short fields
+    info: dict[str, Any] = {"unit": "bytes", "max_rel_error": bound, "rank_needed": rank, "lora_bytes": low,
                             "dense_bytes": sizes["delta"], "sparse_bytes": sizes["sparse"]}
     if low >= sizes[exact.kind]:
-        info.update(kind=exact.kind, bytes=sizes[exact.kind], max_rel_error_measured=0.0,
+        info.update(value=sizes[exact.kind], kind=exact.kind, measured_rel_error=0.0,
                     note=f"rank {rank} is not smaller than the exact {exact.kind} form: kept exact")
         return exact, info
     out, errors = _svd_module(ref, mixed_w, rank)
-    info.update(kind="lora", bytes=low, rank=rank, max_rel_error_measured=max(errors.values(), default=0.0),
-                per_site=errors)
+    info.update(value=low, kind="lora", rank=rank, measured_rel_error=max(errors.values(), default=0.0))
     return out, info
 
 
