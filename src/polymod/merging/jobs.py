@@ -24,6 +24,7 @@ from polymod.merging.methods import MergeSpec, TensorMerge
 from polymod.merging.shards import Checkpoint, ShardedWriter
 
 TensorRef = tuple[int, str]  # (checkpoint index, tensor name)
+HOLD_BYTES = 384 * 1024**2  # inputs of one tensor held between the statistics and the merge pass
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,14 @@ def _stream_tensor(job: Job, cks: list[Checkpoint], writer: ShardedWriter, out_d
     if not info.dtype.is_floating_point:  # integer buffers travel from the reference unchanged
         writer.write(job.name, cks[ref_ck].read(ref_name))
         return
+    spec = job.spec
+    if (isinstance(spec, MergeSpec) and spec.method == "linear" and len(job.inputs) == 1 and job.base is None
+            and spec.weights == (1.0,) and spec.lam == 1.0 and info.dtype == out_dtype):
+        for start in range(0, info.numel, block):  # a plain copy (passthrough): bytes in, bytes out
+            span = (start, min(info.numel, start + block))
+            writer.write(job.name, cks[ref_ck].read(ref_name, span, out=scratch("copy", (span[1] - start)
+                                                                               * info.dtype.itemsize)))
+        return
     work = work_dtype(info.dtype)
 
     def read(ref: TensorRef, key: str, span: tuple[int, int] | None) -> torch.Tensor:
@@ -130,7 +139,17 @@ def _stream_tensor(job: Job, cks: list[Checkpoint], writer: ShardedWriter, out_d
     block = max(align, block // align * align)
     spans = [(s, min(info.numel, s + block)) for s in range(0, info.numel, block)]
 
+    held = None  # two passes over blocks of all inputs: read them once when they fit in HOLD_BYTES
+    if merger.needs_block_stats and (len(job.inputs) + (job.base is not None)) * info.numel * work.itemsize \
+            <= HOLD_BYTES:
+        b_full = read(job.base, "base-full", None).reshape(-1) if job.base is not None else None
+        xs_full = [read(ref, f"held{i}", None).reshape(-1) for i, ref in enumerate(job.inputs)]
+        held = (b_full, [x.sub_(b_full) for x in xs_full] if b_full is not None else xs_full)
+
     def inputs(span: tuple[int, int]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        if held is not None:
+            return (held[0][span[0]:span[1]] if held[0] is not None else None,
+                    [x[span[0]:span[1]] for x in held[1]])
         b = read(job.base, "base", span) if job.base is not None else None
         xs = [read(ref, f"input{i}", span) for i, ref in enumerate(job.inputs)]
         return b, [x.sub_(b) for x in xs] if b is not None else xs
