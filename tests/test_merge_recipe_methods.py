@@ -262,3 +262,20 @@ tokenizer_source: union
         f"model: {ck / 'ft0'}\n        layer_range: [0, 2]", f"model: {ck / 'base'}\n        layer_range: [0, 3]"))
     with pytest.raises(pm.ConfigError, match=r"layer_range \[2, 9\] is outside its 3 layers"):
         load_recipe(recipe)
+
+
+def test_a_float32_passthrough_copies_bytes_exactly(ck, tmp_path):
+    _, got, out = run(tmp_path, f"""
+merge_method: passthrough
+slices:
+  - sources: [{{model: {ck / 'ft2'}, layer_range: [1, 3]}}]
+  - sources: [{{model: {ck / 'ft0'}, layer_range: [0, 1]}}]
+""")
+    a, c = read(ck / "ft0"), read(ck / "ft2")
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+    for rest in ("self_attn.k_proj.weight", "mlp.down_proj.weight", "post_attention_layernorm.weight"):
+        assert torch.equal(got[f"model.layers.0.{rest}"], c[f"model.layers.1.{rest}"])
+        assert torch.equal(got[f"model.layers.1.{rest}"], c[f"model.layers.2.{rest}"])
+        assert torch.equal(got[f"model.layers.2.{rest}"], a[f"model.layers.0.{rest}"])
+    assert torch.equal(got["model.embed_tokens.weight"], c["model.embed_tokens.weight"])
+    assert torch.equal(got["lm_head.weight"], a["lm_head.weight"])
