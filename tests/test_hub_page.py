@@ -92,3 +92,39 @@ def test_empty_sections_are_hidden(page):
     _, _, bare = page
     assert 'id="metrics"' not in bare and 'id="readme"' not in bare and 'id="lineage"' not in bare
     assert "<th>task</th>" not in bare and "<th>tags</th>" not in bare and 'id="description"' not in bare
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("width", [390, 1280])
+def test_browser_layout_and_readme_xss(page, tmp_path, width):
+    """Headless Chromium at a phone's and a laptop's width: no script from the README runs, nothing overflows
+    the viewport sideways, and the facet column never overlaps the results. Screenshots go to tmp_path."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    from tests.test_hub_web import _chromium
+
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed and could not be installed (apt-get install chromium)")
+    url = page[0]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        tab = browser.new_page(viewport={"width": width, "height": 900})
+        dialogs: list[str] = []
+        tab.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        tab.goto(f"{url}/m/alice/senti")
+        tab.wait_for_selector("#readme h1")
+        assert tab.inner_text("#readme h1") == "Sentiment LoRA"
+        assert tab.evaluate("document.documentElement.scrollWidth") <= width, "the page scrolls sideways"
+        tab.screenshot(path=str(tmp_path / f"module-{width}.png"), full_page=True)
+        tab.goto(f"{url}/?q=")
+        tab.wait_for_selector("#total")
+        results, facets = tab.locator(".results").bounding_box(), tab.locator(".facets").bounding_box()
+        overlap_x = min(results["x"] + results["width"], facets["x"] + facets["width"]) - max(results["x"], facets["x"])
+        overlap_y = min(results["y"] + results["height"], facets["y"] + facets["height"]) - max(results["y"],
+                                                                                                facets["y"])
+        assert overlap_x <= 0 or overlap_y <= 0, (results, facets)
+        assert tab.evaluate("document.documentElement.scrollWidth") <= width
+        tab.screenshot(path=str(tmp_path / f"search-{width}.png"), full_page=True)
+        browser.close()
+    assert dialogs == [], f"a script ran: {dialogs}"
+    assert (tmp_path / f"module-{width}.png").stat().st_size > 1000
