@@ -71,3 +71,11 @@ def test_descendants_are_bounded_and_paginated(tmp_path, store):
         assert width < 3000 and f"of {count}" in html and "?descendants=12" in html
         api = httpx.get(f"{url}/api/v1/modules/alice/base/versions/1.0.0/lineage", params={"offset": 12}).json()
         assert api["children"] == {"total": count, "offset": 12, "limit": MAX_CHILDREN}
+
+
+def test_names_differing_only_by_case_are_refused(tmp_path, store):
+    hub.push(make_package(tmp_path / "a", seed=1), "alice/senti@1.0.0", hub=store)
+    with pytest.raises(hub.ConflictError, match="alice/senti exists; alice/Senti differs from it only by case"):
+        hub.push(make_package(tmp_path / "b", seed=2), "alice/Senti@1.0.0", hub=store)
+    hub.push(make_package(tmp_path / "c", seed=3), "alice/senti@1.1.0", hub=store)  # the same name is fine
+    hub.push(make_package(tmp_path / "d", seed=4), "bob/Senti@1.0.0", hub=store)  # another owner's namespace

@@ -358,6 +358,11 @@ class Store:
                         raise ConflictError(f"{owner}/{name}@{version} already exists with different content; "
                                             "published versions are immutable: bump the version")
                 else:
+                    twin = conn.execute("SELECT name FROM versions WHERE owner=? AND lower(name)=lower(?) AND name!=? "
+                                        "LIMIT 1", (owner, name, name)).fetchone()
+                    if twin is not None:  # alice/Senti next to alice/senti would let one pose as the other
+                        raise ConflictError(f"{owner}/{twin['name']} exists; {owner}/{name} differs from it only by "
+                                            f"case: publish as {owner}/{twin['name']} or choose another name")
                     check_parents(conn, owner, card.lineage.parents)
                     self._insert(conn, owner, name, sv, card, files, sizes, content, uploader)
             return self.get(owner, name, version, conn=conn)
