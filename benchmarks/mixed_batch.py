@@ -194,7 +194,7 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
         seq = ratio.get("sequential")
         speed = f"{med['sequential'] / med['polymod']:>11.1f}" if seq else f"{'-':>11}"
         print(f"{row['workload']:<8} {row['distinct']:>5} {med['bare host']:>8.4f} {ratio['polymod']:>8.3f} "
-              f"{ratio['PEFT']:>8.3f} {seq if seq is None else round(seq, 3):>10} {speed} "
+              f"{ratio['PEFT']:>8.3f} {'-' if seq is None else round(seq, 3):>10} {speed} "
               f"{row['max_abs_diff_vs_peft']:>9.1e}")
     print("(polymod, PEFT, sequential: time as a multiple of the bare host's; seq/polymod: speed-up over sequential)")
     RESULTS.mkdir(exist_ok=True)
