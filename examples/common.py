@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+import polymod as pm
 from polymod import assets
 
 
@@ -37,3 +38,21 @@ def accuracy(host: torch.nn.Module, data: dict[str, torch.Tensor], batch_size: i
                       attention_mask=data["attention_mask"][i:i + batch_size]).logits
         right += int((logits.argmax(-1) == data["labels"][i:i + batch_size]).sum())
     return right / len(data["labels"])
+
+
+def train_movie_modules(model: pm.Modular, tokenizer, train_size: int, eval_size: int,
+                        steps: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Train one LoRA per movie-review task ('rt', 'imdb') on the model's host; return each task's test split.
+
+    The LoRAs also cover the classifier: both live on this one host (one random head), so they compose and
+    merge here; modules meant for other processes keep the head in a ``pm.Head`` (see train_save_load.py).
+    """
+    tests = {}
+    for name, load in (("rt", assets.rotten_tomatoes), ("imdb", assets.imdb)):
+        train_split, test_split = load(train=train_size, test=eval_size)
+        model.add(name, pm.LoRA(rank=8, sites="attn.q|attn.v|classifier"))
+        model.use(name)
+        pm.Trainer(model, [name], encode(tokenizer, train_split),
+                   config=pm.TrainConfig(steps=steps, batch_size=16, lr=4e-3, progress=False)).fit()
+        tests[name] = encode(tokenizer, test_split)
+    return tests

@@ -17,10 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import accuracy, encode, minilm_classifier  # noqa: E402
+from common import accuracy, minilm_classifier, train_movie_modules  # noqa: E402
 
 import polymod as pm  # noqa: E402
-from polymod import assets  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
@@ -34,14 +33,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parser.parse_args(argv)
     host, tokenizer = minilm_classifier()
     model = pm.Modular(host)
-    tests = {}
-    for name, load in (("rt", assets.rotten_tomatoes), ("imdb", assets.imdb)):
-        train_split, test_split = load(train=args.train_size, test=args.eval_size)
-        model.add(name, pm.LoRA(rank=8, sites="attn.q|attn.v|classifier"))
-        model.use(name)
-        pm.Trainer(model, [name], encode(tokenizer, train_split),
-                   config=pm.TrainConfig(steps=args.steps, batch_size=16, lr=4e-3, progress=False)).fit()
-        tests[name] = encode(tokenizer, test_split)
+    tests = train_movie_modules(model, tokenizer, args.train_size, args.eval_size, args.steps)
     merged = pm.merge({"rt": model["rt"], "imdb": model["imdb"]}, method="ties", density=0.2)
     model.add("merged", merged)
     model.use("merged")
