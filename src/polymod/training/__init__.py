@@ -11,7 +11,8 @@ from polymod.training.config import TrainConfig
 from polymod.training.data import causal_lm_labels
 from polymod.training.evaluate import accuracy, evaluate
 from polymod.training.multitask import Task, evaluate_tasks, temperature_probabilities
-from polymod.training.trainer import Trainer, TrainResult
+from polymod.training.outputs import TrainResult
+from polymod.training.trainer import Trainer
 
 __all__ = ["Task", "TrainConfig", "TrainResult", "Trainer", "accuracy", "causal_lm_labels", "evaluate",
            "evaluate_tasks", "temperature_probabilities"]

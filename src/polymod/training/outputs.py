@@ -1,4 +1,4 @@
-"""What a finished run leaves in its output directory.
+"""What a finished run leaves: its :class:`TrainResult`, and the files in its output directory.
 
 * ``trained.safetensors`` — every trained parameter, ``<name>.<parameter>``;
 * ``modules/<name>/`` — each trained library module in polymod's module format
@@ -12,41 +12,70 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from polymod.format import save
+from polymod.modules.contract import Module
+from polymod.training.config import TrainConfig
 
-if TYPE_CHECKING:  # the trainer writes its outputs through this file: importing it back would be a cycle
-    from polymod.training.trainer import Trainer, TrainResult
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` did.
+
+    Attributes:
+        step: optimiser steps completed.
+        stopped_early: whether early stopping ended the run.
+        metrics: the last evaluation (empty without evaluation data).
+        best: ``{"step", "value"}`` of the best evaluation of ``monitor`` (None without evaluation).
+        history: every evaluation record, in order.
+        output_dir: where logs, checkpoints and trained modules were written (None: nowhere).
+        train_loss: the mean training loss of the last logged window (None if this call logged none).
+    """
+
+    step: int
+    stopped_early: bool
+    metrics: dict[str, float]
+    best: dict[str, float] | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    output_dir: Path | None = None
+    train_loss: float | None = None
 
 
-def recipe(trainer: Trainer) -> dict[str, Any]:
+def recipe(config: TrainConfig, trainables: Iterable[str], tasks: Iterable[str | None]) -> dict[str, Any]:
     """The lineage recipe recorded on trained modules' cards."""
-    cfg = trainer.config
-    return {"method": "polymod.training.Trainer", "steps": cfg.steps, "batch_size": cfg.batch_size,
-            "grad_accum": cfg.grad_accum, "lr": cfg.lr, "schedule": cfg.schedule, "warmup": cfg.warmup,
-            "seed": cfg.seed, "trained_with": sorted(trainer.trainables),
-            "tasks": [t for t in trainer.tasks if t is not None]}
+    return {"method": "polymod.training.Trainer", "steps": config.steps, "batch_size": config.batch_size,
+            "grad_accum": config.grad_accum, "lr": config.lr, "schedule": config.schedule, "warmup": config.warmup,
+            "seed": config.seed, "trained_with": sorted(trainables), "tasks": [t for t in tasks if t is not None]}
 
 
-def write_outputs(trainer: Trainer, result: TrainResult) -> None:
-    """Write ``trained.safetensors``, ``modules/`` and ``result.json`` under ``trainer.output_dir``."""
+def write_outputs(out: Path, weights: Mapping[str, torch.Tensor], result: TrainResult, *,
+                  modules: Mapping[str, Module], recipe: dict[str, Any], host: nn.Module | None) -> None:
+    """Write ``trained.safetensors``, ``modules/`` and ``result.json`` under ``out``.
 
-    out: Path = trainer.output_dir
+    Args:
+        out: the run's output directory (created if missing).
+        weights: every trained parameter, ``<name>.<parameter>``.
+        result: what the run did; its final evaluation goes on each module's card.
+        modules: the trained library modules, by name, saved in polymod's format.
+        recipe: the lineage recipe for their cards (:func:`recipe`).
+        host: the host they were trained on, recorded as the card's base model (None: not recorded).
+    """
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".trained.safetensors.tmp"
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in trainer.weights().items()}, str(tmp))
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(tmp))
     os.replace(tmp, out / "trained.safetensors")
-    library = getattr(trainer.model, "library", {})
-    for name in trainer.trainables:
-        if name in library:
-            module = library[name]
-            module.card.metrics = dict(result.metrics)
-            module.card.lineage.recipe = recipe(trainer)
-            save(module, out / "modules" / name, base_model=getattr(trainer.model, "host", None))
+    for name, module in modules.items():
+        module.card.metrics = dict(result.metrics)
+        module.card.lineage.recipe = recipe
+        save(module, out / "modules" / name, base_model=host)
     summary = {"step": result.step, "stopped_early": result.stopped_early, "best": result.best,
                "metrics": result.metrics}
     (out / "result.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

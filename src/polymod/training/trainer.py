@@ -46,35 +46,12 @@ from polymod.training.evaluate import METRICS, LossFn, Metric, host_loss
 from polymod.training.host import HostGuard, require_active, resolve_trainables
 from polymod.training.multitask import TaskStream, as_tasks, evaluate_tasks, routing
 from polymod.training.optim import autocast_dtype, autocast_factory, build_optimizer, grad_scaler
-from polymod.training.outputs import write_outputs
+from polymod.training.outputs import TrainResult, recipe, write_outputs
 from polymod.training.progress import MetricsLog, ProgressBar
 
 # Settings that may change between a run and its resumption without changing what is computed.
 _RESUMABLE_CHANGES = {"steps", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "progress",
                       "patience"}
-
-
-@dataclass
-class TrainResult:
-    """What :meth:`Trainer.fit` did.
-
-    Attributes:
-        step: optimiser steps completed.
-        stopped_early: whether early stopping ended the run.
-        metrics: the last evaluation (empty without evaluation data).
-        best: ``{"step", "value"}`` of the best evaluation of ``monitor`` (None without evaluation).
-        history: every evaluation record, in order.
-        output_dir: where logs, checkpoints and trained modules were written (None: nowhere).
-        train_loss: the mean training loss of the last logged window (None if this call logged none).
-    """
-
-    step: int
-    stopped_early: bool
-    metrics: dict[str, float]
-    best: dict[str, float] | None
-    history: list[dict[str, Any]] = field(default_factory=list)
-    output_dir: Path | None = None
-    train_loss: float | None = None
 
 
 @dataclass
@@ -186,7 +163,11 @@ class Trainer:
         if self.rank == 0:
             bar.summary(state.step, state.last_loss, result.metrics)
         if self.output_dir is not None and self.rank == 0:
-            write_outputs(self, result)
+            write_outputs(self.output_dir, self.weights(), result,
+                          modules={n: m for n, m in getattr(self.model, "library", {}).items()
+                                   if n in self.trainables},
+                          recipe=recipe(self.config, self.trainables, self.tasks),
+                          host=getattr(self.model, "host", None))
         return result
 
     def evaluate(self) -> dict[str, float]:
