@@ -109,3 +109,19 @@ def svd_factor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tens
 def to_out_in(delta: torch.Tensor, site_kind: str) -> torch.Tensor:
     """ΔW from the host layout to (D_out, D_in): Conv1D and Embedding store it transposed."""
     return delta if site_kind == "linear" else delta.t()
+
+
+def svd_error_metric(errors: dict[str, float], rank: int) -> dict[str, float | int | str]:
+    """The card metric of an SVD re-factorisation: the worst site's relative error as its ``value``.
+
+    A hub card metric is a number or an object with a numeric ``value`` and short fields, so
+    the per-site errors are summarised (worst, mean, the worst site's name) rather than listed.
+
+    Args:
+        errors: ‖ΔW − B A‖_F / ‖ΔW‖_F per site.
+        rank: the rank of the re-factorised LoRA.
+    """
+    worst_site = max(errors, key=errors.__getitem__, default="")
+    worst = errors.get(worst_site, 0.0)
+    mean = sum(errors.values()) / len(errors) if errors else 0.0
+    return {"value": worst, "max": worst, "mean": mean, "rank": rank, "worst_site": worst_site[:200]}

@@ -65,7 +65,8 @@ def merge(modules: Sequence[Module] | Mapping[str, Module], method: MethodName =
         weights: w_i per input (default 1/N for ``linear``, 1 otherwise); negative weights negate.
         lora: for LoRA inputs, ``delta`` (ΔW-wise), ``cat`` (concatenation) or ``ab`` (A/B-wise).
         rank: with ``lora="delta"``, re-factorise the merged ΔW into a LoRA of this rank by SVD;
-            the relative error per site goes to ``card.metrics["svd_relative_error"]``.
+            the worst site's relative error is ``card.metrics["svd_relative_error"]["value"]``
+            (with the mean, the rank and the worst site's name).
         result: ``dense`` or ``sparse`` delta module, or ``auto``: the smaller exact form (sparse
             when all inputs are sparse or the merged ΔW has few enough non-zeros, else dense).
         max_rel_error: store ΔW as the lowest-rank LoRA whose relative Frobenius error is at most
@@ -127,7 +128,7 @@ def merge(modules: Sequence[Module] | Mapping[str, Module], method: MethodName =
         mixed_w, mixed_b = _merge_deltas(spec, deltas, biases)
         if rank is not None:
             out, errors = _svd_module(mods[0], mixed_w, rank)
-            metrics["svd_relative_error"] = {"max": max(errors.values(), default=0.0), "per_site": errors}
+            metrics["svd_relative_error"] = lora_merge.svd_error_metric(errors, rank)
         elif max_rel_error is not None:
             out, info = _within_bound(mods, mixed_w, mixed_b, float(max_rel_error))
             metrics["representation"] = info
