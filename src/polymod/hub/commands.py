@@ -106,16 +106,21 @@ def search(query: Annotated[str, typer.Argument(help="free text")] = "",
            language: Annotated[str | None, typer.Option(help="language")] = None,
            tag: Annotated[str | None, typer.Option(help="tag")] = None,
            owner: Annotated[str | None, typer.Option(help="owner")] = None,
-           limit: Annotated[int, typer.Option(help="at most this many hits")] = 20,
+           limit: Annotated[int, typer.Option(help="at most this many hits (1-100)")] = 20,
+           offset: Annotated[int, typer.Option(help="skip this many hits (the next page's offset is printed)")] = 0,
            hub: HubOpt = None, as_json: JsonOpt = False) -> None:
-    """Search modules by text and facets."""
-    result = pmhub.search(query, hub=hub, limit=limit, owner=owner, kind=kind, architecture=architecture,
-                          task=task, language=language, tag=tag)
+    """Search modules by text and facets, a page at a time."""
+    result = pmhub.search(query, hub=hub, limit=limit, offset=offset, owner=owner, kind=kind,
+                          architecture=architecture, task=task, language=language, tag=tag)
     if as_json:
         return _dump(result.to_dict())
-    out(f"{result.total} module(s)")
+    partial = result.hits and len(result.hits) < result.total
+    shown = f", {offset + 1}-{offset + len(result.hits)} shown" if partial else ""
+    out(f"{result.total} module(s){shown}")
     for h in result.hits:
         out(f"{h['owner']}/{h['name']}@{h['version']}  {h['kind']}  {h['task'] or ''}  {h['description'] or ''}")
+    if result.next_offset is not None:
+        out(f"more: --offset {result.next_offset}")
 
 
 @app.command()
@@ -127,7 +132,8 @@ def show(ref: Annotated[str, typer.Argument(help="owner/name[@version]")], hub: 
         return _dump(info.to_dict())
     card = info.card
     out(f"{info.ref}{'  [yanked: ' + (info.yank_reason or '') + ']' if info.yanked else ''}")
-    out(f"kind {info.kind} · host {card.get('host', {}).get('architecture')} · {len(card.get('sites', []))} sites")
+    out(f"kind {info.kind} · host {card.get('host', {}).get('architecture')} · {len(card.get('sites', []))} sites"
+        f" · {info.downloads} download(s)")
     for key in ("task", "language", "license", "description"):
         if card.get(key):
             out(f"{key}: {card[key]}")

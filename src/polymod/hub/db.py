@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from polymod.errors import BusyError
+from polymod.hub import latest
 
 SCHEMA_VERSION = 1
 
@@ -94,6 +95,7 @@ def initialise(path: Path) -> None:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            latest.ensure(conn)
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
     finally:
         conn.close()

@@ -1,9 +1,16 @@
-"""Search: full text (SQLite FTS5) plus facets over the latest version of each module.
+"""Search and listings: full text (SQLite FTS5) plus facets over the latest version of each module.
 
 A query is split into words; each must match (as a prefix) one of the indexed
 fields — owner, name (also split at ``.``, ``-``, ``_``), description, task,
 language, tags, kind, host architecture. Facets filter exactly, and the answer
 counts each facet's values among the hits so a page can offer them.
+
+Every query reads the ``latest`` index (one row per module, kept on write by
+:mod:`polymod.hub.latest`) and its full-text rows, never the version history:
+a page of hits costs the page (plus, for a text query, ranking its matches), not
+the size of the store. Pages are ``limit`` hits (at most :data:`MAX_LIMIT`) from
+``offset`` (at most :data:`MAX_OFFSET`); facet counts list each facet's
+:data:`FACET_VALUES` most frequent values.
 """
 
 from __future__ import annotations
@@ -14,27 +21,40 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from polymod.errors import ConfigError
-from polymod.hub import names
-from polymod.hub.store import Store
+from polymod.hub import latest, names
+from polymod.hub.store import Store, VersionInfo
 
 FACETS = ("kind", "architecture", "task", "language", "tag")
 MAX_QUERY = 256
+MAX_LIMIT = 100
+MAX_OFFSET = 10_000
+FACET_VALUES = 50
+MAX_VERSIONS_PAGE = 100
 
 
 @dataclass
 class SearchResult:
-    """Hits (one summary per module: its latest non-yanked version), total, and facet counts."""
+    """One page of hits (one summary per module: its latest non-yanked version), the total, facet counts,
+    and where the next page starts (``next_offset``, None on the last page)."""
 
     hits: list[dict[str, Any]] = field(default_factory=list)
     total: int = 0
     facets: dict[str, dict[str, int]] = field(default_factory=dict)
+    offset: int = 0
+    limit: int = 20
+    next_offset: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"hits": self.hits, "total": self.total, "facets": self.facets}
+        """A JSON-ready dict (the API's response body)."""
+        return {"hits": self.hits, "total": self.total, "facets": self.facets, "offset": self.offset,
+                "limit": self.limit, "next_offset": self.next_offset}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SearchResult:
-        return cls(hits=list(data["hits"]), total=int(data["total"]), facets=dict(data["facets"]))
+        """Inverse of :meth:`to_dict` (pagination fields optional, for older hubs)."""
+        return cls(hits=list(data["hits"]), total=int(data["total"]), facets=dict(data["facets"]),
+                   offset=int(data.get("offset", 0)), limit=int(data.get("limit", len(data["hits"]))),
+                   next_offset=data.get("next_offset"))
 
 
 def _fts_query(text: str) -> str:
@@ -42,24 +62,24 @@ def _fts_query(text: str) -> str:
     return " ".join(f'"{w}"*' for w in words)
 
 
-def _latest_ids(conn, where: str = "1", args: tuple = ()) -> list[int]:
-    """Ids of the latest non-yanked version of each module (releases preferred over pre-releases)."""
-    best: dict[tuple[str, str], tuple] = {}
-    sql = f"SELECT id, owner, name, version, prerelease FROM versions WHERE yanked=0 AND {where}"
-    for r in conn.execute(sql, args):
-        key = (not json.loads(r["prerelease"]), names.SemVer.parse(r["version"]))
-        if (r["owner"], r["name"]) not in best or key > best[(r["owner"], r["name"])][0]:
-            best[(r["owner"], r["name"])] = (key, r["id"])
-    return [v[1] for v in best.values()]
-
-
-def summary(row) -> dict[str, Any]:
+def summary(row, downloads: int = 0) -> dict[str, Any]:
     """The fields of a version shown in lists."""
     card = json.loads(row["card"])
     return {"owner": row["owner"], "name": row["name"], "version": row["version"], "kind": row["kind"],
             "architecture": row["architecture"], "task": row["task"], "language": row["language"],
             "license": row["license"], "description": row["description"], "tags": card.get("tags", []),
-            "metrics": card.get("metrics", {}), "sha256": row["sha256"], "created": row["created"]}
+            "metrics": card.get("metrics", {}), "sha256": row["sha256"], "created": row["created"],
+            "downloads": downloads}
+
+
+def _rows_in_order(conn, ids: list[int]) -> list[tuple[Any, int]]:
+    """The version rows with these ids, in this order, each with its download count."""
+    if not ids:
+        return []
+    marks = ",".join("?" * len(ids))
+    rows = {r["id"]: r for r in conn.execute(f"SELECT * FROM versions WHERE id IN ({marks})", ids)}
+    counts = latest.downloads(conn, ids)
+    return [(rows[i], counts[i]) for i in ids if i in rows]
 
 
 def search(store: Store, query: str = "", limit: int = 20, offset: int = 0, owner: str | None = None,
@@ -70,7 +90,7 @@ def search(store: Store, query: str = "", limit: int = 20, offset: int = 0, owne
         store: the store.
         query: free text (empty: everything).
         limit: at most this many hits (1–100).
-        offset: skip this many hits (pagination).
+        offset: skip this many hits (pagination, 0–10,000; the result's ``next_offset`` is the next page's).
         owner: only this owner's modules.
         **facets: exact filters among ``kind``, ``architecture``, ``task``, ``language``, ``tag``.
 
@@ -78,50 +98,104 @@ def search(store: Store, query: str = "", limit: int = 20, offset: int = 0, owne
         A :class:`SearchResult`, hits ranked by relevance (newest first without a query).
 
     Raises:
-        ConfigError: an unknown facet or a bad limit.
+        ConfigError: an unknown facet, a bad limit or offset.
     """
 
     unknown = set(facets) - set(FACETS)
     if unknown:
         raise ConfigError(f"unknown search facets {sorted(unknown)}; expected some of {FACETS}")
-    if not 1 <= limit <= 100 or offset < 0:
-        raise ConfigError(f"limit must be 1..100 and offset >= 0, got limit={limit}, offset={offset}")
+    if not 1 <= limit <= MAX_LIMIT or not 0 <= offset <= MAX_OFFSET:
+        raise ConfigError(f"limit must be 1..{MAX_LIMIT} and offset 0..{MAX_OFFSET:,}, got limit={limit}, "
+                          f"offset={offset}: narrow the query or the facets to reach later hits")
     if owner is not None:
         names.check_owner(owner)
+    where, args = ["1"], []
+    fts = _fts_query(query or "")
+    if fts:
+        source, order = "search s JOIN latest l ON l.version_id = s.rowid", "bm25(search), l.created DESC"
+        where, args = ["search MATCH ?"], [fts]
+    else:
+        source, order = "latest l", "l.created DESC, l.version_id DESC"
+    if owner:
+        where.append("l.owner = ?"), args.append(owner)
+    for facet, value in facets.items():
+        if value is None or value == "":
+            continue
+        if facet == "tag":
+            where.append("EXISTS (SELECT 1 FROM tags t WHERE t.version_id = l.version_id AND t.tag = ?)")
+        else:
+            where.append(f"l.{facet} = ?")
+        args.append(str(value)[:MAX_QUERY])
+    cond = " AND ".join(where)
     conn = store.connect()
     try:
-        ids = _latest_ids(conn)
-        if not ids:
-            return SearchResult(facets={f: {} for f in FACETS})
-        marks = ",".join("?" * len(ids))
-        sql, args = f"SELECT v.* FROM versions v WHERE v.id IN ({marks})", list(ids)
-        order = "v.created DESC"
-        fts = _fts_query(query or "")
-        if fts:
-            sql = (f"SELECT v.* FROM search s JOIN versions v ON v.id = s.rowid "
-                   f"WHERE search MATCH ? AND v.id IN ({marks})")
-            args = [fts, *ids]
-            order = "bm25(search), v.created DESC"
-        if owner:
-            sql, args = sql + " AND v.owner = ?", [*args, owner]
-        for facet, value in facets.items():
-            if value is None or value == "":
-                continue
-            if facet == "tag":
-                sql += " AND EXISTS (SELECT 1 FROM tags t WHERE t.version_id = v.id AND t.tag = ?)"
-            else:
-                sql += f" AND v.{facet} = ?"
-            args.append(str(value)[:MAX_QUERY])
-        rows = list(conn.execute(f"{sql} ORDER BY {order}", args))
-        counts: dict[str, dict[str, int]] = {f: {} for f in FACETS}
-        for r in rows:
-            for f in FACETS[:-1]:
-                if r[f]:
-                    counts[f][r[f]] = counts[f].get(r[f], 0) + 1
-            for t in set(json.loads(r["card"]).get("tags", [])):
-                counts["tag"][t] = counts["tag"].get(t, 0) + 1
-        facet_counts = {f: dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))) for f, c in counts.items()}
-        return SearchResult([summary(r) for r in rows[offset:offset + limit]], len(rows), facet_counts)
+        ids = [r[0] for r in conn.execute(f"SELECT l.version_id FROM {source} WHERE {cond} ORDER BY {order} "
+                                          "LIMIT ? OFFSET ?", [*args, limit, offset])]
+        total = conn.execute(f"SELECT COUNT(*) FROM {source} WHERE {cond}", args).fetchone()[0]
+        counts: dict[str, dict[str, int]] = {}
+        for f in FACETS:
+            column, join = ("t.tag", "JOIN tags t ON t.version_id = l.version_id") if f == "tag" else (f"l.{f}", "")
+            counts[f] = dict(conn.execute(
+                f"SELECT {column}, COUNT(*) AS n FROM {source} {join} WHERE {cond} AND {column} IS NOT NULL "
+                f"AND {column} != '' GROUP BY {column} ORDER BY n DESC, {column} LIMIT {FACET_VALUES}", args))
+        hits = [summary(r, n) for r, n in _rows_in_order(conn, ids)]
+        more = offset + len(ids) < total and offset + limit <= MAX_OFFSET
+        return SearchResult(hits, total, counts, offset, limit, offset + limit if more else None)
+    finally:
+        conn.close()
+
+
+def version_page(store: Store, owner: str, name: str, offset: int = 0,
+                 limit: int = 20) -> tuple[list[VersionInfo], int]:
+    """A page of ``owner/name``'s versions, newest first by semantic version (yanked ones included, marked).
+
+    Reads the page (and the pre-releases that share its last ``major.minor.patch``), not every version.
+
+    Returns:
+        (the page, how many versions the module has).
+
+    Raises:
+        ConfigError: a bad limit or offset.
+        NotFoundError: no such module.
+    """
+    names.check_owner(owner), names.check_name(name)
+    if not 1 <= limit <= MAX_VERSIONS_PAGE or offset < 0:
+        raise ConfigError(f"limit must be 1..{MAX_VERSIONS_PAGE} and offset >= 0, got limit={limit}, offset={offset}")
+    conn = store.connect()
+    try:
+        total = conn.execute("SELECT COUNT(*) FROM versions WHERE owner=? AND name=?", (owner, name)).fetchone()[0]
+        if total == 0:
+            store.versions(owner, name)  # raises NotFoundError with the store's message
+        order = "ORDER BY major DESC, minor DESC, patch DESC"
+        head = list(conn.execute(f"SELECT * FROM versions WHERE owner=? AND name=? {order} LIMIT ?",
+                                 (owner, name, offset + limit)))
+        if head:  # pre-release order inside one major.minor.patch is SemVer's, not SQL's: take the whole group
+            last = head[-1]
+            ids = {r["id"] for r in head}
+            head += [r for r in conn.execute("SELECT * FROM versions WHERE owner=? AND name=? AND major=? AND "
+                                             "minor=? AND patch=?", (owner, name, last["major"], last["minor"],
+                                                                      last["patch"])) if r["id"] not in ids]
+        head.sort(key=lambda r: names.SemVer.parse(r["version"]), reverse=True)
+        page = head[offset:offset + limit]
+        counts = latest.downloads(conn, [r["id"] for r in page])
+        out = []
+        for r in page:
+            info = store._info(conn, r)
+            info.downloads = counts[r["id"]]
+            out.append(info)
+        return out, total
+    finally:
+        conn.close()
+
+
+def downloads_of(store: Store, info: VersionInfo) -> int:
+    """How many times a hub server served ``info``'s ``module.json`` (its pulls)."""
+    conn = store.connect()
+    try:
+        row = conn.execute("SELECT d.count FROM downloads d JOIN versions v ON v.id = d.version_id "
+                           "WHERE v.owner=? AND v.name=? AND v.version=?",
+                           (info.owner, info.name, info.version)).fetchone()
+        return row[0] if row is not None else 0
     finally:
         conn.close()
 

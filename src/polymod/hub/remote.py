@@ -197,7 +197,13 @@ class RemoteHub:
     def versions(self, ref: str) -> list[VersionInfo]:
         """Every version of ``owner/name``, newest first."""
         r = names.Ref.parse(ref)
-        return [VersionInfo.from_dict(v) for v in self._request("GET", f"/modules/{r.owner}/{r.name}/versions").json()]
+        out: list[VersionInfo] = []
+        while True:  # the hub answers in pages; X-Total-Count says how many there are
+            response = self._request("GET", f"/modules/{r.owner}/{r.name}/versions", params={"offset": len(out)})
+            page = [VersionInfo.from_dict(v) for v in response.json()]
+            out += page
+            if not page or len(out) >= int(response.headers.get("X-Total-Count", len(out))):
+                return out
 
     def _download(self, sha: str) -> Iterator[bytes]:
         with self.http.stream("GET", f"{API}/blobs/{sha}", headers=self._headers()) as response:

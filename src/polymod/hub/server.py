@@ -13,19 +13,27 @@ HEAD   /blobs/{sha256}                                is the blob here?
 GET    /blobs/{sha256}                                the blob's bytes
 PUT    /blobs/{sha256}                                upload a blob (verified, size-limited)
 POST   /modules/{owner}/{name}/versions               publish a version from uploaded blobs
-GET    /modules/{owner}/{name}/versions               list versions
+GET    /modules/{owner}/{name}/versions               a page of versions (``offset``, ``limit``; total in X-Total-Count)
 GET    /modules/{owner}/{name}/versions/{version}     one version (``latest`` allowed)
 GET    /modules/{owner}/{name}/versions/{v}/lineage   lineage graph
 POST   /modules/{owner}/{name}/versions/{v}/yank      yank or un-yank (owner only)
-GET    /search                                        full text + facets
+GET    /search                                        full text + facets, a page (``limit``, ``offset``)
 GET    /owners/{owner}                                an owner's modules
 ====== ============================================== ==========================================
+
+``GET /blobs/{sha256}`` of a version's ``module.json`` counts one download of that version
+(every pull fetches it once; ``HEAD`` does not count, nor does a body cut off before its end);
+counts are written in batches (:class:`DownloadCounter`) and shown in ``downloads`` of a version,
+search hits and the module page.
 
 Errors are JSON ``{"error": <class name>, "detail": <message>}`` with the
 class's HTTP status; the client raises the same class.
 """
 
 
+import threading
+import time
+from collections import Counter
 from typing import Annotated, Any
 
 import uvicorn
@@ -35,14 +43,23 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from polymod.errors import BusyError, FormatError, HubError, PolymodError, TooLargeError
-from polymod.hub import auth, names
+from polymod.hub import auth, db, latest, names
 from polymod.hub.ancestry import lineage
-from polymod.hub.query import FACETS, owner_modules, search
+from polymod.hub.query import (
+    FACETS,
+    MAX_OFFSET,
+    MAX_VERSIONS_PAGE,
+    downloads_of,
+    owner_modules,
+    search,
+    version_page,
+)
 from polymod.hub.store import BlobWriter, Store
 from polymod.hub.web import add_routes
 
 DEFAULT_MAX_UPLOAD = 2 << 30  # 2 GiB per file
 DEFAULT_WRITE_TIMEOUT = 5.0  # seconds a publish waits for the index before 503 + Retry-After
+UPLOAD_BATCH = 1 << 20  # bytes of an upload gathered before one write on a worker thread
 
 
 class PublishRequest(BaseModel):
@@ -74,6 +91,7 @@ class VersionOut(BaseModel):
     uploader: str | None
     yanked: bool
     yank_reason: str | None
+    downloads: int = Field(0, description="pulls served by this hub (its module.json fetched in full)")
 
 
 class SearchOut(BaseModel):
@@ -81,7 +99,10 @@ class SearchOut(BaseModel):
 
     hits: list[dict[str, Any]]
     total: int
-    facets: dict[str, dict[str, int]]
+    facets: dict[str, dict[str, int]] = Field(description="per facet, its most frequent values among all hits")
+    offset: int = 0
+    limit: int = 20
+    next_offset: int | None = Field(None, description="the next page's offset; null on the last page")
 
 
 class LineageOut(BaseModel):
@@ -91,6 +112,47 @@ class LineageOut(BaseModel):
     nodes: list[dict[str, Any]]
     edges: list[dict[str, Any]]
     children: dict[str, int] = Field(description="the centre's direct descendants: total, offset and page limit")
+
+
+class DownloadCounter:
+    """Download counts gathered in memory and added to the index in one short transaction per batch.
+
+    A write per download would queue every download behind publishes for the index's write lock;
+    instead :meth:`add` counts in memory and, at most every ``interval`` seconds, :meth:`flush` tries
+    the lock briefly (``0.1`` s): when a publish holds it, the counts wait for the next flush.
+    """
+
+    def __init__(self, store: Store, interval: float = 1.0):
+        self.store, self.interval = store, interval
+        self.pending: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        self.last = time.monotonic()
+
+    def add(self, sha256: str) -> None:
+        """Count one complete download of blob ``sha256`` (only ``module.json`` blobs end up counted)."""
+        with self.lock:
+            self.pending[sha256] += 1
+        if time.monotonic() - self.last >= self.interval:
+            self.flush()
+
+    def flush(self) -> bool:
+        """Write the pending counts; returns False when the index stayed busy (they are kept for later)."""
+        with self.lock:
+            batch, self.pending = self.pending, Counter()
+            self.last = time.monotonic()
+        if not batch:
+            return True
+        conn = db.connect(self.store.index, busy_timeout=0.1)
+        try:
+            with db.transaction(conn):
+                latest.add_downloads(conn, dict(batch))
+            return True
+        except BusyError:
+            with self.lock:
+                self.pending.update(batch)
+            return False
+        finally:
+            conn.close()
 
 
 def create_app(store: Store | str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, web: bool = True,
@@ -113,6 +175,7 @@ def create_app(store: Store | str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, w
     app.state.lock = store.lock_for_server()  # before the sweep: never delete another server's uploads
     store.sweep_tmp(0)  # uploads cut off by a previous crash are never resumed
     app.state.store = store
+    app.state.downloads = downloads = DownloadCounter(store)
 
     @app.exception_handler(PolymodError)
     async def polymod_error(request: Request, exc: PolymodError) -> JSONResponse:
@@ -153,6 +216,7 @@ def create_app(store: Store | str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, w
         def body():
             yield first
             yield from chunks
+            downloads.add(sha256)  # only a body sent to its end counts
         headers = {"Content-Length": str(size)} if size is not None else {}
         return StreamingResponse(body(), media_type="application/octet-stream", headers=headers)
 
@@ -162,10 +226,21 @@ def create_app(store: Store | str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, w
         if declared is not None and declared.isdigit() and int(declared) > max_upload_bytes:
             raise TooLargeError(f"file of {int(declared):,} bytes exceeds this hub's limit of {max_upload_bytes:,}")
         writer = await run_in_threadpool(BlobWriter, store, sha256, max_upload_bytes)
-        with writer:
+        try:  # the limit is checked as bytes arrive (413 before the rest is read); disk writes run on worker threads
+            batch, received = [], 0
             async for chunk in request.stream():
-                writer.write(chunk)
+                received += len(chunk)
+                if received > max_upload_bytes:
+                    raise TooLargeError(f"upload exceeds this hub's limit of {max_upload_bytes:,} bytes")
+                batch.append(chunk)
+                if sum(map(len, batch)) >= UPLOAD_BATCH:
+                    await run_in_threadpool(writer.write, b"".join(batch))
+                    batch = []
+            if batch:
+                await run_in_threadpool(writer.write, b"".join(batch))
             sha, size = await run_in_threadpool(writer.commit)
+        finally:
+            await run_in_threadpool(writer.__exit__, None, None, None)
         return {"sha256": sha, "size": size}
 
     @app.post("/api/v1/modules/{owner}/{name}/versions", status_code=201, response_model=VersionOut)
@@ -175,12 +250,20 @@ def create_app(store: Store | str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, w
         return store.publish(owner, name, body.version, body.files, uploader=who).to_dict()
 
     @app.get("/api/v1/modules/{owner}/{name}/versions", response_model=list[VersionOut])
-    def list_versions(owner: Owner, name: Name) -> Any:
-        return [v.to_dict() for v in store.versions(owner, name)]
+    def list_versions(owner: Owner, name: Name, response: Response, offset: Annotated[int, Query(ge=0)] = 0,
+                      limit: Annotated[int, Query(ge=1, le=MAX_VERSIONS_PAGE)] = MAX_VERSIONS_PAGE) -> Any:
+        """A page of versions, newest first; the header ``X-Total-Count`` gives how many there are."""
+        downloads.flush()
+        page, total = version_page(store, owner, name, offset, limit)
+        response.headers["X-Total-Count"] = str(total)
+        return [v.to_dict() for v in page]
 
     @app.get("/api/v1/modules/{owner}/{name}/versions/{version}", response_model=VersionOut)
     def show(owner: Owner, name: Name, version: Version) -> Any:
-        return store.get(owner, name, version).to_dict()
+        downloads.flush()
+        info = store.get(owner, name, version)
+        info.downloads = downloads_of(store, info)
+        return info.to_dict()
 
     @app.get("/api/v1/modules/{owner}/{name}/versions/{version}/lineage", response_model=LineageOut)
     def graph(owner: Owner, name: Name, version: Version, depth: Annotated[int, Query(ge=1, le=32)] = 8,
@@ -196,7 +279,7 @@ def create_app(store: Store | str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, w
 
     @app.get("/api/v1/search", response_model=SearchOut)
     def find(q: Annotated[str, Query(max_length=256)] = "", limit: Annotated[int, Query(ge=1, le=100)] = 20,
-             offset: Annotated[int, Query(ge=0)] = 0, owner: str | None = None, kind: str | None = None,
+             offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0, owner: str | None = None, kind: str | None = None,
              architecture: str | None = None, task: str | None = None, language: str | None = None,
              tag: str | None = None) -> Any:
         facets = dict(zip(FACETS, (kind, architecture, task, language, tag)))
@@ -207,7 +290,7 @@ def create_app(store: Store | str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, w
         return owner_modules(store, owner)
 
     if web:
-        add_routes(app, store, api_error=polymod_error)
+        add_routes(app, store, api_error=polymod_error, downloads=downloads)
     return app
 
 

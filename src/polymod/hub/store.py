@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from polymod.errors import ConflictError, FormatError, HubError, IntegrityError, NotFoundError, TooLargeError
-from polymod.hub import db, names
+from polymod.hub import db, latest, names
 from polymod.hub.package import (
     CARD_FILE,
     MAX_CARD_BYTES,
@@ -94,6 +94,7 @@ class VersionInfo:
     uploader: str | None = None
     yanked: bool = False
     yank_reason: str | None = None
+    downloads: int = 0  # pulls served by a hub server (its module.json fetched), filled in by the server
 
     @property
     def ref(self) -> str:
@@ -365,6 +366,7 @@ class Store:
                                             f"case: publish as {owner}/{twin['name']} or choose another name")
                     check_parents(conn, owner, card.lineage.parents)
                     self._insert(conn, owner, name, sv, card, files, sizes, content, uploader)
+                    latest.refresh(conn, owner, name)
             return self.get(owner, name, version, conn=conn)
         finally:
             conn.close()
@@ -413,17 +415,11 @@ class Store:
         conn.executemany("INSERT INTO tags VALUES (?,?)", [(vid, t) for t in dict.fromkeys(card.tags)])
         conn.executemany("INSERT INTO parents VALUES (?,?,?,?,?,?)",
                          [(vid, i, p.name, p.version, p.sha256, p.weight) for i, p in enumerate(card.lineage.parents)])
-        conn.execute("INSERT INTO search (rowid, owner, name, description, task, language, tags, kind, architecture)"
-                     " VALUES (?,?,?,?,?,?,?,?,?)",
-                     (vid, owner, name.replace(".", " ").replace("-", " ").replace("_", " ") + " " + name,
-                      card.description or "", card.task or "", card.language or "", " ".join(card.tags), card.kind,
-                      host.get("architecture") or ""))
 
     def _row(self, conn, owner: str, name: str, version: str):
         if version == names.LATEST:
-            rows = conn.execute("SELECT * FROM versions WHERE owner=? AND name=? AND yanked=0", (owner, name))
-            rows = sorted(rows, key=lambda r: (not json.loads(r["prerelease"]), names.SemVer.parse(r["version"])))
-            return rows[-1] if rows else None
+            return conn.execute("SELECT v.* FROM latest l JOIN versions v ON v.id = l.version_id "  # kept on write
+                                "WHERE l.owner=? AND l.name=?", (owner, name)).fetchone()
         return conn.execute("SELECT * FROM versions WHERE owner=? AND name=? AND version=?",
                             (owner, name, version)).fetchone()
 
@@ -487,6 +483,7 @@ class Store:
                 self.get(owner, name, version, conn=conn)
                 conn.execute("UPDATE versions SET yanked=?, yank_reason=? WHERE owner=? AND name=? AND version=?",
                              (int(yanked), reason[:500] if yanked else None, owner, name, version))
+                latest.refresh(conn, owner, name)
             return self.get(owner, name, version, conn=conn)
         finally:
             conn.close()

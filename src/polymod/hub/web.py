@@ -24,7 +24,7 @@ from polymod.card import Lineage, Parent
 from polymod.errors import HubError
 from polymod.hub.ancestry import lineage
 from polymod.hub.package import MAX_README_BYTES, README_FILE
-from polymod.hub.query import FACETS, owner_modules, search
+from polymod.hub.query import FACETS, MAX_OFFSET, downloads_of, owner_modules, search, version_page
 from polymod.hub.render import human_date, human_size, render_readme
 from polymod.hub.store import Store
 from polymod.hub.svg import lineage_svg
@@ -57,7 +57,13 @@ _SEARCH = """{% extends "base" %}{% block title %}search{% endblock %}{% block b
 <small>{{ h.version }}</small></h3><div>{{ h.description or "" }}</div><div class="meta">{{ h.kind }}
 {% if h.architecture %}· {{ h.architecture }}{% endif %}{% if h.task %} · task {{ h.task }}{% endif %}
 {% if h.language %} · {{ h.language }}{% endif %} · by <a href="/u/{{ h.owner }}">{{ h.owner }}</a>
-{% for t in h.tags %}<span class="tag">{{ t }}</span>{% endfor %}</div></div>{% endfor %}</div>
+{% if h.downloads %} · {{ h.downloads }} download{{ "" if h.downloads == 1 else "s" }}{% endif %}
+{% for t in h.tags %}<span class="tag">{{ t }}</span>{% endfor %}</div></div>{% endfor %}
+{% if result.offset > 0 or result.next_offset is not none %}<p class="pages" id="pages">{{ result.offset + 1 }}–{{
+ result.offset + result.hits|length }} of {{ result.total }}
+{% if result.offset > 0 %}<a rel="prev" href="?{{ page(result.offset - result.limit) }}">previous</a>{% endif %}
+{% if result.next_offset is not none %}<a rel="next" href="?{{ page(result.next_offset) }}">next</a>{% endif %}
+</p>{% endif %}</div>
 <div class="facets">{% for facet, counts in result.facets.items() %}{% if counts %}<h4>{{ facet }}</h4>
 {% for value, n in counts.items() %}
 <div><a class="facet" href="?{{ link(facet, value) }}">{{ value }}</a> ({{ n }})</div>
@@ -67,7 +73,7 @@ _MODULE = """{% extends "base" %}{% block title %}{{ v.owner }}/{{ v.name }}{% e
 <h1><a href="/u/{{ v.owner }}">{{ v.owner }}</a>/{{ v.name }} <small id="version">{{ v.version }}</small></h1>
 {% if v.yanked %}<p class="yanked">This version is yanked: {{ v.yank_reason or "no reason given" }}</p>{% endif %}
 <p class="byline" id="byline">published {{ date }}{% if v.uploader %} by {{ v.uploader }}{% endif %} ·
- {{ size(v.size) }}</p>
+ {{ size(v.size) }} · <span id="downloads">{{ v.downloads }} download{{ "" if v.downloads == 1 else "s" }}</span></p>
 {% if card.description %}<p id="description">{{ card.description }}</p>{% endif %}
 <h2>Use it</h2><pre id="snippet">import polymod as pm
 
@@ -100,7 +106,13 @@ module = pm.hub.get("{{ v.owner }}/{{ v.name }}@{{ v.version }}", host=host, hub
 {% if children.offset + children.limit < children.total %}<a href="?descendants={{ children.offset + children.limit
  }}">next</a>{% endif %}</p>{% endif %}
 <h2>Versions</h2><ul id="versions">{% for o in versions %}<li><a href="/m/{{ o.owner }}/{{ o.name }}/{{ o.version }}">
-{{ o.version }}</a>{% if o.yanked %} <span class="yanked">yanked</span>{% endif %}</li>{% endfor %}</ul>
+{{ o.version }}</a> <small>{{ o.downloads }} ↓</small>{% if o.yanked %} <span class="yanked">yanked</span>{% endif %}
+</li>{% endfor %}</ul>
+{% if version_total > versions|length %}<p class="pages" id="version-pages">versions {{ version_offset + 1 }}–{{
+ version_offset + versions|length }} of {{ version_total }}
+{% if version_offset > 0 %}<a href="?versions={{ [version_offset - version_limit, 0]|max }}">newer</a>{% endif %}
+{% if version_offset + versions|length < version_total %}<a href="?versions={{ version_offset + version_limit
+ }}">older</a>{% endif %}</p>{% endif %}
 <h2>Raw card</h2><pre>{{ raw }}</pre>{% endblock %}"""
 
 _OWNER = """{% extends "base" %}{% block title %}{{ owner }}{% endblock %}{% block body %}
@@ -113,6 +125,8 @@ _OWNER = """{% extends "base" %}{% block title %}{{ owner }}{% endblock %}{% blo
 _ERROR = """{% extends "base" %}{% block title %}not found{% endblock %}{% block body %}<h1>Not found</h1>
 <p id="error">{{ message }}</p>{% endblock %}"""
 
+PAGE = 20  # hits per search page, versions per module page
+
 _ENV = Environment(loader=DictLoader({"base": _BASE, "search": _SEARCH, "module": _MODULE, "owner": _OWNER,
                                       "error": _ERROR}), autoescape=select_autoescape(default=True))
 
@@ -121,8 +135,13 @@ def _page(template: str, status: int = 200, **values: Any) -> HTMLResponse:
     return HTMLResponse(_ENV.get_template(template).render(**values), status_code=status)
 
 
-def add_routes(app: FastAPI, store: Store, api_error: Callable[[Request, HubError], Awaitable[Response]]) -> None:
-    """Add the web pages to ``app``; hub errors on pages become an error page, on ``/api/`` ``api_error``'s answer."""
+def add_routes(app: FastAPI, store: Store, api_error: Callable[[Request, HubError], Awaitable[Response]],
+               downloads: Any = None) -> None:
+    """Add the web pages to ``app``; hub errors on pages become an error page, on ``/api/`` ``api_error``'s answer.
+
+    ``downloads`` (the server's :class:`~polymod.hub.server.DownloadCounter`) is flushed before a module page
+    shows its counts.
+    """
 
     @app.exception_handler(HubError)
     async def hub_error(request: Request, exc: HubError):
@@ -131,20 +150,27 @@ def add_routes(app: FastAPI, store: Store, api_error: Callable[[Request, HubErro
         return _page("error", status=exc.status, message=str(exc))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def home(request: Request, q: str = "") -> HTMLResponse:
+    def home(request: Request, q: str = "", offset: int = 0) -> HTMLResponse:
         active = {f: request.query_params[f] for f in FACETS if request.query_params.get(f)}
-        result = search(store, q[:256], limit=50, **active)
+        result = search(store, q[:256], limit=PAGE, offset=max(0, min(offset, MAX_OFFSET)), **active)
 
         def link(facet: str, value: str) -> str:
             return urlencode({"q": q, **active, facet: value})
 
-        return _page("search", q=q, active=active, result=result, link=link)
+        def page(start: int) -> str:
+            return urlencode({"q": q, **active, "offset": max(0, start)})
+
+        return _page("search", q=q, active=active, result=result, link=link, page=page)
 
     @app.get("/m/{owner}/{name}", response_class=HTMLResponse, include_in_schema=False)
     @app.get("/m/{owner}/{name}/{version}", response_class=HTMLResponse, include_in_schema=False)
     def module_page(request: Request, owner: str, name: str, version: str = "latest",
-                    descendants: int = 0) -> HTMLResponse:
+                    descendants: int = 0, versions: int = 0) -> HTMLResponse:
+        if downloads is not None:
+            downloads.flush()
         info = store.get(owner, name, version)
+        info.downloads = downloads_of(store, info)
+        listed, total = version_page(store, owner, name, max(0, min(versions, 1_000_000)), PAGE)
         card = info.card
         lin = card.get("lineage", {})
         recipe = Lineage([Parent(**p) for p in lin.get("parents", [])], lin.get("recipe", {})).describe()
@@ -154,10 +180,11 @@ def add_routes(app: FastAPI, store: Store, api_error: Callable[[Request, HubErro
             with store.open_blob(info.files[README_FILE]["sha256"]) as f:
                 readme = render_readme(f.read(MAX_README_BYTES).decode("utf-8", errors="replace"))
         return _page("module", v=info, card=card, recipe=recipe if lin.get("parents") or lin.get("recipe") else "",
-                     svg=lineage_svg(graph), children=graph["children"], versions=store.versions(owner, name),
+                     svg=lineage_svg(graph), children=graph["children"], versions=listed,
                      raw=json.dumps(card, indent=2, sort_keys=True), readme=readme, size=human_size,
                      date=human_date(info.created), hub_url=str(request.base_url).rstrip("/"),
-                     base_model=(card.get("host") or {}).get("base_model"), show_lineage=len(graph["nodes"]) > 1)
+                     base_model=(card.get("host") or {}).get("base_model"), show_lineage=len(graph["nodes"]) > 1,
+                     version_total=total, version_offset=max(0, versions), version_limit=PAGE)
 
     @app.get("/u/{owner}", response_class=HTMLResponse, include_in_schema=False)
     def owner_page(owner: str) -> HTMLResponse:

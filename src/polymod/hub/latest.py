@@ -1,0 +1,128 @@
+"""The index search and pages read: each module's latest version, its full-text row, and download counts.
+
+Search answers "the latest non-yanked version of every module" (releases before
+pre-releases, then semantic-version order). Computing that from ``versions`` on
+every query reads every version ever published, so it is kept instead, one row
+per module, in the ``latest`` table, updated inside the same transaction as the
+publish or yank that changes it (:func:`refresh`, which reads only that module's
+versions). The FTS5 table ``search`` holds exactly those rows (rowid = the
+version's id), so a text query never meets an old version, and the facet columns
+sit in ``latest`` beside indexes, so filters and facet counts read one row per
+module, never a card.
+
+``downloads`` counts, per version, how often its ``module.json`` blob was served
+by a hub server (every pull fetches it once; a client's cache answers repeats,
+and ``HEAD`` requests are not counted).
+"""
+
+from __future__ import annotations
+
+import json
+
+from polymod.hub import names
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS latest (
+    owner TEXT NOT NULL, name TEXT NOT NULL, version_id INTEGER NOT NULL UNIQUE REFERENCES versions(id),
+    kind TEXT NOT NULL, architecture TEXT, task TEXT, language TEXT, created REAL NOT NULL,
+    PRIMARY KEY (owner, name)
+);
+CREATE INDEX IF NOT EXISTS latest_created ON latest (created DESC, version_id DESC);
+CREATE INDEX IF NOT EXISTS latest_owner ON latest (owner, created DESC);
+CREATE INDEX IF NOT EXISTS latest_kind ON latest (kind, created DESC);
+CREATE INDEX IF NOT EXISTS latest_architecture ON latest (architecture, created DESC);
+CREATE INDEX IF NOT EXISTS latest_task ON latest (task, created DESC);
+CREATE INDEX IF NOT EXISTS latest_language ON latest (language, created DESC);
+CREATE INDEX IF NOT EXISTS tags_tag ON tags (tag, version_id);
+CREATE INDEX IF NOT EXISTS versions_order ON versions (owner, name, major DESC, minor DESC, patch DESC);
+CREATE TABLE IF NOT EXISTS downloads (version_id INTEGER PRIMARY KEY REFERENCES versions(id),
+                                      count INTEGER NOT NULL);
+"""
+
+BUILT_KEY = "latest_index"  # meta key: the latest/search tables were (re)built from versions once
+
+
+def _order_key(row) -> tuple:
+    return (not json.loads(row["prerelease"]), names.SemVer.parse(row["version"]))
+
+
+def _fts_row(conn, row) -> tuple:
+    tags = " ".join(r[0] for r in conn.execute("SELECT tag FROM tags WHERE version_id=?", (row["id"],)))
+    name = row["name"]
+    return (row["id"], row["owner"], name.replace(".", " ").replace("-", " ").replace("_", " ") + " " + name,
+            row["description"] or "", row["task"] or "", row["language"] or "", tags, row["kind"],
+            row["architecture"] or "")
+
+
+def refresh(conn, owner: str, name: str) -> None:
+    """Recompute ``owner/name``'s latest non-yanked version and its search row (call inside the write transaction).
+
+    Reads only that module's versions; a module whose versions are all yanked leaves search.
+    """
+    rows = list(conn.execute("SELECT * FROM versions WHERE owner=? AND name=? AND yanked=0", (owner, name)))
+    best = max(rows, key=_order_key) if rows else None
+    old = conn.execute("SELECT version_id FROM latest WHERE owner=? AND name=?", (owner, name)).fetchone()
+    old_id = old[0] if old is not None else None
+    new_id = best["id"] if best is not None else None
+    if old_id == new_id:
+        return
+    if old_id is not None:
+        conn.execute("DELETE FROM search WHERE rowid=?", (old_id,))
+        conn.execute("DELETE FROM latest WHERE owner=? AND name=?", (owner, name))
+    if best is not None:
+        conn.execute("INSERT INTO latest VALUES (?,?,?,?,?,?,?,?)",
+                     (owner, name, best["id"], best["kind"], best["architecture"], best["task"], best["language"],
+                      best["created"]))
+        conn.execute("INSERT INTO search (rowid, owner, name, description, task, language, tags, kind, architecture)"
+                     " VALUES (?,?,?,?,?,?,?,?,?)", _fts_row(conn, best))
+
+
+def rebuild(conn) -> int:
+    """Rebuild ``latest`` and ``search`` from ``versions`` (stores written before this index existed).
+
+    Returns:
+        The number of modules indexed.
+    """
+    conn.execute("DELETE FROM search")
+    conn.execute("DELETE FROM latest")
+    modules = list(conn.execute("SELECT DISTINCT owner, name FROM versions"))
+    for owner, name in modules:
+        refresh(conn, owner, name)
+    conn.execute("INSERT OR REPLACE INTO meta VALUES (?, '1')", (BUILT_KEY,))
+    return len(modules)
+
+
+def ensure(conn) -> None:
+    """Create the tables and build them once for an older store (call inside a write transaction)."""
+    for statement in SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    if conn.execute("SELECT 1 FROM meta WHERE key=?", (BUILT_KEY,)).fetchone() is None:
+        rebuild(conn)
+
+
+def add_downloads(conn, counts: dict[str, int]) -> int:
+    """Add download counts keyed by blob sha256; only ``module.json`` blobs count (each names one version).
+
+    Returns:
+        How many versions were counted.
+    """
+    counted = 0
+    for sha, n in counts.items():
+        for (vid,) in conn.execute("SELECT version_id FROM files WHERE path='module.json' AND sha256=?",
+                                   (sha,)).fetchall():
+            conn.execute("INSERT INTO downloads VALUES (?, ?) ON CONFLICT(version_id) DO UPDATE SET "
+                         "count = count + excluded.count", (vid, n))
+            counted += 1
+    return counted
+
+
+def downloads(conn, version_ids: list[int]) -> dict[int, int]:
+    """Download counts of these versions (0 when never downloaded)."""
+    if not version_ids:
+        return {}
+    marks = ",".join("?" * len(version_ids))
+    found = dict(conn.execute(f"SELECT version_id, count FROM downloads WHERE version_id IN ({marks})",
+                              version_ids).fetchall())
+    return {v: found.get(v, 0) for v in version_ids}
+
