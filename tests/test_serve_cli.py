@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bad_engine_and_alias_fail_with_a_message(tmp_path):
     runner = CliRunner()
-    out = runner.invoke(app, ["serve", str(tmp_path), "--engine", "vllm"])
-    assert out.exit_code != 0 and "native engine only" in str(out.exception)
+    out = runner.invoke(app, ["serve", str(tmp_path), "--engine", "tgi"])
+    assert out.exit_code != 0 and "--engine takes native or vllm, got 'tgi'" in str(out.exception)
     out = runner.invoke(app, ["serve", str(tmp_path), "--alias", "no-equals-sign"])
     assert "NAME=owner/name" in str(out.exception)
     out = runner.invoke(app, ["serve", str(tmp_path / "missing")])

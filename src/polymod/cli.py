@@ -23,6 +23,7 @@ from polymod.hub.commands import terminal_safe
 from polymod.merging.recipe import merge_command
 from polymod.serving.engine import ServeOptions, load_engine
 from polymod.serving.server import serve as run_server
+from polymod.serving.vllm_engine import serve_vllm
 from polymod.training.plot import plot_run
 from polymod.training.run_config import run_file
 
@@ -102,12 +103,14 @@ def serve(
     max_body_kb: int = typer.Option(1024, help="Largest request body accepted, in KiB."),
     cache_dir: str = typer.Option(None, help="Disk tier of the module cache (default: a temporary directory)."),
     allow_host_mismatch: bool = typer.Option(False, help="Serve modules made on other weights of the same shapes."),
-    engine: str = typer.Option("native", help="Engine: native (any module kind, per-row compositions)."),
+    engine: str = typer.Option("native", help="Engine: native (any module kind, per-row compositions) or vllm "
+                               "(LoRA only, vLLM's server; see docs/serving.md)."),
+    max_lora_rank: int = typer.Option(16, help="vllm engine: vLLM's --max-lora-rank (larger modules: truncated SVD)."),
     dtype: str = typer.Option("float32", help="Host dtype: float32, bfloat16 or float16."),
 ) -> None:
     """Serve a host and the hub's modules through an OpenAI-compatible API (/v1/completions, /v1/chat/...)."""
-    if engine != "native":
-        raise ConfigError(f"--engine {engine!r} is not available: this version serves with the native engine only")
+    if engine not in ("native", "vllm"):
+        raise ConfigError(f"--engine takes native or vllm, got {engine!r}")
     alias, cors_origin = alias or [], cors_origin or []
     bad = [a for a in alias if "=" not in a]
     if bad:
@@ -116,6 +119,9 @@ def serve(
                            max_cpu_modules=max_cpu_modules, api_keys=api_keys, cors_origins=cors_origin,
                            max_body_bytes=max_body_kb << 10, cache_dir=cache_dir,
                            allow_host_mismatch=allow_host_mismatch, aliases=dict(a.split("=", 1) for a in alias))
+    if engine == "vllm":
+        raise typer.Exit(serve_vllm(host_model, hub, options, name=name, dtype=dtype, bind=bind, port=port,
+                                    max_rank=max_lora_rank))
     served = load_engine(host_model, hub, options, name=name, dtype=dtype)
     console.print(f"polymod serve: {served.host_id} on http://{bind}:{port}/v1 (modules from {served.hub!r})")
     run_server(served, host=bind, port=port)
