@@ -66,36 +66,68 @@ def row_chain(row: Composition | None, env: Env) -> list[str]:
     )
 
 
-def compile_rows(rows: Sequence[Composition | None], env: Env, device: torch.device | None) -> dict[str, SiteOp]:
+def compile_rows(rows: Sequence[Composition | None], env: Env, device: torch.device | None,
+                 pooled: bool = False, pools: dict | None = None) -> dict[str, SiteOp]:
     """Compile one composition per row into one op per site.
 
     Each site runs the rows' Stacks stage by stage; a stage is one
     :class:`RowGroups` (which module each row applies there), built once per
     distinct stage and shared by every site with the same modules.
+
+    With ``pooled`` a stage's candidates are every attached module whose part at
+    the site is stackable with a used one (same class, parameter shapes and
+    dropout), not only the modules the rows use: the stacked weights then depend
+    on the library alone and survive a change of the batch's modules (a serving
+    batch changes them whenever a request joins or leaves; rebuilding the stacks
+    then cost more than the forward, see docs/serving.md). ``pools`` keeps the
+    pools between calls for one library.
     """
+    pools = {} if pools is None else pools
     chains = [row_chain(r, env) for r in rows]
     order = {n: i for i, n in enumerate(env.library)}
     used = list(dict.fromkeys(n for c in chains for n in c))
-    sites_of = {n: dict(env.library[n].items()) for n in used}
+    sites_of = {n: pools.get(n) or pools.setdefault(n, dict(env.library[n].items()))
+                for n in (env.library if pooled else used)}
     groups: dict[tuple, tuple[list[str], RowGroups]] = {}
-    stages_of: dict[tuple[str, ...], list[tuple[list[str], RowGroups]]] = {}
+    stages_of: dict[tuple, list[tuple[list[str], RowGroups]]] = {}
     ops: dict[str, SiteOp] = {}
     for site in site_objects(used, env):
         here = tuple(n for n in used if site in sites_of[n])
-        if here not in stages_of:
+        pool = _pool(site, here, sites_of, pools) if pooled else ()
+        if (here, pool) not in stages_of:
             seqs = [[n for n in c if n in here] for c in chains]
             stages = []
             for j in range(max(len(s) for s in seqs)):
                 key = tuple(s[j] if j < len(s) else None for s in seqs)
-                if key not in groups:
-                    names = sorted({n for n in key if n is not None}, key=order.get)  # stable: reuses stacks
+                if (key, pool) not in groups:
+                    names = list(pool) or sorted({n for n in key if n is not None}, key=order.get)  # stable order
                     pos = {n: i for i, n in enumerate(names)}
-                    groups[key] = (names, RowGroups.from_list([pos.get(n, -1) for n in key], len(names), device))
-                stages.append(groups[key])
-            stages_of[here] = stages
-        stages = [([sites_of[n][site] for n in names], g) for names, g in stages_of[here]]
+                    groups[key, pool] = (names, RowGroups.from_list([pos.get(n, -1) for n in key], len(names), device))
+                stages.append(groups[key, pool])
+            stages_of[here, pool] = stages
+        stages = [([sites_of[n][site] for n in names], g) for names, g in stages_of[here, pool]]
         ops[site] = (InputRowsOp if is_input_site(site) else RowsOp)(site, stages, env.cache)
     return ops
+
+
+def _signature(part: nn.Module) -> tuple:
+    """What must agree for parts to be stacked into one batched weight."""
+    shapes = tuple((n, tuple(t.shape), t.dtype) for n, t in part.named_parameters())
+    return type(part), shapes, float(getattr(getattr(part, "dropout", None), "p", 0.0) or 0.0)
+
+
+def _pool(site: str, here: tuple[str, ...], sites_of: dict[str, dict[str, nn.Module]],
+          memo: dict) -> tuple[str, ...]:
+    """Every module (library order) whose part at ``site`` stacks with the part of a module in ``here``."""
+    def sig(name: str) -> tuple:
+        key = ("signature", name, site)
+        return memo[key] if key in memo else memo.setdefault(key, _signature(sites_of[name][site]))
+
+    wanted = frozenset(sig(n) for n in here)
+    key = ("pool", site, wanted)
+    if key not in memo:
+        memo[key] = tuple(n for n, parts in sites_of.items() if site in parts and sig(n) in wanted)
+    return memo[key]
 
 
 class RowsOp:
@@ -124,9 +156,10 @@ class InputRowsOp(RowsOp):
 class RowPlans:
     """The compiled plans of the last few per-row assignments of one model (least recently used dropped)."""
 
-    def __init__(self, size: int = 8):
-        self.size = size
+    def __init__(self, size: int = 8, pooled: bool = False):
+        self.size, self.pooled = size, pooled
         self._plans: OrderedDict[Hashable, dict[str, SiteOp]] = OrderedDict()
+        self._pools: dict = {}  # per module and site: its sites, signatures and pools, for the current library
 
     def get(self, rows: Sequence[Composition | None], env: Env, device: torch.device | None) -> dict[str, SiteOp]:
         """The plan for ``rows`` on ``env``'s library (compiled on first use).
@@ -140,7 +173,7 @@ class RowPlans:
         key = (tuple(describe(r) for r in rows), tuple((n, id(m)) for n, m in env.library.items()), device)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = compile_rows(rows, env, device)
+            plan = self._plans[key] = compile_rows(rows, env, device, self.pooled, self._pools)
             if len(self._plans) > self.size:
                 self._plans.popitem(last=False)
         else:
@@ -150,6 +183,7 @@ class RowPlans:
     def clear(self) -> None:
         """Forget every compiled plan (the library changed)."""
         self._plans.clear()
+        self._pools.clear()
 
 
 # -- whole-call passes (Parallel, output ensembles) -------------------------------------------

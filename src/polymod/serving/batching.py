@@ -126,6 +126,9 @@ class Scheduler:
         self._wake = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
+        # Stack every resident module's weights at each site once per library, not once per set of modules in the
+        # batch: that set changes whenever a request joins or leaves (rows.compile_rows, pooled).
+        model._row_plans.pooled = True
         params = inspect.signature(model.host.forward).parameters
         self._keep_logits = "logits_to_keep" in params
         self._cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.24 says cache
