@@ -16,9 +16,10 @@ one entry point the library code uses: a stored artifact is read back (and its
 sha256 verified); a missing one — never computed, or its blob gone — is
 computed and stored. ``Store.gc`` keeps derived blobs.
 
-Derived artifacts live in a local store. For a remote hub they are computed on
-the client and cached in the local default store (the server does not serve
-them yet).
+This class works on a local store (a hub directory, or the hub server's own
+store). For a hub URL, :class:`~polymod.hub.derived_remote.RemoteDerivedStore`
+pulls artifacts from the server (:mod:`polymod.hub.derived_api`) and pushes the
+ones it computes.
 """
 
 from __future__ import annotations
@@ -98,6 +99,15 @@ class DerivedStore:
             conn.close()
         return _info(row) if row is not None else None
 
+    def by_key(self, key: str) -> DerivedInfo | None:
+        """The stored artifact with this key (:func:`artifact_key`), or None."""
+        conn = self.store.connect()
+        try:
+            row = conn.execute("SELECT * FROM derived WHERE key = ?", (key,)).fetchone()
+        finally:
+            conn.close()
+        return _info(row) if row is not None else None
+
     def of_module(self, module_sha: str) -> list[DerivedInfo]:
         """Every artifact derived from the module with this content hash (its lineage, downwards)."""
         conn = self.store.connect()
@@ -128,13 +138,19 @@ class DerivedStore:
         data = save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
                                 metadata={"transform": transform, "module_sha256": module_sha})
         sha, size = self.store.write_blob([data])
-        info = DerivedInfo(artifact_key(module_sha, transform, config), module_sha, transform, config, sha, size,
+        return self.record(module_sha, transform, config, sha, size, parent)
+
+    def record(self, module_sha: str, transform: str, config: dict[str, Any], sha256: str, size: int,
+               parent: str | None = None) -> DerivedInfo:
+        """Record an artifact whose tensors are already the store's blob ``sha256`` (replacing its key's row)."""
+        info = DerivedInfo(artifact_key(module_sha, transform, config), module_sha, transform, config, sha256, size,
                            parent, time.time())
         conn = self.store.connect()
         try:
             with db.transaction(conn):
                 conn.execute("INSERT OR REPLACE INTO derived VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                             (info.key, module_sha, transform, canonical(config), sha, size, parent, info.created))
+                             (info.key, module_sha, transform, canonical(config), sha256, size, parent,
+                              info.created))
         finally:
             conn.close()
         return info

@@ -36,6 +36,7 @@ from polymod.errors import ConfigError, StateError
 from polymod.hub import names
 from polymod.hub.client import HubLike, LocalHub, connect
 from polymod.hub.derived import DerivedInfo, DerivedStore
+from polymod.hub.derived_remote import RemoteDerivedStore
 from polymod.modules.contract import Module, ReadsHostLayer
 from polymod.routing.arrow import Arrow, arrow_prototypes
 from polymod.routing.base import Router
@@ -198,8 +199,9 @@ def library(source: str | Sequence[str], host: nn.Module, *, hub: HubLike = None
         hub: where the modules live (URL, directory, or None for the default).
         token: the token for a remote hub.
         limit: at most this many search hits.
-        store: where derived artifacts are kept: default the local hub's own store, or the
-            local default store when ``hub`` is remote.
+        store: where derived artifacts are kept instead of the hub: default the local hub's own
+            store; for a hub URL, the hub itself (:class:`~polymod.hub.derived_remote.RemoteDerivedStore`:
+            pulled with the modules, computed ones cached locally and pushed when ``token`` allows).
         **facets: search filters (``kind``, ``architecture``, ``task``, ``language``, ``tag``, ``owner``).
 
     Returns:
@@ -229,6 +231,8 @@ def library(source: str | Sequence[str], host: nn.Module, *, hub: HubLike = None
         format.require_fit(format.read_card(path), host, info.ref)
         name = _candidate_name(names.Ref.parse(info.ref), set(modules))
         modules[name], exact[name] = format.load(path), info.ref
-    if store is None:
-        store = client.store if isinstance(client, LocalHub) else None
-    return Library(modules, exact, host, DerivedStore(store))
+    if store is not None or isinstance(client, LocalHub):
+        derived = DerivedStore(store if store is not None else client.store)
+    else:  # a hub URL: artifacts are pulled from it, computed artifacts pushed to it (with a token)
+        derived = RemoteDerivedStore(client)
+    return Library(modules, exact, host, derived)

@@ -19,6 +19,8 @@ GET    /modules/{owner}/{name}/versions/{v}/lineage   lineage graph
 POST   /modules/{owner}/{name}/versions/{v}/yank      yank or un-yank (owner only)
 GET    /search                                        full text + facets, a page (``limit``, ``offset``)
 GET    /owners/{owner}                                an owner's modules
+GET    /derived/{module_sha}[/{key}]                  router data derived from a module (:mod:`.derived_api`)
+POST   /derived/{module_sha}                          register a derived artifact whose blob is uploaded
 ====== ============================================== ==========================================
 
 ``GET /blobs/{sha256}`` of a version's ``module.json`` counts one download of that version
@@ -45,6 +47,7 @@ from starlette.concurrency import run_in_threadpool
 from polymod.errors import BusyError, FormatError, HubError, PolymodError, TooLargeError
 from polymod.hub import auth, db, latest, names
 from polymod.hub.ancestry import lineage
+from polymod.hub.derived_api import derived_routes
 from polymod.hub.query import (
     FACETS,
     MAX_OFFSET,
@@ -289,6 +292,7 @@ def create_app(store: Store | str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, w
     def owner_page(owner: Owner) -> list[dict[str, Any]]:
         return owner_modules(store, owner)
 
+    app.include_router(derived_routes(store, user))
     if web:
         add_routes(app, store, api_error=polymod_error, downloads=downloads)
     return app
