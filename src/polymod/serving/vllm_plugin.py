@@ -25,7 +25,7 @@ from polymod.errors import PolymodError
 from polymod.serving.vllm_resolver import HubLoraSource, ResolverConfig, http_status
 
 NAME = "polymod-hub"
-log = logging.getLogger("polymod.vllm")
+log = logging.getLogger("vllm.polymod")  # under vLLM's logger: its handlers print these lines
 
 
 def make_resolver(config: ResolverConfig, hub: Any = None) -> Any:
