@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,17 +130,32 @@ def test_a_tampered_package_is_never_handed_to_vllm(world):
     assert source.resolve(world["refs"]["lora"]).exact  # the others still resolve
 
 
-def test_a_lora_above_the_served_rank_is_truncated_with_its_error_reported(world):
-    host = world["host"]
-    model = pm.Modular(host)
+def _publish(world, name: str, spec) -> Path:
+    model = pm.Modular(world["host"])
     try:
-        model.add("big", pm.LoRA(rank=16, sites="attn.q|ffn.out"))
+        model.add(name, spec)
         torch.manual_seed(4)
-        randomize(model["big"], std=0.5)
-        path = pm.save(model["big"], world["root"] / "packages" / "big")
+        randomize(model[name], std=0.5)
+        path = pm.save(model[name], world["root"] / "packages" / name)
     finally:
         model.detach()
-    pm.hub.push(path, "me/big@1.0.0", hub=str(world["hub"]))
+    pm.hub.push(path, f"me/{name}@1.0.0", hub=str(world["hub"]))
+    return path
+
+
+@pytest.mark.parametrize("name, spec, why", [
+    ("dora", pm.LoRA(rank=4, sites="attn.q", dora=True), r"a DoRA LoRA \(LoRA\(dora=True\)\)"),
+    ("embed", pm.LoRA(rank=4, sites="model.embed_tokens"), r"site model\.embed_tokens is of kind embedding"),
+])
+def test_loras_vllm_cannot_run_are_refused_with_the_reason(world, name, spec, why):
+    _publish(world, name, spec)
+    with pytest.raises(NotServableError, match=why + r".*--engine native"):
+        _source(world, name=f"refuse-{name}").resolve(f"me/{name}@1.0.0")
+
+
+def test_a_lora_above_the_served_rank_is_truncated_with_its_error_reported(world):
+    host = world["host"]
+    path = _publish(world, "big", pm.LoRA(rank=16, sites="attn.q|ffn.out"))
     module = pm.load(path)
     want = {name: svd_factor(part.delta_weight(), 8)[2] for name, part in module.items()}
     with pytest.raises(NotServableError, match=r"as a LoRA of rank 8 \(--max-lora-rank\) it would be off by .* above "

@@ -107,7 +107,7 @@ def module_factors(module: Module, label: str) -> dict[str, Factors | torch.Tens
     out: dict[str, Factors | torch.Tensor] = {}
     for name, part in module.items():
         if part.site_kind != "linear":
-            raise _refuse(label, f"site {name} is a {part.site_kind} layer and vLLM applies LoRA to linear "
+            raise _refuse(label, f"site {name} is of kind {part.site_kind}, and vLLM applies LoRA to linear "
                                  "layers only")
         if isinstance(part, DoRAPart):
             raise _refuse(label, "it is a DoRA LoRA (LoRA(dora=True)), which vLLM does not run")
@@ -214,10 +214,12 @@ def write_factors(factors: Mapping[str, Factors], path: Path, base_model: str | 
 
 def _plain(module: Module, max_rank: int) -> bool:
     """A LoRA that write_peft can hand to vLLM as it is: one rank ≤ max_rank and one scaling everywhere."""
-    if module.kind != "lora" or module.spec.rslora:
+    spec = module.spec
+    if module.kind != "lora" or spec.rslora or spec.dora or spec.bias:
         return False
     parts = [p for _, p in module.items()]
-    return all(p.rank == module.spec.rank <= max_rank and math.isclose(p.scaling, parts[0].scaling) for p in parts)
+    return all(p.site_kind == "linear" and p.rank == spec.rank <= max_rank and math.isclose(p.scaling, parts[0].scaling)
+               for p in parts)
 
 
 def materialise(module: Module | None, path: str | os.PathLike, ref: str, *, base_model: str | None = None,
