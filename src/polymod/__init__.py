@@ -11,7 +11,8 @@ The public API (see the README)::
     merged = pm.merge([model["a"], model["b"]], method="ties", density=0.2)
 """
 
-from polymod import format, hub, interop
+from polymod import format, hub, interop, swarm
+from polymod.aggregation.mixers import register_mixer
 from polymod.bundle import load_all, save_all
 from polymod.card import Card, Lineage, Parent
 from polymod.compose import Mix, Parallel, Stack
@@ -68,6 +69,7 @@ from polymod.routing import (
     TopK,
 )
 from polymod.sites import Site, SiteSelector, select
+from polymod.swarm import Remote
 from polymod.training import Task, TrainConfig, Trainer
 from polymod.training.lt_sft import lt_sft
 
@@ -78,6 +80,8 @@ __version__ = "0.1.0"
 for _loader in interop.LOADERS:
     format.register_loader(_loader)
 format.register_package_kind("composition", load_composition)
+# Remote parts (the swarm, an outer layer) mix through their own batched mixer: one call per expert.
+register_mixer(swarm.RemotePart, swarm.remote_mixer)
 
 __all__ = [
     "Adapter",
@@ -126,6 +130,7 @@ __all__ = [
     "read_peft",
     "read_peft_modules",
     "registered_kinds",
+    "Remote",
     "Retrieval",
     "save",
     "save_all",
@@ -137,6 +142,7 @@ __all__ = [
     "SpanRouter",
     "SparseFT",
     "Stack",
+    "swarm",
     "StateError",
     "Static",
     "Task",

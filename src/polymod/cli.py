@@ -24,6 +24,8 @@ from polymod.merging.recipe import merge_command
 from polymod.serving.engine import ServeOptions, load_engine
 from polymod.serving.server import serve as run_server
 from polymod.serving.vllm_engine import serve_vllm
+from polymod.swarm.commands import app as _swarm_app
+from polymod.swarm.commands import host as _host_command
 from polymod.training.plot import plot_run
 from polymod.training.run_config import run_file
 
@@ -127,8 +129,11 @@ def serve(
     run_server(served, host=bind, port=port)
 
 
+app.command("host")(_host_command)
+
 # sub-apps are mounted after the root commands, so `polymod --help` lists the root commands first
 app.add_typer(_hub_app, name="hub")
+app.add_typer(_swarm_app, name="swarm")
 
 
 def main() -> None:

@@ -10,8 +10,9 @@ different hyper-parameters); ``key`` names the site and parts for the
 :class:`~polymod.aggregation.cache.StackCache`.
 
 :data:`MIXERS` is the one table of them: a kind with a batched formulation adds
-its part class and mixer here; every other kind uses
-:func:`~polymod.aggregation.weighted.generic_mix`.
+its part class and mixer here (a kind in an outer layer, the swarm's remote parts,
+through :func:`register_mixer`, called from ``polymod/__init__.py``); every other
+kind uses :func:`~polymod.aggregation.weighted.generic_mix`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,17 @@ MIXERS: dict[type[nn.Module], Mixer] = {
     IA3Part: ia3_mixer,
     AdapterPart: adapter_mixer,
 }
+
+
+def register_mixer(part_class: type[nn.Module], mixer: Mixer) -> None:
+    """Add the batched mixer of ``part_class`` to :data:`MIXERS` (for part classes outside the core).
+
+    Raises:
+        TypeError: another mixer is already registered for ``part_class``.
+    """
+    if MIXERS.get(part_class, mixer) is not mixer:
+        raise TypeError(f"a mixer for {part_class.__name__} is already registered")
+    MIXERS[part_class] = mixer
 
 
 def mixer_for(parts: Sequence[nn.Module]) -> Mixer | None:
