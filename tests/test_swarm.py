@@ -78,9 +78,16 @@ def test_remote_module_equals_local_alone_in_a_stack_and_in_per_row_routing(setu
     assert len(swarm.rows_sent) == 2 * 4  # two experts x four sites: one call per expert per site
 
 
-def test_token_level_top_k_over_remote_experts_equals_local(setup):
+@pytest.mark.parametrize("kind", ["lora", "ffn"])
+def test_token_level_top_k_over_remote_experts_equals_local(setup, kind):
+    """Token-level top-k over remote LoRAs, and over FFN experts (small MLPs at the block outputs)."""
     host, model, swarm = setup
     batch = make_batch("llama")
+    if kind == "ffn":
+        for name in ("a", "b", "c"):
+            model.remove(name)
+            model.add(name, pm.Adapter(placement="pfeiffer", reduction=2, init="bert"))  # z' = z + U σ(D z)
+            assert all(s.kind == "block" for s in model[name].sites.values())
     for name in ("a", "b", "c"):
         _remote(model, swarm, name, [PEERS[0]])
     torch.manual_seed(5)  # the same seed builds the same gates for both routers
@@ -89,7 +96,10 @@ def test_token_level_top_k_over_remote_experts_equals_local(setup):
     got = _out(host, model, pm.Mix(["ra", "rb", "rc"], router=pm.TopK(k=2, level="token")), batch)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     report = pm.swarm.report(model)
-    assert report["ra"]["answered"] == {PEERS[0]: 4} and report["ra"]["dropped"] == []
+    assert report["ra"]["answered"] == {PEERS[0]: 4 if kind == "lora" else 2} and report["ra"]["dropped"] == []
+    sites = 4 if kind == "lora" else 2
+    # each token goes to its k = 2 experts only: 2 rows per token per site in all, not 3
+    assert sum(rows for _, rows in swarm.rows_sent) == 2 * batch["input_ids"].numel() * sites
 
 
 def test_a_dropped_expert_is_renormalised_away_and_reported(setup):
@@ -150,6 +160,21 @@ def test_verification_catches_a_lying_host_and_quarantines_it(setup):
     assert pm.swarm.report(model)["ra"]["answered"] == {PEERS[1]: 4}  # the quarantined host is not asked again
 
 
+def test_without_weights_a_second_and_third_host_outvote_a_lying_one(setup):
+    host, model, swarm = setup
+    batch = make_batch("llama")
+    spec = pm.Remote("me/a", dht="/ip4/127.0.0.1/tcp/1", run="remote", verify=1.0)
+    bind(spec, swarm, model["a"], PEERS[:3])  # no local weights: hosts are compared with each other
+    model.add("ra", spec)
+    swarm.wrong.add(PEERS[1])
+    want = _out(host, model, "a", batch)
+    for _ in range(2):
+        torch.testing.assert_close(_out(host, model, "ra", batch), want, atol=1e-5, rtol=0)
+    report = pm.swarm.report(model)["ra"]
+    assert list(report["quarantined"]) == [PEERS[1]] and "disagreed with two hosts" in report["quarantined"][PEERS[1]]
+    assert report["verified"] == 8 and report["dropped"] == []
+
+
 def test_resolution_refuses_unpinned_owners_and_says_why(setup):
     _, model, swarm = setup
     spec = pm.Remote("me/a", dht="/ip4/127.0.0.1/tcp/1", owner="feedfacefeedface")
@@ -158,7 +183,7 @@ def test_resolution_refuses_unpinned_owners_and_says_why(setup):
         Binding.resolve(spec, swarm, found, {"badbadbadbadbad0": "expert id does not derive"})
     pinned = pm.Remote("me/a", dht="/ip4/127.0.0.1/tcp/1", owner="0123456789abcdef", run="remote")
     assert Binding.resolve(pinned, swarm, found, {}).hosts[0].peer_id == PEERS[0]
-    with pytest.raises(pm.ConfigError, match="verify=0.5.*needs the weights"):
+    with pytest.raises(pm.ConfigError, match="verify=0.5.*is the only one; pass weights="):
         Binding.resolve(pm.Remote("me/a", dht="x", verify=0.5), swarm, found, {})
     with pytest.raises(pm.ConfigError, match="Remote timeout must be positive"):
         pm.Remote("me/a", dht="x", timeout=0)

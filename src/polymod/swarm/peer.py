@@ -125,6 +125,9 @@ class Swarm:
         self._p2p: Any = None
         self.quarantined: dict[str, str] = {}  # peer id -> why (see polymod.swarm.trust)
 
+    def __repr__(self) -> str:
+        return f"Swarm(peer_id={self.peer_id!r}, owner={self.owner!r})"
+
     # -- identity ------------------------------------------------------------------------
 
     @property

@@ -8,10 +8,13 @@ Remote outputs are unauthenticated: a host can return anything. A :class:`Bindin
   content hash they declare (:meth:`~polymod.swarm.records.Announcement.check`);
 * with ``owner=``, only those of the pinned owner key (fingerprint) or peer id — libp2p
   authenticates peer ids, so a pinned call reaches the owner's process and no other;
-* with ``verify=``, recomputes that share of the calls locally (the weights are public,
-  or the user holds a copy) and **quarantines** a host whose answer differs by more than
-  ``tolerance``: it gets no further calls, the call is answered from the local result,
-  and :func:`polymod.swarm.report` lists the host and the difference.
+* with ``verify=``, checks that share of the calls: recomputed locally when the weights are
+  public or the user holds a copy, else asked again of a second host of the same content
+  (and of a third to break a disagreement). A host whose answer differs by more than
+  ``tolerance`` from the local result (or from the two others) is **quarantined**: it gets
+  no further calls, the call is answered from the trusted result, and
+  :func:`polymod.swarm.report` lists the host and the difference. Two hosts that disagree
+  with no third to decide drop the call and are reported, not quarantined.
 
 Only tensors travel (hivemind's protobuf tensor messages); nothing received is unpickled.
 """
@@ -135,9 +138,10 @@ class Binding:
         elif (runs_locally or spec.verify > 0) and record.public:
             path = hub_api.pull(f"{record.ref}@{record.version}" if record.version else record.ref, hub=record.hub)
             local = _checked(load(path), record, f"the pulled {record.ref}")
-        if spec.verify > 0 and local is None:
-            raise ConfigError(f"Remote({spec.ref!r}, verify={spec.verify}) recomputes calls locally, which needs "
-                              "the weights: the host does not announce them public; pass weights=<package dir>")
+        if spec.verify > 0 and local is None and len(hosts) < 2:
+            raise ConfigError(f"Remote({spec.ref!r}, verify={spec.verify}) checks calls against the weights or "
+                              "against a second host: the host does not announce the weights public and is the "
+                              "only one; pass weights=<package dir>")
         if local is not None:
             local.eval()
         return cls(spec, swarm, hosts, refused, local, runs_locally and local is not None)
@@ -186,8 +190,10 @@ class Binding:
                                                     f"{rows} rows at {site.name}")
             self.log.dropped.append({"peer": host.peer_id, "site": site.name, "reason": "malformed answer"})
             return None
-        if self.local is not None and self.spec.verify > 0 and self._rng.random() < self.spec.verify:
-            return self._verify(pending, host, delta)
+        if self.spec.verify > 0 and self._rng.random() < self.spec.verify:
+            if self.local is not None:
+                return self._verify(pending, host, delta)
+            return self._cross_check(pending, host, delta)
         self.log.answered[host.peer_id] += 1
         return delta
 
@@ -208,6 +214,45 @@ class Binding:
             return expected
         self.log.answered[host.peer_id] += 1
         return delta
+
+    def _cross_check(self, pending: Pending, host: Hosting, delta: torch.Tensor) -> torch.Tensor | None:
+        """Ask a second host the same rows (a third on disagreement); quarantine the odd one out."""
+        site = self.record.sites[pending.index].name
+        others = [h for h in self.hosts if h is not host and h.peer_id not in self.swarm.quarantined
+                  and h.down_until <= time.monotonic()]
+        second = _ask(self, others[0], pending) if others else None
+        if second is None:  # nobody to compare with: accepted unchecked
+            self.log.answered[host.peer_id] += 1
+            return delta
+        self.log.verified += 1
+        tol = self.spec.tolerance
+        if _close(delta, second, tol):
+            self.log.answered[host.peer_id] += 1
+            return delta
+        third = _ask(self, others[1], pending) if len(others) > 1 else None
+        for odd, trusted, answer in ((others[0], host, delta), (host, others[0], second)):
+            if _close(third, answer, tol):
+                diff = float((delta - second).abs().max())
+                self.swarm.quarantined[odd.peer_id] = f"disagreed with two hosts by max |Δ| {diff:.3g} at {site}"
+                self.log.answered[trusted.peer_id] += 1
+                return answer
+        self.log.dropped.append({"peer": host.peer_id, "site": site,
+                                 "reason": f"hosts disagree ({host.peer_id} vs {others[0].peer_id}), no majority"})
+        return None
+
+
+def _ask(binding: Binding, host: Hosting, pending: Pending) -> torch.Tensor | None:
+    """The same rows asked of another host (None when it fails)."""
+    uid = binding.record.sites[pending.index].uid
+    try:
+        return binding.swarm.call(host.peer_id, uid, pending.tensors, binding.spec.timeout).result(
+            binding.spec.timeout + 1.0)[0]
+    except Exception:  # an unreachable second opinion checks nothing
+        return None
+
+
+def _close(a: torch.Tensor | None, b: torch.Tensor | None, tolerance: float) -> bool:
+    return a is not None and b is not None and a.shape == b.shape and float((a - b).abs().max()) <= tolerance
 
 
 def _checked(module: Module, record: Announcement, label: str) -> Module:
