@@ -314,6 +314,60 @@ EXAMPLES = {  # mergekit's examples/*.yml (commit a6e4028), model names mapped t
 }
 
 
+VOCAB_RECIPES = {  # tokenizer_source over inputs with different added tokens (tests/merge_helpers.vocab_family)
+    "union, linear": "merge_method: linear\ntokenizer_source: union\n" + models(
+        ("ft0", "{weight: 0.25}"), ("ft1", "{weight: 0.75}")),
+    "union, task_arithmetic": "merge_method: task_arithmetic\nbase_model: base\ntokenizer_source: union\n" + models(
+        ("ft0", "{weight: 1.0}"), ("ft1", "{weight: 0.5}")),
+    "union, ties": "merge_method: ties\nbase_model: base\ntokenizer_source: union\n" + models(
+        ("ft0", "{weight: 1.0, density: 0.5}"), ("ft1", "{weight: 0.7, density: 0.3}")),
+    "union, slerp": "merge_method: slerp\nbase_model: ft0\ntokenizer_source: union\nparameters: {t: 0.3}\n"
+                    + models(("ft0", ""), ("ft1", "")),
+    "base, linear": "merge_method: linear\nbase_model: base\ntokenizer_source: base\n" + models(
+        ("ft0", "{weight: 0.5}"), ("base", "{weight: 0.5}")),
+    "model ft1, task_arithmetic": "merge_method: task_arithmetic\nbase_model: base\ntokenizer_source: ft1\n"
+                                  + models(("ft0", "{weight: 1.0}")),
+    "union, passthrough slices": "merge_method: passthrough\ntokenizer_source: union\nslices:\n"
+                                 "  - sources: [{model: ft0, layer_range: [0, 1]}]\n"
+                                 "  - sources: [{model: ft1, layer_range: [1, 2]}]\n",
+}
+
+
+def by_token(ours: dict, theirs: dict, ours_dir: Path, theirs_dir: Path) -> tuple[dict, bool]:
+    """mergekit's token-indexed rows reordered to polymod's vocabulary (the order of tokens that several
+    non-base models add is mergekit's set order, i.e. unspecified); whether the vocabularies are identical."""
+    mine = tf.AutoTokenizer.from_pretrained(ours_dir).get_vocab()
+    other = tf.AutoTokenizer.from_pretrained(theirs_dir).get_vocab()
+    if set(mine) != set(other):
+        return theirs, False
+    order = torch.tensor([other[t] for t, _ in sorted(mine.items(), key=lambda kv: kv[1])])
+    rows = len(mine)
+    return {k: v[order] if v.shape[:1] == (rows,) and "layers" not in k else v for k, v in theirs.items()}, \
+        mine == other
+
+
+def mergekit_vocab_parity(work: Path) -> list[dict]:
+    """``tokenizer_source`` (union, base, a model) vs mergekit, float32, untied and tied embeddings."""
+    import sys
+    sys.path.insert(0, str(ROOT))
+    from tests.merge_helpers import vocab_family
+    rows = []
+    for tied in (False, True):
+        fam = work / ("tied" if tied else "untied")
+        vocab_family(fam, tied=tied)
+        for name, body in VOCAB_RECIPES.items():
+            if tied and not name.startswith("union"):
+                continue
+            tag = name.replace(" ", "_").replace(",", "")
+            ours, theirs, cfg, mk_cfg = both(fam, tag, f"dtype: float32\n{body}")
+            theirs, same_order = by_token(ours, theirs, fam / f"ours-{tag}", fam / f"mk-{tag}")
+            rows.append({"peer": "mergekit (checkpoint)", "method": f"tokenizer_source {name}"
+                         + (" (tied)" if tied else ""), **compare_checkpoints(ours, theirs),
+                         "vocab_size": [cfg.get("vocab_size"), mk_cfg.get("vocab_size")],
+                         "token_ids_identical": same_order})
+    return rows
+
+
 def mergekit_examples(work: Path) -> list[dict]:
     """mergekit's example recipes: run by both tools as written (float16) and in float32."""
     save_family(work, 40, ("base", "ft0", "ft1", "ft2"))
@@ -343,6 +397,8 @@ def main() -> None:
         rows += mergekit_tensor_parity()
         with tempfile.TemporaryDirectory() as tmp:
             rows += mergekit_checkpoint_parity(Path(tmp))
+        with tempfile.TemporaryDirectory() as tmp:
+            rows += mergekit_vocab_parity(Path(tmp))
         with tempfile.TemporaryDirectory() as tmp:
             rows += mergekit_examples(Path(tmp))
     else:

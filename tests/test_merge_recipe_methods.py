@@ -248,17 +248,17 @@ slices:
         layer_range: [2, 9]
       - model: {ck / 'ft1'}
         layer_range: [2, 9]
-tokenizer_source: union
+tokenizer_source: 7
 """)
     with pytest.raises(pm.ConfigError) as info:
         load_recipe(recipe)
     message = str(info.value)
-    for fragment in ("tokenizer_source: merging tokenizers is not supported",
+    for fragment in ("tokenizer_source is 7; expected base, union or a model path",
                      "slices[0]: every source of a slice spans the same number of layers, got [2, 3]",
                      "slices[0]: slerp needs the base model among the slice's sources",
                      "slices[0]: slerp takes exactly 1 model besides the base model, got 2"):
         assert fragment in message, fragment
-    recipe.write_text(recipe.read_text().replace("tokenizer_source: union\n", "").replace(
+    recipe.write_text(recipe.read_text().replace("tokenizer_source: 7\n", "").replace(
         f"model: {ck / 'ft0'}\n        layer_range: [0, 2]", f"model: {ck / 'base'}\n        layer_range: [0, 3]"))
     with pytest.raises(pm.ConfigError, match=r"layer_range \[2, 9\] is outside its 3 layers"):
         load_recipe(recipe)

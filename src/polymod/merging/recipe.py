@@ -44,7 +44,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from polymod.errors import ConfigError
 from polymod.merging.interp import InterpSpec
 from polymod.merging.jobs import Job, run_jobs
-from polymod.merging.layers import NUM_LAYER_KEYS
+from polymod.merging.layers import NUM_LAYER_KEYS, is_post
 from polymod.merging.merge import recipe_of
 from polymod.merging.methods import MergeSpec
 from polymod.merging.recipe_check import (
@@ -66,16 +66,14 @@ from polymod.merging.recipe_plan import (
 )
 from polymod.merging.shards import Checkpoint, staged_output
 from polymod.merging.streaming import copy_files
+from polymod.merging.vocab import SOURCES, VocabPlan, VocabView, permute_jobs, plan_vocabulary
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-_TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype")
+_TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source")
 _REFUSED = {
     "modules": "per-module recipes (several layer stacks, e.g. vision + text) are not supported; use models or slices",
-    "tokenizer": "the tokenizer block (per-token embedding sources) is not supported; polymod copies the tokenizer "
-                 "files of the base model (or the first model)",
-    "tokenizer_source": "merging tokenizers is not supported: polymod copies the tokenizer files of the base model "
-                        "(or the first model) with its embeddings unchanged; remove tokenizer_source when the models "
-                        "share one vocabulary",
+    "tokenizer": "the tokenizer block (per-token embedding sources, pad_to_multiple_of) is not supported; use "
+                 "tokenizer_source: base, union or a model path (default rows as mergekit chooses them)",
     "chat_template": "chat templates are not set by polymod merge; edit tokenizer_config.json of the output",
 }
 
@@ -94,6 +92,8 @@ class Recipe:
         config_from: the checkpoint whose config and tokenizer files are copied.
         layers: the output's number of layers when ``slices`` restack them (written to config.json).
         data: the recipe as parsed (kept in the output's lineage).
+        vocab: with ``tokenizer_source``, the output vocabulary; jobs of token-indexed tensors read
+            checkpoint index ``len(checkpoints)``, the :class:`~polymod.merging.vocab.VocabView`.
     """
 
     method: str
@@ -105,6 +105,7 @@ class Recipe:
     config_from: Path
     layers: int | None = None
     data: Any = None
+    vocab: VocabPlan | None = None
 
     @property
     def spec(self) -> MergeSpec | InterpSpec | None:
@@ -188,6 +189,7 @@ def parse_recipe(data: Any, root: Path | None = None, seed: int = 0, source: str
                         "{sources: [{model, layer_range}]}), as mergekit")
     slices: list[tuple[list[Source], Source | None, Any]] = []
     sources: list[Source] = []
+    listed: list[int] = []  # checkpoints of the models entries as listed, base included (mergekit's order)
     if has_models:
         entries = data["models"]
         if not isinstance(entries, list) or not entries:
@@ -197,6 +199,7 @@ def parse_recipe(data: Any, root: Path | None = None, seed: int = 0, source: str
             src = check_entry(entry, f"models[{i}]", ("model", "parameters"), method, checkpoint, problems)
             if src is None:
                 continue
+            listed.append(src.ck)
             if base is not None and src.ck == base.ck and uses_base != "ignored":
                 continue  # mergekit lists the base among the models; it is no task vector
             if uses_base in ("task", "ignored") and method in PARAMS and "weight" in PARAMS[method][0] \
@@ -209,6 +212,7 @@ def parse_recipe(data: Any, root: Path | None = None, seed: int = 0, source: str
         check_count(method, len(sources), "models", problems)
     elif has_slices:
         slices = check_slices(data["slices"], method, base, checkpoint, problems)
+    tok_source = _tokenizer_source(data.get("tokenizer_source"), root, problems)
     out_dtype = data.get("out_dtype", data.get("dtype"))
     for key in ("dtype", "out_dtype"):
         if data.get(key) is not None and data[key] not in DTYPES:
@@ -216,17 +220,26 @@ def parse_recipe(data: Any, root: Path | None = None, seed: int = 0, source: str
     if problems:
         raise _error(source, problems)
     cks = [Checkpoint(p) for p in paths]
+    vocab, vocab_names = None, set()
     try:
         base_used = base if uses_base != "ignored" else None
+        if tok_source is not None:
+            vocab = plan_vocabulary(tok_source, paths, base.ck if base is not None else None)
+            vocab_names = {n for i, ck in enumerate(cks) for n in vocab.vocab_tensors(ck, i)}
         if has_models:
             ref = cks[(base_used or sources[0]).ck]
             problems += [f"{paths[i]} {what}" for i, ck in enumerate(cks) if ck is not ref
-                         for what in layout_diff(ref, ck)]
+                         for what in layout_diff(ref, ck, vocab_names)]
             jobs = [] if problems else plan_models(method, sources, base_used, cks, [global_scope], seed)
             layers = None
         else:
             jobs, layers = plan_slices(method, slices, cks, global_scope, seed, problems)
-        problems += job_problems(jobs, cks, paths) if not problems else []
+        if vocab is not None and not problems:
+            order = tuple(listed + [base.ck] if base is not None and base.ck not in listed else listed)
+            jobs = permute_jobs(jobs, vocab, vocab_names, len(cks), lambda job: _group(
+                job, order if has_models else None, slices, base))
+            cks.append(VocabView(vocab, cks))  # type: ignore[arg-type]
+        problems += job_problems(jobs, cks, [*paths, Path("<permuted vocabulary>")]) if not problems else []
     except ConfigError as exc:
         problems.append(str(exc))
     finally:
@@ -238,7 +251,33 @@ def parse_recipe(data: Any, root: Path | None = None, seed: int = 0, source: str
     models = tuple(s.path for s in sources) if has_models else tuple(dict.fromkeys(
         s.path for srcs, _, _ in slices for s in srcs))
     return Recipe(method, base.path if base_used else None, models, tuple(paths), tuple(jobs),
-                  DTYPES.get(out_dtype), config_from, layers, data)
+                  DTYPES.get(out_dtype), config_from, layers, data, vocab)
+
+
+def _tokenizer_source(value: Any, root: Path, problems: list[str]) -> str | Path | None:
+    """``tokenizer_source`` as written: ``base``, ``union`` or a checkpoint path (resolved as model paths are)."""
+    if value is None or value in SOURCES:
+        return value
+    if not isinstance(value, str) or not value:
+        problems.append(f"tokenizer_source is {value!r}; expected base, union or a model path")
+        return None
+    given = Path(value).expanduser()
+    path = given if given.is_absolute() else root / given
+    if not path.is_dir():
+        problems.append(f"tokenizer_source: {path} is not a directory (expected base, union or a model path, "
+                        "relative to the working directory as model paths are)")
+        return None
+    return path
+
+
+def _group(job: Job, order: tuple[int, ...] | None, slices: list[tuple[list[Source], Source | None, Any]],
+           base: Source | None) -> tuple[tuple[int, ...], int | None]:
+    """The models a token-indexed job is merged from, in mergekit's order, and the base among them."""
+    if order is None:  # slices: embeddings from the first slice's sources, the head from the last slice's
+        srcs, slice_base, _ = slices[0] if not is_post(job.name) else slices[-1]
+        order = tuple(s.ck for s in srcs)
+        base = slice_base or base
+    return order, base.ck if base is not None and base.ck in order else None
 
 
 def _error(source: str, problems: list[str]) -> ConfigError:
@@ -264,7 +303,9 @@ def run_recipe(recipe: Recipe, out_dir: str | os.PathLike, *, shard_bytes: int =
         The output directory.
     """
 
-    cks = [Checkpoint(p) for p in recipe.checkpoints]
+    cks: list[Any] = [Checkpoint(p) for p in recipe.checkpoints]
+    if recipe.vocab is not None:
+        cks.append(VocabView(recipe.vocab, cks))
     try:
         total = sum(cks[ck].infos[n].end - cks[ck].infos[n].start for ck, n in
                     (job.base or job.inputs[0] for job in recipe.jobs))
@@ -275,7 +316,9 @@ def run_recipe(recipe: Recipe, out_dir: str | os.PathLike, *, shard_bytes: int =
             task = bar.add_task("merge", total=total, tensor="")
             run_jobs(cks, list(recipe.jobs), stage, dtype=recipe.dtype, shard_bytes=shard_bytes, block=1 << 20,
                      progress=lambda name, n: bar.update(task, advance=n, tensor=name))
-            copy_files(recipe.config_from, stage)
+            copy_files(recipe.config_from, stage, tokenizer=recipe.vocab is None)
+            if recipe.vocab is not None:
+                recipe.vocab.tokenizer.save_pretrained(str(stage))
             _finish(recipe, stage)
     finally:
         for ck in cks:
@@ -290,15 +333,18 @@ def _finish(recipe: Recipe, out: Path) -> None:
     resolved = None if spec is None else recipe_of(spec) if isinstance(spec, MergeSpec) else asdict(spec)
     lineage = {"method": recipe.method, "base_model": str(recipe.base) if recipe.base else None,
                "models": [str(m) for m in recipe.models], "recipe": resolved, "dtype": dtype,
-               "layers": recipe.layers, "source": recipe.data}
+               "layers": recipe.layers, "vocab_size": recipe.vocab.size if recipe.vocab else None,
+               "source": recipe.data}
     (out / "merge_recipe.json").write_text(json.dumps(lineage, indent=2, default=str) + "\n")
     config = out / "config.json"
-    if config.is_file() and (dtype is not None or recipe.layers is not None):
+    if config.is_file() and (dtype is not None or recipe.layers is not None or recipe.vocab is not None):
         data = json.loads(config.read_text())
         if dtype is not None:
             for key in ("dtype", "torch_dtype"):  # transformers >= 4.56 writes "dtype"; older ones "torch_dtype"
                 if key == "dtype" or key in data:
                     data[key] = dtype
+        if recipe.vocab is not None:
+            data["vocab_size"] = recipe.vocab.size
         if recipe.layers is not None:
             for key in NUM_LAYER_KEYS:
                 if key in data:

@@ -28,12 +28,15 @@ def check_count(method: str | None, n: int, where: str, problems: list[str]) -> 
                         f"got {n}")
 
 
-def layout_diff(ref: Checkpoint, ck: Checkpoint) -> list[str]:
-    """How checkpoint ``ck``'s tensor names and shapes differ from ``ref``'s (empty: they match)."""
+def layout_diff(ref: Checkpoint, ck: Checkpoint, vocab: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """How checkpoint ``ck``'s tensor names and shapes differ from ``ref``'s (empty: they match).
+
+    Tensors named in ``vocab`` (token-indexed, permuted to one vocabulary) may differ in their first dimension.
+    """
     missing = [n for n in ref.infos if n not in ck.infos]
     extra = [n for n in ck.infos if n not in ref.infos]
     shapes = [f"{n} {list(ck.infos[n].shape)} vs {list(i.shape)}" for n, i in ref.infos.items()
-              if n in ck.infos and ck.infos[n].shape != i.shape]
+              if n in ck.infos and ck.infos[n].shape[n in vocab:] != i.shape[n in vocab:]]
     out = []
     for what, items in (("lacks", missing), ("has extra tensors", extra), ("has other shapes", shapes)):
         if items:

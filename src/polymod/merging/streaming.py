@@ -135,9 +135,9 @@ def _merge_into(base: str | os.PathLike | None, models: list[str | os.PathLike],
     copy_files(Path(base if base is not None else models[0]), out_dir)
 
 
-def copy_files(src: Path, out_dir: Path) -> None:
-    """Copy the config and tokenizer files of checkpoint ``src`` (when it is a directory) to ``out_dir``."""
-    for f in COPIED_FILES:
+def copy_files(src: Path, out_dir: Path, tokenizer: bool = True) -> None:
+    """Copy the config and (unless ``tokenizer`` is False) tokenizer files of checkpoint ``src`` to ``out_dir``."""
+    for f in COPIED_FILES if tokenizer else COPIED_FILES[:2]:
         if src.is_dir() and (src / f).is_file():
             shutil.copyfile(src / f, Path(out_dir) / f)
 
