@@ -14,6 +14,7 @@ does::
       normalize: true
       weight: [{filter: mlp, value: 0.8}, {value: 1.0}]  # a filter override
     dtype: bfloat16               # output dtype (default: the base's), also written to config.json
+    tokenizer_source: union       # optional: base, union or a model path (see polymod.merging.vocab)
 
 or, instead of ``models``, ``slices:`` of layer ranges (``sources: [{model,
 layer_range: [a, b]}]``, each slice with its own ``parameters`` and optional
