@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck docs docs-serve bench clean vllm-venv
+.PHONY: demo test lint typecheck docs docs-serve bench bible clean vllm-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,6 +37,11 @@ typecheck: $(STAMP)
 
 test: $(STAMP) lint typecheck docs
 	$(PY) -m pytest -q
+
+# The English–Spanish Bible of experiment E2 (real pair): Debian's sword-text-kjv and sword-text-sparv fetched with
+# apt-get download, unpacked with dpkg -x under $$POLYMOD_HOME/assets and read once into a TSV (about 6 s of CPU)
+bible: $(STAMP)
+	$(PY) -m polymod.assets_bible
 
 bench: $(STAMP)
 	$(PY) benchmarks/lora_overhead.py --rounds 21

@@ -38,6 +38,7 @@ OPTIONAL: dict[str, str] = {
     "datasets": "never a dependency: reading a user's Hugging Face dataset when they pass one",
     "sentence_transformers": "never a dependency: embeddings for retrieval routing when installed",
     "ray": "serving extra only: Ray Serve deployments",
+    "pysword": "assets extra only: reading the SWORD Bible modules (polymod.assets_bible)",
 }
 
 # Required dependencies that are still imported where used, each for a measured reason.
