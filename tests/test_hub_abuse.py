@@ -17,8 +17,11 @@ from polymod import hub
 from polymod.card import FORMAT_VERSION
 from polymod.hub import store as store_module
 from polymod.hub.auth import create_token
+from polymod.hub.db import transaction
 from polymod.hub.package import MAX_HEADER_BYTES, MAX_TENSORS, check_safetensors
 from tests.hub_helpers import hub_thread
+
+pytestmark = pytest.mark.usefixtures("hub_backend")  # each test on SQLite and on PostgreSQL
 
 
 def _safetensors(header: dict, data: bytes = b"") -> bytes:
@@ -131,7 +134,7 @@ def test_a_second_server_on_the_same_store_is_refused_and_touches_no_upload(tmp_
 
 def test_held_write_lock_answers_503_with_retry_after_and_reads_stay_fast(tmp_path):
     """A writer holding the index: publishes answer 503 + Retry-After after the write timeout (no hang),
-    while /health and search keep answering at once (WAL readers never wait for the writer)."""
+    while /health and search keep answering at once (WAL / MVCC readers never wait for the writer)."""
     store = hub.Store(tmp_path / "server")
     token = create_token(store, "alice")
     card = json.dumps({"format_version": FORMAT_VERSION, "kind": "composition", "owner": "alice", "name": "c",
@@ -141,7 +144,8 @@ def test_held_write_lock_answers_503_with_retry_after_and_reads_stay_fast(tmp_pa
         auth = {"Authorization": f"Bearer {token}"}
         sha = hashlib.sha256(card).hexdigest()
         assert http.put(f"/api/v1/blobs/{sha}", content=card, headers=auth).status_code == 201
-        blocker.execute("BEGIN IMMEDIATE")
+        held = transaction(blocker)  # the write lock: BEGIN IMMEDIATE on SQLite, the advisory lock on PostgreSQL
+        held.__enter__()
         try:
             body = {"version": "1.0.0", "files": {"module.json": sha}}
             with cf.ThreadPoolExecutor(8) as pool:
@@ -153,7 +157,7 @@ def test_held_write_lock_answers_503_with_retry_after_and_reads_stay_fast(tmp_pa
                 read_latency = time.perf_counter() - t
                 answers = [p.result() for p in posts]
         finally:
-            blocker.execute("ROLLBACK")
+            held.__exit__(None, None, None)
             blocker.close()
         assert {r.status_code for r in answers} == {503}, [r.text for r in answers]
         assert all(r.headers.get("Retry-After") == "1" and r.json()["error"] == "BusyError" for r in answers)

@@ -14,6 +14,8 @@ from polymod import hub
 from polymod.cli import app
 from tests.hub_helpers import hub_thread, make_package
 
+pytestmark = pytest.mark.usefixtures("hub_backend")  # each test on SQLite and on PostgreSQL
+
 runner = CliRunner()
 
 

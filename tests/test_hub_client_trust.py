@@ -12,6 +12,8 @@ from polymod import hub
 from polymod.hub.remote import RemoteHub, cache_dir, hub_key, save_token
 from tests.hub_helpers import hub_thread, make_package
 
+pytestmark = pytest.mark.usefixtures("hub_backend")  # each test on SQLite and on PostgreSQL
+
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):

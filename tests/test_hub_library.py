@@ -13,6 +13,8 @@ from polymod.hub.derived import DerivedStore, artifact_key
 from polymod.hub.library import ARROW, CENTROID
 from tests.hosts import logits, make_batch, make_host, randomize
 
+pytestmark = pytest.mark.usefixtures("hub_backend")  # each test on SQLite and on PostgreSQL
+
 
 def _publish(hub, family="llama", spec=None, names=("a", "b", "c"), owner="alice", tags=("lib",)):
     host = make_host(family)

@@ -12,6 +12,8 @@ from polymod.hub.ancestry import MAX_CHILDREN
 from polymod.hub.package import WEIGHTS_FILE
 from tests.hub_helpers import hub_thread, make_package
 
+pytestmark = pytest.mark.usefixtures("hub_backend")  # each test on SQLite and on PostgreSQL
+
 
 @pytest.fixture
 def store(tmp_path):

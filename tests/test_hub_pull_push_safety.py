@@ -13,6 +13,8 @@ from polymod.hub.package import PULL_RECORD, file_sha256
 from polymod.hub.remote import RemoteHub
 from tests.hub_helpers import hub_thread, make_package
 
+pytestmark = pytest.mark.usefixtures("hub_backend")  # each test on SQLite and on PostgreSQL
+
 
 @pytest.fixture
 def store(tmp_path):

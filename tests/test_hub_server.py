@@ -20,6 +20,8 @@ from polymod.hub.remote import RemoteHub
 from tests.hosts import logits, make_batch, make_host
 from tests.hub_helpers import free_port, hub_thread, make_package, start_hub_process
 
+pytestmark = pytest.mark.usefixtures("hub_backend")  # each test on SQLite and on PostgreSQL
+
 
 @pytest.fixture
 def server(tmp_path):

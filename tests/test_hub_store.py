@@ -16,6 +16,8 @@ from polymod.hub.package import WEIGHTS_FILE
 from tests.hosts import logits, make_batch, make_host
 from tests.hub_helpers import make_package
 
+pytestmark = pytest.mark.usefixtures("hub_backend")  # each test on SQLite and on PostgreSQL
+
 
 @pytest.fixture
 def store(tmp_path):
@@ -187,11 +189,12 @@ def test_push_needs_a_version(tmp_path, store):
     assert card["version"] is None
 
 
-def test_default_store_location_follows_polymod_home(tmp_path, monkeypatch):
+def test_default_store_location_follows_polymod_home(tmp_path, monkeypatch, hub_backend):
     monkeypatch.setenv("POLYMOD_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("POLYMOD_HUB", raising=False)
     hub.push(make_package(tmp_path / "a"), "alice/m@1.0.0")
-    assert (tmp_path / "home" / "hub" / "index.sqlite").is_file()
+    recorded = "index.sqlite" if hub_backend == "sqlite" else "database.json"
+    assert (tmp_path / "home" / "hub" / recorded).is_file()
     assert hub.show("alice/m").version == "1.0.0"
 
 

@@ -35,8 +35,8 @@ def add_user(store: Store, user: str) -> None:
     conn = store.connect()
     try:
         with db.transaction(conn):
-            conn.execute("INSERT OR IGNORE INTO users VALUES (?, ?)", (user, time.time()))
-            conn.execute("INSERT OR IGNORE INTO members VALUES (?, ?)", (user, user))
+            conn.execute("INSERT INTO users VALUES (?, ?) ON CONFLICT DO NOTHING", (user, time.time()))
+            conn.execute("INSERT INTO members VALUES (?, ?) ON CONFLICT DO NOTHING", (user, user))
     finally:
         conn.close()
 
@@ -53,7 +53,7 @@ def grant(store: Store, namespace: str, user: str) -> None:
         with db.transaction(conn):
             if conn.execute("SELECT 1 FROM users WHERE name=?", (user,)).fetchone() is None:
                 raise NotFoundError(f"no user {user!r}; create it with `polymod hub user add {user}`")
-            conn.execute("INSERT OR IGNORE INTO members VALUES (?, ?)", (namespace, user))
+            conn.execute("INSERT INTO members VALUES (?, ?) ON CONFLICT DO NOTHING", (namespace, user))
     finally:
         conn.close()
 
@@ -105,7 +105,7 @@ def revoke_user_tokens(store: Store, user: str) -> int:
         with db.transaction(conn):
             if conn.execute("SELECT 1 FROM users WHERE name=?", (user,)).fetchone() is None:
                 raise NotFoundError(f"no user {user!r}; `polymod hub user add` creates users")
-            cur = conn.execute("UPDATE tokens SET revoked=1 WHERE user=? AND revoked=0", (user,))
+            cur = conn.execute("UPDATE tokens SET revoked=1 WHERE username=? AND revoked=0", (user,))
         return cur.rowcount
     finally:
         conn.close()
@@ -129,7 +129,7 @@ def authenticate(store: Store, token: str | None) -> str:
         raise AuthError("the token is not valid (unknown or revoked); ask the hub's admin for a new one")
     if row["expires"] is not None and row["expires"] < time.time():
         raise AuthError("the token has expired; ask the hub's admin for a new one")
-    return row["user"]
+    return row["username"]
 
 
 def authorize(store: Store, user: str, namespace: str) -> None:
@@ -140,7 +140,7 @@ def authorize(store: Store, user: str, namespace: str) -> None:
     """
     conn = store.connect()
     try:
-        ok = conn.execute("SELECT 1 FROM members WHERE namespace=? AND user=?", (namespace, user)).fetchone()
+        ok = conn.execute("SELECT 1 FROM members WHERE namespace=? AND username=?", (namespace, user)).fetchone()
     finally:
         conn.close()
     if ok is None:

@@ -148,7 +148,10 @@ class DerivedStore:
         conn = self.store.connect()
         try:
             with db.transaction(conn):
-                conn.execute("INSERT OR REPLACE INTO derived VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                conn.execute("INSERT INTO derived VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
+                             "module_sha = excluded.module_sha, transform = excluded.transform, "
+                             "config = excluded.config, sha256 = excluded.sha256, size = excluded.size, "
+                             "parent = excluded.parent, created = excluded.created",
                              (info.key, module_sha, transform, canonical(config), sha256, size, parent,
                               info.created))
         finally:

@@ -18,13 +18,17 @@ and ``HEAD`` requests are not counted).
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from polymod.hub import names
 
+if TYPE_CHECKING:
+    from polymod.hub.db import Database
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS latest (
-    owner TEXT NOT NULL, name TEXT NOT NULL, version_id INTEGER NOT NULL UNIQUE REFERENCES versions(id),
-    kind TEXT NOT NULL, architecture TEXT, task TEXT, language TEXT, created REAL NOT NULL,
+    owner TEXT NOT NULL, name TEXT NOT NULL, version_id {int} NOT NULL UNIQUE REFERENCES versions(id),
+    kind TEXT NOT NULL, architecture TEXT, task TEXT, language TEXT, created {float} NOT NULL,
     PRIMARY KEY (owner, name)
 );
 CREATE INDEX IF NOT EXISTS latest_created ON latest (created DESC, version_id DESC);
@@ -35,8 +39,8 @@ CREATE INDEX IF NOT EXISTS latest_task ON latest (task, created DESC);
 CREATE INDEX IF NOT EXISTS latest_language ON latest (language, created DESC);
 CREATE INDEX IF NOT EXISTS tags_tag ON tags (tag, version_id);
 CREATE INDEX IF NOT EXISTS versions_order ON versions (owner, name, major DESC, minor DESC, patch DESC);
-CREATE TABLE IF NOT EXISTS downloads (version_id INTEGER PRIMARY KEY REFERENCES versions(id),
-                                      count INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS downloads (version_id {int} PRIMARY KEY REFERENCES versions(id),
+                                      count {int} NOT NULL);
 """
 
 BUILT_KEY = "latest_index"  # meta key: the latest/search tables were (re)built from versions once
@@ -46,15 +50,15 @@ def _order_key(row) -> tuple:
     return (not json.loads(row["prerelease"]), names.SemVer.parse(row["version"]))
 
 
-def _fts_row(conn, row) -> tuple:
+def _fts_fields(conn, row) -> dict[str, str]:
     tags = " ".join(r[0] for r in conn.execute("SELECT tag FROM tags WHERE version_id=?", (row["id"],)))
     name = row["name"]
-    return (row["id"], row["owner"], name.replace(".", " ").replace("-", " ").replace("_", " ") + " " + name,
-            row["description"] or "", row["task"] or "", row["language"] or "", tags, row["kind"],
-            row["architecture"] or "")
+    return {"owner": row["owner"], "name": name.replace(".", " ").replace("-", " ").replace("_", " ") + " " + name,
+            "description": row["description"] or "", "task": row["task"] or "", "language": row["language"] or "",
+            "tags": tags, "kind": row["kind"], "architecture": row["architecture"] or ""}
 
 
-def refresh(conn, owner: str, name: str) -> None:
+def refresh(conn, database: Database, owner: str, name: str) -> None:
     """Recompute ``owner/name``'s latest non-yanked version and its search row (call inside the write transaction).
 
     Reads only that module's versions; a module whose versions are all yanked leaves search.
@@ -67,17 +71,16 @@ def refresh(conn, owner: str, name: str) -> None:
     if old_id == new_id:
         return
     if old_id is not None:
-        conn.execute("DELETE FROM search WHERE rowid=?", (old_id,))
+        database.unindex_search(conn, old_id)
         conn.execute("DELETE FROM latest WHERE owner=? AND name=?", (owner, name))
     if best is not None:
         conn.execute("INSERT INTO latest VALUES (?,?,?,?,?,?,?,?)",
                      (owner, name, best["id"], best["kind"], best["architecture"], best["task"], best["language"],
                       best["created"]))
-        conn.execute("INSERT INTO search (rowid, owner, name, description, task, language, tags, kind, architecture)"
-                     " VALUES (?,?,?,?,?,?,?,?,?)", _fts_row(conn, best))
+        database.index_search(conn, best["id"], _fts_fields(conn, best))
 
 
-def rebuild(conn) -> int:
+def rebuild(conn, database: Database) -> int:
     """Rebuild ``latest`` and ``search`` from ``versions`` (stores written before this index existed).
 
     Returns:
@@ -87,18 +90,19 @@ def rebuild(conn) -> int:
     conn.execute("DELETE FROM latest")
     modules = list(conn.execute("SELECT DISTINCT owner, name FROM versions"))
     for owner, name in modules:
-        refresh(conn, owner, name)
-    conn.execute("INSERT OR REPLACE INTO meta VALUES (?, '1')", (BUILT_KEY,))
+        refresh(conn, database, owner, name)
+    conn.execute("INSERT INTO meta VALUES (?, '1') ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                 (BUILT_KEY,))
     return len(modules)
 
 
-def ensure(conn) -> None:
+def ensure(conn, database: Database) -> None:
     """Create the tables and build them once for an older store (call inside a write transaction)."""
     for statement in SCHEMA.split(";"):
         if statement.strip():
-            conn.execute(statement)
+            conn.execute(statement.format(**database.types))
     if conn.execute("SELECT 1 FROM meta WHERE key=?", (BUILT_KEY,)).fetchone() is None:
-        rebuild(conn)
+        rebuild(conn, database)
 
 
 def add_downloads(conn, counts: dict[str, int]) -> int:
@@ -112,7 +116,7 @@ def add_downloads(conn, counts: dict[str, int]) -> int:
         for (vid,) in conn.execute("SELECT version_id FROM files WHERE path='module.json' AND sha256=?",
                                    (sha,)).fetchall():
             conn.execute("INSERT INTO downloads VALUES (?, ?) ON CONFLICT(version_id) DO UPDATE SET "
-                         "count = count + excluded.count", (vid, n))
+                         "count = downloads.count + excluded.count", (vid, n))
             counted += 1
     return counted
 

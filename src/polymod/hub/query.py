@@ -1,4 +1,5 @@
-"""Search and listings: full text (SQLite FTS5) plus facets over the latest version of each module.
+"""Search and listings: full text (SQLite FTS5 or PostgreSQL tsvector, :mod:`polymod.hub.db`) plus facets over
+the latest version of each module.
 
 A query is split into words; each must match (as a prefix) one of the indexed
 fields — owner, name (also split at ``.``, ``-``, ``_``), description, task,
@@ -57,9 +58,8 @@ class SearchResult:
                    next_offset=data.get("next_offset"))
 
 
-def _fts_query(text: str) -> str:
-    words = re.findall(r"\w+", text[:MAX_QUERY])[:16]
-    return " ".join(f'"{w}"*' for w in words)
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text[:MAX_QUERY])[:16]
 
 
 def summary(row, downloads: int = 0) -> dict[str, Any]:
@@ -109,11 +109,11 @@ def search(store: Store, query: str = "", limit: int = 20, offset: int = 0, owne
                           f"offset={offset}: narrow the query or the facets to reach later hits")
     if owner is not None:
         names.check_owner(owner)
-    where, args = ["1"], []
-    fts = _fts_query(query or "")
-    if fts:
-        source, order = "search s JOIN latest l ON l.version_id = s.rowid", "bm25(search), l.created DESC"
-        where, args = ["search MATCH ?"], [fts]
+    where, args = ["1=1"], []
+    words = _words(query or "")
+    if words:
+        source, text_where, args, rank = store.db.text_search(words)
+        where, order = [text_where], f"{rank}, l.created DESC"
     else:
         source, order = "latest l", "l.created DESC, l.version_id DESC"
     if owner:

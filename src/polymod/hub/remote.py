@@ -137,7 +137,7 @@ class RemoteHub:
     def cache(self) -> Store:
         """The local store pulls are cached in."""
         if not isinstance(self._cache, Store):
-            self._cache = Store(self._cache)
+            self._cache = Store(self._cache, db="sqlite")  # a client's cache: never $POLYMOD_HUB_DB's server db
         return self._cache
 
     def _headers(self) -> dict[str, str]:

@@ -145,7 +145,7 @@ class DownloadCounter:
             self.last = time.monotonic()
         if not batch:
             return True
-        conn = db.connect(self.store.index, busy_timeout=0.1)
+        conn = self.store.db.connect(busy_timeout=0.1)
         try:
             with db.transaction(conn):
                 latest.add_downloads(conn, dict(batch))

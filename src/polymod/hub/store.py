@@ -1,34 +1,34 @@
-"""The local store: a SQLite index plus a content-addressed blob directory.
+"""The local store: a metadata database plus a content-addressed blob directory.
 
 Layout under the store's root (default ``$POLYMOD_HOME/hub``, ``POLYMOD_HOME``
 defaulting to ``~/.cache/polymod``)::
 
-    index.sqlite                  versions, files, tags, lineage, users, tokens, FTS5 search
+    index.sqlite                  versions, files, tags, lineage, users, tokens, FTS5 search (the default)
+    database.json                 instead, the PostgreSQL database holding them (:mod:`polymod.hub.binding`)
     blobs/sha256/ab/abcdef…       every file once, named by the sha256 of its bytes
     tmp/                          uploads in progress (never read; swept on open)
 
 Atomicity: a blob is written to ``tmp/``, hashed while written, fsynced, and
 renamed to its content address only when complete and verified; a version is
-one SQLite transaction that refers to blobs already in place. An interrupted
+one database transaction that refers to blobs already in place. An interrupted
 push therefore leaves at most an unreferenced blob (removed by :meth:`Store.gc`),
 never a partial version. Identical files are stored once (deduplication).
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from polymod.errors import ConflictError, FormatError, HubError, IntegrityError, NotFoundError, TooLargeError
-from polymod.hub import db, latest, names
+from polymod.errors import ConflictError, FormatError, IntegrityError, NotFoundError, TooLargeError
+from polymod.hub import binding, latest, names
+from polymod.hub import db as database
+from polymod.hub.blobs import BlobWriter, ServerLock
 from polymod.hub.package import (
     CARD_FILE,
     MAX_CARD_BYTES,
@@ -111,109 +111,32 @@ class VersionInfo:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
-class BlobWriter:
-    """Writes one blob: bytes go to ``tmp/``, are hashed as they come, and :meth:`commit` verifies the
-    sha256, fsyncs and renames the file to its content address. Leaving the ``with`` block without a
-    commit (an error, a dropped connection) deletes the partial file.
-    """
-
-    def __init__(self, store: Store, expected: str | None = None, max_bytes: int | None = None):
-        if expected is not None:
-            store.blob_path(expected)  # validates the hex digest before anything is written
-        self.store, self.expected, self.max_bytes = store, expected, max_bytes
-        self.hash, self.size = hashlib.sha256(), 0
-        self.path = store.tmp / f"{uuid.uuid4().hex}.part"
-        self.file = open(self.path, "wb")
-
-    def __enter__(self) -> BlobWriter:
-        return self
-
-    def write(self, chunk: bytes) -> None:
-        """Append a chunk.
-
-        Raises:
-            TooLargeError: the blob grows past ``max_bytes``.
-        """
-        self.size += len(chunk)
-        if self.max_bytes is not None and self.size > self.max_bytes:
-            raise TooLargeError(f"upload exceeds the size limit of {self.max_bytes:,} bytes")
-        self.hash.update(chunk)
-        self.file.write(chunk)
-
-    def commit(self) -> tuple[str, int]:
-        """Verify, fsync and move into place; returns (sha256, size).
-
-        Raises:
-            IntegrityError: the sha256 is not the expected one.
-        """
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        sha = self.hash.hexdigest()
-        if self.expected is not None and sha != self.expected:
-            raise IntegrityError(f"content sha256 is {sha}, expected {self.expected}: corrupted in transit or tampered")
-        target = self.store.blob_path(sha)
-        target.parent.mkdir(exist_ok=True)
-        os.replace(self.path, target)  # atomic; an identical blob already there is simply replaced
-        return sha, self.size
-
-    def __exit__(self, *exc: object) -> None:
-        self.file.close()
-        self.path.unlink(missing_ok=True)
-
-
-class ServerLock:
-    """An exclusive ``flock`` on ``<store>/server.lock``: one hub server per store.
-
-    A second server would sweep the first one's uploads in progress as stale, so it is refused instead.
-    The kernel drops the lock when the process dies (even by ``kill -9``), so no stale lock survives a crash.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self.fd)
-            raise HubError(f"the store {path.parent} is already served by another hub server (pid {holder}); "
-                           "stop it first, or serve another store directory") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
-
-    def release(self) -> None:
-        """Release the lock (idempotent)."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
 class Store:
     """A hub store on the local file system.
 
     Args:
         root: the directory (created if missing); default ``$POLYMOD_HOME/hub``.
         busy_timeout: seconds a write waits for the index's lock before ``BusyError``.
+        db: where the metadata lives: ``None`` (``$POLYMOD_HUB_DB``, else what the store was created with,
+            else ``index.sqlite`` in ``root``), ``"sqlite"`` or a ``postgresql://`` URL (:mod:`polymod.hub.db`).
     """
 
-    def __init__(self, root: str | os.PathLike | None = None, busy_timeout: float = 60.0):
+    def __init__(self, root: str | os.PathLike | None = None, busy_timeout: float = 60.0, db: str | None = None):
         self.root = Path(root) if root is not None else home() / "hub"
         self.busy_timeout = busy_timeout
         self.blobs = self.root / "blobs" / "sha256"
         self.tmp = self.root / "tmp"
         self.blobs.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
-        self.index = self.root / "index.sqlite"
-        db.initialise(self.index)
+        self.db = binding.open_database(self.root, db)
         self.sweep_tmp(STALE_TMP_SECONDS)
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
 
     def connect(self):
-        """A new SQLite connection to the index (one per thread or operation); writes wait ``busy_timeout`` s."""
-        return db.connect(self.index, self.busy_timeout)
+        """A new connection to the metadata database (one per thread or operation); writes wait ``busy_timeout`` s."""
+        return self.db.connect(self.busy_timeout)
 
     def lock_for_server(self) -> ServerLock:
         """Take the store's one-server lock (released by :meth:`ServerLock.release` or when the process ends).
@@ -350,7 +273,7 @@ class Store:
         sv = names.SemVer.parse(version)
         conn = self.connect()
         try:
-            with db.transaction(conn):
+            with database.transaction(conn):
                 row = conn.execute("SELECT id FROM versions WHERE owner=? AND name=? AND version=?",
                                    (owner, name, version)).fetchone()
                 if row is not None:
@@ -366,7 +289,7 @@ class Store:
                                             f"case: publish as {owner}/{twin['name']} or choose another name")
                     check_parents(conn, owner, card.lineage.parents)
                     self._insert(conn, owner, name, sv, card, files, sizes, content, uploader)
-                    latest.refresh(conn, owner, name)
+                    latest.refresh(conn, self.db, owner, name)
             return self.get(owner, name, version, conn=conn)
         finally:
             conn.close()
@@ -394,8 +317,9 @@ class Store:
             error = str(exc)
         conn = self.connect()
         try:
-            with db.transaction(conn):
-                conn.execute("INSERT OR REPLACE INTO checked VALUES (?,?,?)", (sha256, CHECKER, error))
+            with database.transaction(conn):
+                conn.execute("INSERT INTO checked VALUES (?,?,?) ON CONFLICT (sha256) DO UPDATE SET "
+                             "checker = excluded.checker, error = excluded.error", (sha256, CHECKER, error))
         finally:
             conn.close()
         if error is not None:
@@ -403,14 +327,13 @@ class Store:
 
     def _insert(self, conn, owner, name, sv, card, files, sizes, content, uploader) -> None:
         host = card.host or {}
-        cur = conn.execute(
+        vid = conn.execute(
             "INSERT INTO versions (owner, name, version, major, minor, patch, prerelease, sha256, kind, architecture,"
             " task, language, license, description, card, size, uploader, created)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
             (owner, name, str(sv), sv.major, sv.minor, sv.patch, json.dumps(sv.prerelease), content, card.kind,
              host.get("architecture"), card.task, card.language, card.license, card.description,
-             json.dumps(card.to_dict(), sort_keys=True), sum(sizes.values()), uploader, time.time()))
-        vid = cur.lastrowid
+             json.dumps(card.to_dict(), sort_keys=True), sum(sizes.values()), uploader, time.time())).fetchone()[0]
         conn.executemany("INSERT INTO files VALUES (?,?,?,?)", [(vid, p, s, sizes[p]) for p, s in files.items()])
         conn.executemany("INSERT INTO tags VALUES (?,?)", [(vid, t) for t in dict.fromkeys(card.tags)])
         conn.executemany("INSERT INTO parents VALUES (?,?,?,?,?,?)",
@@ -479,11 +402,11 @@ class Store:
         names.check_version(version)
         conn = self.connect()
         try:
-            with db.transaction(conn):
+            with database.transaction(conn):
                 self.get(owner, name, version, conn=conn)
                 conn.execute("UPDATE versions SET yanked=?, yank_reason=? WHERE owner=? AND name=? AND version=?",
                              (int(yanked), reason[:500] if yanked else None, owner, name, version))
-                latest.refresh(conn, owner, name)
+                latest.refresh(conn, self.db, owner, name)
             return self.get(owner, name, version, conn=conn)
         finally:
             conn.close()
@@ -521,8 +444,7 @@ class Store:
                                    (CARD_FILE,)).fetchone()[0]
             if orphans:
                 problems.append(f"{orphans} versions without {CARD_FILE}")
-            if conn.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
-                problems.append("SQLite integrity_check failed")
+            problems += self.db.integrity_problems(conn)
         finally:
             conn.close()
         leftovers = list(self.tmp.iterdir())
