@@ -119,17 +119,38 @@ def test_header_bomb_keeps_the_server_responsive_and_is_checked_once(tmp_path, m
         store.get("alice", "bomb", "1.0.0")
 
 
-def test_a_second_server_on_the_same_store_is_refused_and_touches_no_upload(tmp_path):
+def test_a_second_server_on_the_same_store_touches_no_upload(tmp_path, hub_backend):
+    """SQLite: a second server is refused. PostgreSQL: several servers share a store, each with its own uploads."""
     from polymod.hub.server import create_app
 
     store = hub.Store(tmp_path / "server")
     with hub_thread(store):
         in_flight = store.tmp / "upload-in-progress.part"
         in_flight.write_bytes(b"half")
-        with pytest.raises(hub.HubError, match=r"already served by another hub server \(pid \d+\)"):
-            create_app(hub.Store(tmp_path / "server"))
+        if hub_backend == "sqlite":
+            with pytest.raises(hub.HubError, match=r"already served by another hub server \(pid \d+\)"):
+                create_app(hub.Store(tmp_path / "server"))
+        else:
+            second = create_app(hub.Store(tmp_path / "server"))
+            assert second.state.store.tmp != store.tmp and second.state.store.tmp.is_dir()
+            second.state.lock.release()
         assert in_flight.read_bytes() == b"half", "the first server's upload survives"
     create_app(store).state.lock.release()  # free again once the first server stopped
+
+
+def test_the_uploads_of_a_server_that_died_are_swept_by_the_next(tmp_path):
+    from polymod.hub.server import create_app
+
+    first = create_app(hub.Store(tmp_path / "server"))
+    orphan = first.state.store.tmp / "cut-off.part"
+    orphan.write_bytes(b"half")
+    first.state.lock.release()  # what the kernel does when the server dies
+    second = create_app(hub.Store(tmp_path / "server"))
+    try:
+        assert not orphan.exists()
+        assert hub.Store(tmp_path / "server").check() == []
+    finally:
+        second.state.lock.release()
 
 
 def test_held_write_lock_answers_503_with_retry_after_and_reads_stay_fast(tmp_path):

@@ -178,6 +178,11 @@ def _start_upload(port: int, token: str, declared: int, sent: int) -> socket.soc
     return sock
 
 
+def _uploads(store) -> list:
+    """Uploads in progress: in tmp/ (SQLite) or in a server's own tmp/server-<id>/ (PostgreSQL)."""
+    return list(store.tmp.rglob("*.part"))
+
+
 def test_server_killed_during_upload_leaves_no_partial_version(tmp_path):
     root, port = tmp_path / "server", free_port()
     store = hub.Store(root)
@@ -187,9 +192,9 @@ def test_server_killed_during_upload_leaves_no_partial_version(tmp_path):
     try:
         sock = _start_upload(port, token, declared=8 << 20, sent=1 << 20)
         deadline = time.time() + 10
-        while not list(store.tmp.iterdir()) and time.time() < deadline:
+        while not _uploads(store) and time.time() < deadline:
             time.sleep(0.05)
-        assert list(store.tmp.iterdir()), "the upload is in progress on the server"
+        assert _uploads(store), "the upload is in progress on the server"
         client = _client(f"http://127.0.0.1:{port}", token, tmp_path)
         pool = cf.ThreadPoolExecutor(4)
         futures = [pool.submit(hub.push, p, f"alice/m{i}@1.0.0", hub=client) for i, p in enumerate(packages)]
@@ -205,7 +210,7 @@ def test_server_killed_during_upload_leaves_no_partial_version(tmp_path):
             proc.kill()
     proc = start_hub_process(root, port)
     try:
-        assert not list(store.tmp.iterdir()), "the partial upload was swept at start-up"
+        assert not _uploads(store), "the partial upload was swept at start-up"
         assert not store.has_blob("ab" * 32)
         assert store.check() == []
         listed = {h["name"] for h in hub.search("", hub=root, limit=100).hits}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -96,3 +97,30 @@ class ServerLock:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+SLOT_PREFIX = "server-"
+
+
+def server_slot(store: Store) -> ServerLock:
+    """An uploads folder of this server's own in a store that several servers share (PostgreSQL metadata).
+
+    Creates and locks ``tmp/server-<id>.lock``, points ``store.tmp`` at ``tmp/server-<id>/``, and removes the
+    folders of servers whose lock is free (they died, or stopped): their uploads can never be resumed.
+    """
+    base = store.root / "tmp"
+    slot = f"{SLOT_PREFIX}{uuid.uuid4().hex[:12]}"
+    lock = ServerLock(base / f"{slot}.lock")
+    for other in base.glob(f"{SLOT_PREFIX}*.lock"):
+        if other.name == f"{slot}.lock":
+            continue
+        try:
+            stale = ServerLock(other)
+        except (HubError, FileNotFoundError):
+            continue  # a live server's folder (or one another server is removing)
+        shutil.rmtree(other.with_suffix(""), ignore_errors=True)
+        other.unlink(missing_ok=True)
+        stale.release()
+    store.tmp = base / slot
+    store.tmp.mkdir(exist_ok=True)
+    return lock

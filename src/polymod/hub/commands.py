@@ -34,6 +34,9 @@ StoreOpt = Annotated[Path | None, typer.Option("--hub", "--store", help="the hub
 TokenOpt = Annotated[str | None, typer.Option("--token", help="token for a remote hub (default: $POLYMOD_TOKEN "
                                                  "when $POLYMOD_HUB names this hub, else the one saved by "
                                                  "`polymod hub login` for it)")]
+DbOpt = Annotated[str | None, typer.Option("--db", help="where the store's metadata lives: a postgresql:// URL "
+                                             "(default: $POLYMOD_HUB_DB, else the database the store was created "
+                                             "with, else its index.sqlite)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
 
 
@@ -59,14 +62,15 @@ def _dump(data: object) -> None:
 
 
 @app.command()
-def serve(store: StoreOpt = None,
+def serve(store: StoreOpt = None, db: DbOpt = None,
           host: Annotated[str, typer.Option(help="address to bind (loopback by default)")] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="TCP port")] = 8000,
           max_upload_mb: Annotated[int, typer.Option(help="largest file accepted, in MiB")] = 2048) -> None:
     """Run the hub server (API under /api/v1, web pages under /, schema at /docs)."""
 
-    out(f"polymod hub on http://{host}:{port} (store {store or pmhub.Store().root})")
-    run(store if store is not None else pmhub.Store(), host=host, port=port, max_upload_bytes=max_upload_mb << 20)
+    s = pmhub.Store(store, db=db)
+    out(f"polymod hub on http://{host}:{port} (store {s.root}, metadata {s.db.describe()})")
+    run(s, host=host, port=port, max_upload_bytes=max_upload_mb << 20)
 
 
 @app.command()
@@ -178,9 +182,9 @@ def yank(ref: Annotated[str, typer.Argument(help="owner/name@version")],
 
 
 @app.command()
-def check(store: StoreOpt = None) -> None:
+def check(store: StoreOpt = None, db: DbOpt = None) -> None:
     """Verify a store: every blob present and matching its sha256; exits 1 on problems."""
-    problems = pmhub.Store(store).check()
+    problems = pmhub.Store(store, db=db).check()
     for p in problems:
         out(p)
     out("store is consistent" if not problems else f"{len(problems)} problem(s)")
@@ -189,31 +193,33 @@ def check(store: StoreOpt = None) -> None:
 
 
 @app.command()
-def gc(store: StoreOpt = None,
+def gc(store: StoreOpt = None, db: DbOpt = None,
        older_than_hours: Annotated[float, typer.Option(help="keep unreferenced blobs younger than this "
                                                        "(uploads of pushes in progress)")] = 1.0) -> None:
     """Remove blobs no version refers to (and stale unfinished uploads); prints how many."""
-    s = pmhub.Store(store)
+    s = pmhub.Store(store, db=db)
     blobs, uploads = s.gc(older_than_hours * 3600), s.sweep_tmp(older_than_hours * 3600)
     out(f"removed {blobs} unreferenced blob(s) and {uploads} unfinished upload(s)")
 
 
 @user_app.command("add")
 def user_add(name: Annotated[str, typer.Argument(help="user name (also their namespace)")], store: StoreOpt = None,
+             db: DbOpt = None,
              expires_days: Annotated[float | None, typer.Option(help="token lifetime in days")] = None,
              label: Annotated[str, typer.Option(help="a note about the token")] = "") -> None:
     """Create a user (if needed) and print a new token for them (shown once)."""
 
     expires = expires_days * 86400 if expires_days is not None else None
-    out(create_token(pmhub.Store(store), name, expires_in=expires, label=label))
+    out(create_token(pmhub.Store(store, db=db), name, expires_in=expires, label=label))
 
 
 @user_app.command("grant")
 def user_grant(namespace: Annotated[str, typer.Argument(help="namespace, e.g. an organisation")],
-               name: Annotated[str, typer.Argument(help="user")], store: StoreOpt = None) -> None:
+               name: Annotated[str, typer.Argument(help="user")], store: StoreOpt = None,
+               db: DbOpt = None) -> None:
     """Let a user publish in another namespace."""
 
-    grant(pmhub.Store(store), namespace, name)
+    grant(pmhub.Store(store, db=db), namespace, name)
     out(f"{name} may publish in {namespace}")
 
 
@@ -221,15 +227,15 @@ def user_grant(namespace: Annotated[str, typer.Argument(help="namespace, e.g. an
 def user_revoke(token: Annotated[str | None, typer.Argument(help="the token to revoke")] = None,
                 user: Annotated[str | None, typer.Option("--user", help="revoke every token of this user "
                                                          "(when you do not hold the token)")] = None,
-                store: StoreOpt = None) -> None:
+                store: StoreOpt = None, db: DbOpt = None) -> None:
     """Revoke a token, or all of a user's tokens; exits 1 when there is no such token or user."""
     if (token is None) == (user is None):
         out("give either a TOKEN or --user NAME")
         raise typer.Exit(2)
     if user is not None:
-        out(f"revoked {revoke_user_tokens(pmhub.Store(store), user)} token(s) of {user}")
+        out(f"revoked {revoke_user_tokens(pmhub.Store(store, db=db), user)} token(s) of {user}")
         return
-    if not revoke_token(pmhub.Store(store), token):
+    if not revoke_token(pmhub.Store(store, db=db), token):
         out("no such token")
         raise typer.Exit(1)
     out("revoked")

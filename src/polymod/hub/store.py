@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 from polymod.errors import ConflictError, FormatError, IntegrityError, NotFoundError, TooLargeError
 from polymod.hub import binding, latest, names
 from polymod.hub import db as database
-from polymod.hub.blobs import BlobWriter, ServerLock
+from polymod.hub.blobs import SLOT_PREFIX, BlobWriter, ServerLock, server_slot
 from polymod.hub.package import (
     CARD_FILE,
     MAX_CARD_BYTES,
@@ -139,12 +139,18 @@ class Store:
         return self.db.connect(self.busy_timeout)
 
     def lock_for_server(self) -> ServerLock:
-        """Take the store's one-server lock (released by :meth:`ServerLock.release` or when the process ends).
+        """Take the store's server lock (released by :meth:`ServerLock.release` or when the process ends).
+
+        On SQLite one server serves a store. On PostgreSQL several may share it (on one machine or, over a shared
+        file system, several): each gets its own uploads folder ``tmp/server-<id>/`` (this store's :attr:`tmp`
+        from now on), locked while it runs, and the folders of servers that died are removed.
 
         Raises:
-            HubError: another hub server (another process, or another app in this one) serves this store.
+            HubError: on SQLite, another hub server (another process, or another app in this one) serves this store.
         """
-        return ServerLock(self.root / "server.lock")
+        if self.db.backend == "sqlite":
+            return ServerLock(self.root / "server.lock")
+        return server_slot(self)
 
     # -- blobs -------------------------------------------------------------------------------
 
@@ -216,6 +222,8 @@ class Store:
         """Delete unfinished uploads older than ``older_than`` seconds; returns how many."""
         now, removed = time.time(), 0
         for p in self.tmp.iterdir():
+            if p.name.startswith(SLOT_PREFIX):
+                continue  # a hub server's own uploads folder (see lock_for_server)
             try:
                 if now - p.stat().st_mtime >= older_than:
                     p.unlink()
@@ -447,7 +455,7 @@ class Store:
             problems += self.db.integrity_problems(conn)
         finally:
             conn.close()
-        leftovers = list(self.tmp.iterdir())
+        leftovers = [p for p in self.tmp.iterdir() if not p.name.startswith(SLOT_PREFIX)]
         if leftovers:
             problems.append(f"{len(leftovers)} unfinished uploads in {self.tmp}")
         return problems
