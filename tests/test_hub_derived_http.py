@@ -18,6 +18,8 @@ from polymod.hub.remote import RemoteHub
 from tests.hosts import make_host, randomize
 from tests.hub_helpers import hub_thread
 
+pytestmark = pytest.mark.usefixtures("hub_backend")  # each test on SQLite and on PostgreSQL
+
 REFS = ["alice/a@1.0.0", "alice/b@1.0.0", "alice/c@1.0.0"]
 
 
