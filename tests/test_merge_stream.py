@@ -17,7 +17,7 @@ from polymod.cli import app
 from polymod.merging.merge import merge
 from polymod.merging.methods import MergeSpec
 from polymod.merging.recipe import load_recipe
-from polymod.merging.shards import Checkpoint
+from polymod.merging.shards import BackgroundWriter, Checkpoint, ShardedWriter
 from polymod.merging.streaming import merge_checkpoints, merge_state_dicts, task_vector
 from polymod.sites import named_layers
 from tests.hosts import logits, make_batch, make_host
@@ -231,3 +231,19 @@ def test_streaming_refuses_global_trimming(checkpoints, tmp_path):
     spec = MergeSpec("ties", (1.0,), (0.2,), trim="global")
     with pytest.raises(pm.ConfigError, match="a streaming merge trims each tensor"):
         merge_checkpoints(root / "base", [root / "ft0"], spec, tmp_path / "out")
+
+
+def test_the_background_writer_keeps_order_and_reports_a_failed_write(tmp_path):
+    layout = [("a", torch.float32, (3, 4)), ("b", torch.float32, (5,))]
+    writer = BackgroundWriter(ShardedWriter(tmp_path / "ok", layout, 1 << 20))
+    a, b = torch.arange(12.0).view(3, 4), torch.ones(5)
+    for chunk in (a[:1], a[1:]):
+        writer.write("a", chunk.clone())
+    writer.write("b", b)
+    writer.close()
+    with Checkpoint(tmp_path / "ok") as ck:
+        assert torch.equal(ck.read("a"), a) and torch.equal(ck.read("b"), b)
+    writer = BackgroundWriter(ShardedWriter(tmp_path / "bad", layout, 1 << 20))
+    writer.write("b", b)  # out of order: raised by the writing thread, reported to the caller
+    with pytest.raises(RuntimeError, match="expected tensor 'a', got 'b'"):
+        writer.close()

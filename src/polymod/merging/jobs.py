@@ -21,7 +21,7 @@ import torch
 
 from polymod.merging.interp import GroupedMerge, InterpSpec
 from polymod.merging.methods import MergeSpec, TensorMerge
-from polymod.merging.shards import Checkpoint, ShardedWriter
+from polymod.merging.shards import WRITE_SLOTS, BackgroundWriter, Checkpoint, ShardedWriter
 
 TensorRef = tuple[int, str]  # (checkpoint index, tensor name)
 HOLD_BYTES = 384 * 1024**2  # inputs of one tensor held between the statistics and the merge pass
@@ -67,6 +67,12 @@ class _Scratch:
 
     def __init__(self) -> None:
         self._bufs: dict[str, torch.Tensor] = {}
+        self._turn = 0
+
+    def handed_over(self, key: str, nbytes: int) -> torch.Tensor:
+        """A buffer for a chunk given to the background writer: one of WRITE_SLOTS, in turn."""
+        self._turn = (self._turn + 1) % WRITE_SLOTS
+        return self(f"{key}#{self._turn}", nbytes)
 
     def __call__(self, key: str, nbytes: int) -> torch.Tensor:
         buf = self._bufs.get(key)
@@ -95,18 +101,22 @@ def run_jobs(checkpoints: list[Checkpoint], jobs: list[Job], out_dir: Path, *, d
     # The kernels work in cache-sized slices; PyTorch's intra-op threads only add a barrier per
     # operation there (costly on a busy machine), so the merge runs in one thread.
     torch.set_num_threads(1)
+    writer = BackgroundWriter(ShardedWriter(out_dir, layout, shard_bytes))  # writes overlap reads and arithmetic
     try:
-        writer, scratch = ShardedWriter(out_dir, layout, shard_bytes), _Scratch()
+        scratch = _Scratch()
         for job, (_, out_dtype, _), info in zip(jobs, layout, infos):
             _stream_tensor(job, checkpoints, writer, out_dtype, block, scratch)
             if progress is not None:
                 progress(job.name, info.end - info.start)
         writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     finally:
         torch.set_num_threads(threads)
 
 
-def _stream_tensor(job: Job, cks: list[Checkpoint], writer: ShardedWriter, out_dtype: torch.dtype, block: int,
+def _stream_tensor(job: Job, cks: list[Checkpoint], writer: BackgroundWriter, out_dtype: torch.dtype, block: int,
                    scratch: _Scratch) -> None:
     ref_ck, ref_name = job.base or job.inputs[0]
     info = cks[ref_ck].infos[ref_name]
@@ -118,7 +128,7 @@ def _stream_tensor(job: Job, cks: list[Checkpoint], writer: ShardedWriter, out_d
             and spec.weights == (1.0,) and spec.lam == 1.0 and info.dtype == out_dtype):
         for start in range(0, info.numel, block):  # a plain copy (passthrough): bytes in, bytes out
             span = (start, min(info.numel, start + block))
-            writer.write(job.name, cks[ref_ck].read(ref_name, span, out=scratch("copy", (span[1] - start)
+            writer.write(job.name, cks[ref_ck].read(ref_name, span, out=scratch.handed_over("copy", (span[1] - start)
                                                                                * info.dtype.itemsize)))
         return
     work = work_dtype(info.dtype)
@@ -161,6 +171,6 @@ def _stream_tensor(job: Job, cks: list[Checkpoint], writer: ShardedWriter, out_d
         writer.write(job.name, torch.empty(info.shape, dtype=out_dtype))
     for span in spans:  # flat blocks: bounded memory, shape-agnostic kernels
         b, xs = inputs(span)
-        out = scratch("out", (span[1] - span[0]) * work.itemsize).view(work)
+        out = scratch.handed_over("out", (span[1] - span[0]) * work.itemsize).view(work)
         mixed = merger(xs, offset=span[0], out=out)
         writer.write(job.name, (mixed if b is None else mixed.add_(b)).to(out_dtype))

@@ -18,9 +18,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import shutil
 import struct
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -250,6 +252,52 @@ class ShardedWriter:
                                     indent=2) + "\n")
         return index
 
+
+class BackgroundWriter:
+    """A :class:`ShardedWriter` whose writes run in a second thread, overlapping the merge's reads and arithmetic.
+
+    ``write`` hands a chunk over and returns; at most one chunk waits while another is
+    being written, so a caller that cycles through :data:`WRITE_SLOTS` buffers never
+    overwrites one that is still queued. A failed write is raised by the next ``write``
+    or by ``close``.
+    """
+
+    def __init__(self, writer: ShardedWriter):
+        self.writer = writer
+        self._queue: queue.Queue[tuple[str, torch.Tensor] | None] = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="polymod-shard-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.writer.write(*item)
+                except BaseException as exc:  # handed to the merging thread
+                    self._error = exc
+
+    def write(self, name: str, chunk: torch.Tensor) -> None:
+        """Queue the next row chunk of tensor ``name`` (see :meth:`ShardedWriter.write`)."""
+        if self._error is not None:
+            raise self._error
+        self._queue.put((name, chunk))
+
+    def close(self) -> Path:
+        """Wait for the queued writes, then finish as :meth:`ShardedWriter.close`."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.writer.close()
+
+    def abort(self) -> None:
+        """Stop the thread without finishing the shards (after an error in the merge)."""
+        self._queue.put(None)
+        self._thread.join()
+
+
+WRITE_SLOTS = 3  # buffers a caller of BackgroundWriter cycles through: one queued, one being written, one filled
 
 _OUTPUT_MARKERS = ("*.safetensors", "config.json", INDEX_FILE, "merge_recipe.json")
 
