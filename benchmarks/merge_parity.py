@@ -227,6 +227,8 @@ RECIPES = {
     "model_stock": "base_model: base\n" + models(("ft0", ""), ("ft1", ""), ("ft2", "")),
     "model_stock filter_wise": "base_model: base\nparameters: {filter_wise: true}\n" + models(
         ("ft0", ""), ("ft1", ""), ("ft2", "")),
+    "nearswap": "base_model: base\nparameters: {t: 0.005}\n" + models(("base", ""), ("ft0", "")),
+    "ram": "base_model: base\nparameters: {epsilon: 0.01}\n" + models(("ft0", ""), ("ft1", ""), ("ft2", "")),
     "passthrough frankenmerge": "slices:\n  - sources: [{model: ft0, layer_range: [0, 4]}]\n"
                                 "  - sources:\n      - model: ft1\n        layer_range: [2, 6]\n"
                                 "        parameters: {scale: [{filter: o_proj, value: 0.5}, {value: 1.0}]}\n",

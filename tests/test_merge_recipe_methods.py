@@ -10,6 +10,7 @@ import torch
 import transformers as tf
 
 import polymod as pm
+from polymod.merging.elementwise import ElementwiseSpec
 from polymod.merging.interp import InterpSpec, interp_tensor
 from polymod.merging.methods import MergeSpec
 from polymod.merging.recipe import load_recipe, merge_command
@@ -279,3 +280,43 @@ slices:
         assert torch.equal(got[f"model.layers.2.{rest}"], a[f"model.layers.0.{rest}"])
     assert torch.equal(got["model.embed_tokens.weight"], c["model.embed_tokens.weight"])
     assert torch.equal(got["lm_head.weight"], a["lm_head.weight"])
+
+
+def test_nearswap_moves_entries_by_their_distance(ck, tmp_path):
+    _, got, _ = run(tmp_path, f"merge_method: nearswap\nbase_model: {ck / 'base'}\nparameters: {{t: 0.01}}\n"
+                              f"models:\n  - model: {ck / 'base'}\n  - model: {ck / 'ft0'}\n")
+    base, ft = read(ck / "base"), read(ck / "ft0")
+    for name, a in base.items():
+        d = (a - ft[name]).abs()
+        w = (0.01 / torch.maximum(d, torch.tensor(1e-6))).clamp(0, 1)
+        torch.testing.assert_close(got[name], w * ft[name] + (1 - w) * a, rtol=0, atol=1e-7)
+    moved = torch.cat([(got[n] - a).abs().reshape(-1) / (ft[n] - a).abs().reshape(-1).clamp(min=1e-12)
+                       for n, a in base.items()])
+    assert 0.1 < float((moved > 0.99).float().mean()) < 0.9  # near entries swapped, far ones only nudged
+
+
+def test_ram_keeps_unique_changes_and_averages_shared_ones(ck, tmp_path):
+    _, got, _ = run(tmp_path, f"merge_method: ram\nbase_model: {ck / 'base'}\nparameters: {{epsilon: 0.02}}\n"
+                              f"models:\n  - model: {ck / 'ft0'}\n  - model: {ck / 'ft1'}\n  - model: {ck / 'ft2'}\n")
+    base, fts = read(ck / "base"), [read(ck / f"ft{i}") for i in range(3)]
+    seen = {1: 0, 2: 0, 3: 0}
+    for name, b in base.items():
+        tv = torch.stack([ft[name] - b for ft in fts])  # (3, ...)
+        changed = tv.abs() > 0.02
+        count = changed.sum(0)
+        want = b + torch.where(count > 0, (tv * changed).sum(0) / count.clamp(min=1), 0)
+        torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6)
+        for c in seen:
+            seen[c] += int((count == c).sum())
+    assert all(v > 0 for v in seen.values())  # unique, shared by two and by all three entries all occur
+
+
+def test_their_parameters_are_checked_with_the_recipe(ck, tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(f"merge_method: nearswap\nbase_model: {ck / 'base'}\nparameters: {{weight: 1}}\n"
+                      f"models:\n  - model: {ck / 'ft0'}\n  - model: {ck / 'ft1'}\n")
+    with pytest.raises(pm.ConfigError, match=r"(?s)unknown parameter 'weight' for nearswap \(expected t\).*"
+                                             r"nearswap takes exactly 1 model besides the base model, got 2"):
+        load_recipe(recipe)
+    with pytest.raises(pm.ConfigError, match="nearswap: t must be a finite number >= 0, got -1"):
+        ElementwiseSpec("nearswap", t=-1.0)

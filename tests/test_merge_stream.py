@@ -218,12 +218,15 @@ models:
 
 
 def test_cli_errors_exit_1_without_a_traceback(tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", "merge_method: karcher\nmodels: []\n")
+    recipe = write_recipe(tmp_path / "r.yaml", "merge_method: kasher\nmodels: []\n")
     cmd = [sys.executable, "-c", "from polymod.cli import main; main()", "merge", str(recipe), str(tmp_path / "o")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "merge_method is 'karcher'" in proc.stderr and "models must be a non-empty list" in proc.stderr
+    assert "merge_method is 'kasher'" in proc.stderr and "models must be a non-empty list" in proc.stderr
+    recipe.write_text("merge_method: karcher\nmodels: []\n")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1 and "merge_method karcher is not supported: the Karcher mean iterates" in proc.stderr
 
 
 def test_streaming_refuses_global_trimming(checkpoints, tmp_path):

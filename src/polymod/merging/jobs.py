@@ -19,6 +19,7 @@ from typing import Protocol
 
 import torch
 
+from polymod.merging.elementwise import ElementwiseMerge, ElementwiseSpec
 from polymod.merging.interp import GroupedMerge, InterpSpec
 from polymod.merging.methods import MergeSpec, TensorMerge
 from polymod.merging.shards import WRITE_SLOTS, BackgroundWriter, Checkpoint, ShardedWriter
@@ -34,7 +35,7 @@ class Job:
     name: str
     inputs: tuple[TensorRef, ...]
     base: TensorRef | None
-    spec: MergeSpec | InterpSpec
+    spec: MergeSpec | InterpSpec | ElementwiseSpec
 
 
 class Merger(Protocol):
@@ -54,6 +55,7 @@ class Merger(Protocol):
 MERGERS: dict[type, Callable[[object, str, tuple[int, ...]], Merger]] = {
     MergeSpec: lambda spec, name, shape: TensorMerge(spec, name, int(torch.Size(shape).numel()), shape=shape),
     InterpSpec: lambda spec, name, shape: GroupedMerge(spec, name, shape),
+    ElementwiseSpec: lambda spec, name, shape: ElementwiseMerge(spec, name, shape),
 }
 
 

@@ -60,6 +60,7 @@ from polymod.merging.recipe_plan import (
     BASE_USE,
     PARAMS,
     RECIPE_METHODS,
+    REFUSED_METHODS,
     Source,
     job_problems,
     plan_models,
@@ -163,7 +164,10 @@ def parse_recipe(data: Any, root: Path | None = None, seed: int = 0, source: str
         elif key not in _TOP_KEYS:
             problems.append(f"unknown key {key!r} (polymod reads {', '.join(_TOP_KEYS)})")
     method = data.get("merge_method")
-    if method not in RECIPE_METHODS:
+    if method in REFUSED_METHODS:
+        problems.append(f"merge_method {method} is not supported: {REFUSED_METHODS[method]}")
+        method = None
+    elif method not in RECIPE_METHODS:
         problems.append(f"merge_method is {method!r}; expected one of {', '.join(RECIPE_METHODS)}")
         method = None
     paths: list[Path] = []

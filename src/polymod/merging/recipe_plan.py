@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from polymod.errors import ConfigError
+from polymod.merging.elementwise import ElementwiseSpec
 from polymod.merging.interp import InterpSpec
 from polymod.merging.jobs import Job
 from polymod.merging.layers import is_post, layer_of, layer_tensors, position, stacks
@@ -45,13 +46,29 @@ PARAMS: dict[str, tuple[set[str], set[str]]] = {
     "nuslerp": ({"weight"}, {"nuslerp_row_wise", "nuslerp_flatten"}),
     "model_stock": (set(), {"filter_wise"}),
     "passthrough": ({"scale"}, set()),
+    "nearswap": (set(), {"t"}),
+    "ram": (set(), {"epsilon"}),
 }
 RECIPE_METHODS = tuple(PARAMS)
+# mergekit 0.1.5 methods that polymod refuses by name, with the reason.
+REFUSED_METHODS = {
+    "karcher": "the Karcher mean iterates (up to max_iter passes over each whole tensor, renormalising every time); "
+               "not implemented in the streaming engine — use slerp (two models) or nuslerp",
+    "multislerp": "barycentric interpolation on the hypersphere of several models is not implemented yet; use slerp or "
+                  "nuslerp for two models",
+    "sce": "SCE selects entries by a top-k over the variance of all task vectors, then weighs inputs by their mean "
+           "square; not implemented yet — ties with density is the nearest streaming method",
+    "arcee_fusion": "its threshold comes from quantiles of 1M entries sampled with torch's global RNG (so no two runs "
+                    "agree), and a softmax over whole rows; not implemented",
+    "ramplus_tl": "RAM+ rescales each input by counts over its whole tensor (a statistics pass); not implemented yet "
+                  "— ram is",
+}
 # What each method needs of the base model: "task" (base required, inputs are task vectors),
 # "first" (base required, an input itself), "optional" (task vectors if given), "ignored".
 BASE_USE = {**{m: "task" for m in METHODS}, "linear": "ignored", "slerp": "first", "model_stock": "first",
-            "nuslerp": "optional", "passthrough": "ignored"}
-INPUTS = {"slerp": (1, 1), "nuslerp": (2, 2), "model_stock": (2, None), "passthrough": (1, 1)}  # non-base (min, max)
+            "nuslerp": "optional", "passthrough": "ignored", "nearswap": "first", "ram": "task"}
+INPUTS = {"slerp": (1, 1), "nuslerp": (2, 2), "model_stock": (2, None), "passthrough": (1, 1),  # non-base (min, max)
+          "nearswap": (1, 1)}
 
 
 @dataclass(frozen=True)
@@ -96,10 +113,15 @@ def make_job(method: str, out: str, t: float, inputs: list[tuple[Source, str]], 
     opts = {p: value(p, None, out) for p in shared}
     refs = tuple((s.ck, name) for s, name in inputs)
     base_ref = (base[0].ck, base[1]) if base is not None else None
-    if method == "slerp":
+    if method in ("slerp", "nearswap"):
         if opts["t"] is None:
-            raise ConfigError(f"slerp needs parameters.t for tensor {out}")
-        return Job(out, (base_ref, *refs), None, InterpSpec("slerp", t=float(opts["t"])))
+            raise ConfigError(f"{method} needs parameters.t for tensor {out}")
+        spec = InterpSpec("slerp", t=float(opts["t"])) if method == "slerp" else ElementwiseSpec(
+            "nearswap", t=float(opts["t"]))
+        return Job(out, (base_ref, *refs), None, spec)
+    if method == "ram":  # mergekit's ram reads one shared epsilon, 1e-5 by default (DELLA's is per input)
+        eps = resolve("epsilon", scopes, out, t)
+        return Job(out, refs, base_ref, ElementwiseSpec("ram", epsilon=1e-5 if eps is None else float(eps)))
     if method == "nuslerp":
         grouping = "tensor" if opts["nuslerp_flatten"] else "columns" if opts["nuslerp_row_wise"] else "rows"
         spec = InterpSpec("nuslerp", weights=tuple(float(w) for w in vals["weight"]), grouping=grouping,
