@@ -16,7 +16,8 @@ see ``benchmarks/README`` in docs/merging.md); polymod never imports it.
 
     .venv/bin/python benchmarks/merge_stream.py            # full size, ~3.4 GB of temp files
     .venv/bin/python benchmarks/merge_stream.py --layers 2 --repeats 1   # quick check
-    .venv/bin/python benchmarks/merge_stream.py --recipes slerp,passthrough
+    .venv/bin/python benchmarks/merge_stream.py --recipes slerp,passthrough --finetunes 2 \
+        --out benchmarks/results/merge_stream_slerp_passthrough.json   # SLERP + frankenmerge, ~5 min quiet
 """
 
 from __future__ import annotations
@@ -136,9 +137,11 @@ def main() -> None:
     ap.add_argument("--recipes", default="ties,slerp,passthrough", help="comma-separated: ties, slerp, passthrough")
     ap.add_argument("--workdir", default=None, help="where the temporary checkpoints go (default: a temp dir)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/merge_stream.json"))
+    ap.add_argument("--mergekit", default=str(MERGEKIT), help="the mergekit-yaml to run (its own venv)")
     args = ap.parse_args()
-    if not MERGEKIT.exists():
-        raise SystemExit(f"mergekit is not installed at {MERGEKIT}; see docs/merging.md (benchmarks)")
+    mergekit = Path(args.mergekit)
+    if not mergekit.exists():
+        raise SystemExit(f"mergekit is not installed at {mergekit}; see docs/merging.md (benchmarks)")
     work = Path(tempfile.mkdtemp(prefix="polymod-merge-stream-", dir=args.workdir))
     try:
         t0 = time.perf_counter()
@@ -154,7 +157,7 @@ def main() -> None:
             recipe.write_text(text)
             tools = {
                 "polymod": lambda out, r=recipe: [*POLYMOD, "merge", str(r), str(out), "--quiet"],
-                "mergekit": lambda out, r=recipe: [str(MERGEKIT), str(r), str(out), "--no-copy-tokenizer", "--quiet",
+                "mergekit": lambda out, r=recipe: [str(mergekit), str(r), str(out), "--no-copy-tokenizer", "--quiet",
                                                    "--no-write-model-card"],
             }
             runs[name] = {t: [] for t in tools}
