@@ -189,8 +189,10 @@ class GroupedMerge:
         def per_entry(c: torch.Tensor) -> torch.Tensor:
             return c[0] if ids is None else c[ids]
 
-        if self.spec.method == "slerp":
-            mixed = per_entry(coef[0]) * flat[0] + per_entry(coef[1]) * flat[1]
+        if self.spec.method == "slerp":  # a·v₀ + b·v₁, the first product written straight into the output
+            dst = torch.mul(per_entry(coef[0]), flat[0], out=out.reshape(-1) if out is not None else None)
+            dst.add_(per_entry(coef[1]) * flat[1])
+            return out if out is not None else dst.view(xs[0].shape)
         elif self.spec.method == "nuslerp":
             mixed = (per_entry(coef[0]) * flat[0] + per_entry(coef[1]) * flat[1]) / per_entry(coef[2])
         else:
