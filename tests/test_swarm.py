@@ -191,6 +191,22 @@ def test_resolution_refuses_unpinned_owners_and_says_why(setup):
         pm.Remote("no-owner", dht="x")
 
 
+def test_host_command_refuses_what_it_cannot_announce_before_starting_anything(setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from polymod.cli import app
+
+    _, model, _ = setup
+    pm.save(model["a"], tmp_path / "a")  # a card without owner/name
+    runner = CliRunner()
+    out = runner.invoke(app, ["host", str(tmp_path / "a")])
+    assert out.exit_code != 0 and "has no owner/name in its card; give one with --name" in str(out.exception)
+    out = runner.invoke(app, ["host", str(tmp_path / "a"), "--name", "no-slash"])
+    assert out.exit_code != 0 and "is named 'owner/name'" in str(out.exception)
+    out = runner.invoke(app, ["swarm", "ls"])
+    assert out.exit_code != 0 and "--dht" in out.output
+
+
 def test_loopback_smoke_one_host_one_client():
     """The real thing, in one process: a hivemind host serving a LoRA, a client calling it (bounded)."""
     from polymod.swarm import Swarm, SwarmUnavailableError

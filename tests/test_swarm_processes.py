@@ -6,8 +6,12 @@ Skipped with the reason when hivemind cannot start here. Every wait is bounded.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +25,7 @@ from tests.hosts import make_batch, make_host, randomize
 from tests.swarm_helpers import announcement
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("a", "b", "c")
 
 
@@ -129,6 +134,34 @@ def test_a_second_peer_cannot_take_over_the_first_ones_announcement(world):
         assert [h.peer_id for h in binding.hosts] == [original.peer_id]
     finally:
         hijacker.shutdown()
+
+
+def test_swarm_ls_lists_every_host_with_its_modules_and_latency(world):
+    from typer.testing import CliRunner
+
+    from polymod.cli import app
+
+    out = CliRunner().invoke(app, ["swarm", "ls", "--dht", world["procs"]["a"].info["addresses"][0], "--json"])
+    assert out.exit_code == 0, out.output
+    rows = {r["owner"]: r for r in json.loads(out.output)}
+    for name, proc in world["procs"].items():
+        row = rows[proc.info["owner"]]
+        assert row["peer_id"] == proc.info["peer_id"]
+        assert row["modules"] == [f"me/{name}@{proc.info['content_hash'][:12]}"]
+        assert row["latency_ms"] is not None and 0 < row["latency_ms"] < 5000
+
+
+def test_polymod_host_command_serves_and_stops(world):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "polymod.cli", "host", str(world["root"] / "b"), "--name", "me/cli-b", "--once",
+           "--dht", world["procs"]["a"].info["addresses"][0]]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    info = json.loads(run.stdout.splitlines()[0])
+    assert info["ready"] and info["ref"] == "me/cli-b" and len(info["uids"]) == 2
+    assert "hosting me/cli-b (2 sites) as owner" in run.stderr
+    with pytest.raises(ProcessLookupError):  # the host's whole process group is gone
+        os.killpg(info["pid"], 0)
 
 
 def test_a_slow_host_times_out_without_hanging(world):

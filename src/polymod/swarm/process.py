@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from polymod.errors import ConfigError, StateError
-from polymod.format import load
+from polymod.format import load, read_card
 from polymod.hub import api as hub_api
 from polymod.hub.remote import RemoteHub
 from polymod.swarm.host import Host
@@ -84,6 +84,23 @@ def open_module(config: HostConfig) -> tuple[Any, str, str | None, bool, str | N
     module = load(client.pull(config.source))
     where = client.url if isinstance(client, RemoteHub) else str(client.store.root)  # what clients pull from
     return module, base_ref(config.name or config.source), module.card.version, config.public, where
+
+
+def check_config(config: HostConfig) -> None:
+    """Refuse, before any process starts, what the host would refuse: a directory without a name to announce.
+
+    Raises:
+        ConfigError: a bad name or a directory whose card has no owner/name (and no ``name`` given).
+    """
+    if config.name is not None:
+        base_ref(config.name)
+    path = Path(config.source)
+    if path.is_dir() and config.name is None:
+        card = read_card(path)
+        if not (card.owner and card.name):
+            raise ConfigError(f"{path} has no owner/name in its card; give one with --name owner/name")
+    elif not path.is_dir():
+        base_ref(config.source)
 
 
 def serve(config: HostConfig, out: IO[str] = sys.stdout,
@@ -143,6 +160,7 @@ class HostProcess:
         Raises:
             StateError: the host exited or did not become ready in time, ``attempts`` times.
         """
+        check_config(self.config)
         why = ""
         for _ in range(attempts):
             stderr = open(self.log, "ab") if self.log is not None else None  # noqa: SIM115 (owned by the child)
@@ -159,7 +177,9 @@ class HostProcess:
                 if info.get("ready"):
                     self.info = info
                     return info
-                why = info.get("error", line.strip()[:200])
+                self.kill()  # the host said why it cannot serve: starting it again would say the same
+                raise StateError(f"the host of {self.config.source!r} did not start: "
+                                 f"{info.get('error', line.strip()[:200])}")
             else:
                 why = (f"exited with code {self.proc.returncode}" if self.proc.poll() is not None
                        else f"not ready in {timeout:g} s")
