@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
 
 import polymod as pm
 from polymod.errors import ConfigError, IncompatibleHostError, IntegrityError
@@ -19,7 +21,7 @@ from polymod.merging.lora import svd_factor
 from polymod.serving.engine import ServeOptions
 from polymod.serving.vllm_engine import stop_tree, vllm_command
 from polymod.serving.vllm_peft import NotServableError
-from polymod.serving.vllm_plugin import register
+from polymod.serving.vllm_plugin import RefusePolymodExtension, register
 from polymod.serving.vllm_resolver import ENV, HubLoraSource, ResolverConfig, http_status
 from tests.hosts import randomize
 from tests.serve_helpers import char_tokenizer, publish, tiny_llama
@@ -206,6 +208,7 @@ def test_the_vllm_command_maps_the_serve_options(world, tmp_path):
     assert flags["--max-loras"] == "4" and flags["--max-cpu-loras"] == "32" and flags["--max-num-seqs"] == "6"
     assert flags["--max-lora-rank"] == "32" and flags["--dtype"] == "float32" and flags["--port"] == "8123"
     assert json.loads(flags["--allowed-origins"]) == ["http://localhost:3000"]
+    assert flags["--middleware"] == "polymod.serving.vllm_plugin.RefusePolymodExtension"
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "1"
     config = ResolverConfig.from_env(env)
     assert config.aliases == {"s": "me/lora@1.0.0"} and config.max_rank == 32 and config.served_name == "tiny"
@@ -224,6 +227,22 @@ def test_the_plugin_does_nothing_without_polymods_configuration(monkeypatch):
     monkeypatch.setenv(ENV, "not json")
     with pytest.raises(ConfigError, match="must hold the JSON"):
         register()
+
+
+def test_the_polymod_extension_is_refused_not_silently_ignored():
+    inner = FastAPI()
+
+    @inner.post("/v1/completions")
+    async def echo(request: Request):
+        return await request.json()
+
+    client = TestClient(RefusePolymodExtension(inner))
+    body = {"model": "me/a@1.0.0", "prompt": "hi", "polymod": {"compose": {"stack": ["a", "b"]}}}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "polymod"
+    assert "--engine native" in r.json()["error"]["message"] and "save_composition" in r.json()["error"]["message"]
+    plain = {"model": "me/a@1.0.0", "prompt": 'a "polymod" in the text is fine'}
+    assert client.post("/v1/completions", json=plain).json() == plain  # the body reaches vLLM unchanged
 
 
 def test_stop_tree_ends_the_grandchildren_too(tmp_path):

@@ -119,5 +119,8 @@ def test_vllm_refuses_what_it_cannot_run_with_openai_errors(server):
     client = openai.OpenAI(base_url=server["url"] + "/v1", api_key="x", max_retries=0, timeout=300)
     with pytest.raises(openai.BadRequestError, match=r"ia3 module and vLLM runs LoRA only.*--engine native"):
         client.completions.create(model=server["refs"]["gamma"], prompt="hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match=r"polymod extension.*--engine native"):
+        client.completions.create(model=server["refs"]["alpha"], prompt="hi", max_tokens=2, extra_body={
+            "polymod": {"compose": {"stack": ["a", "b"]}, "modules": {"a": server["refs"]["alpha"]}}})
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="me/nothing@1.0.0", prompt="hi", max_tokens=2)

@@ -92,7 +92,8 @@ def vllm_command(host_model: str, hub: str | None, options: ServeOptions, *, nam
             "--served-model-name", served, "--host", bind, "--port", str(port), "--dtype", dtype,
             "--enable-lora", "--max-lora-rank", str(max_rank), "--max-loras", str(options.max_resident),
             "--max-cpu-loras", str(max(options.max_cpu_modules, options.max_resident)),
-            "--max-num-seqs", str(options.max_batch)]
+            "--max-num-seqs", str(options.max_batch),
+            "--middleware", "polymod.serving.vllm_plugin.RefusePolymodExtension"]
     if options.cors_origins:
         argv += ["--allowed-origins", json.dumps(options.cors_origins)]
     env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", **config.to_env()}

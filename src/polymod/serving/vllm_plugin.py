@@ -11,11 +11,18 @@ thread and turns its refusals into HTTP errors, which vLLM's exception handler
 renders as OpenAI error bodies: a kind vLLM cannot run → 400 (the message names
 ``--engine native``), another host → 409, a package failing verification → 502,
 no such module → vLLM's own 404.
+
+vLLM ignores request fields it does not know (it only logs them), so a client
+sending polymod's per-request extension (``extra_body={"polymod": ...}``) would
+get the host's text and believe its composition ran. :class:`RefusePolymodExtension`,
+an ASGI middleware ``polymod serve --engine vllm`` gives vLLM (``--middleware``),
+answers such a request with a 400 that names the native engine instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -76,4 +83,55 @@ def register() -> None:
         LoRAResolverRegistry.register_resolver(NAME, make_resolver(config))
 
 
-__all__ = ["NAME", "make_resolver", "register"]
+EXTENSION_REFUSED = ("the request's polymod extension (a composition per request) is served by the native engine only "
+                     "(polymod serve HOST --engine native); with --engine vllm, publish the composition as a package "
+                     "(polymod.hub.composition.save_composition) and name it as the model")
+
+
+class RefusePolymodExtension:
+    """ASGI middleware: a POST to ``/v1/...`` whose JSON body has a top-level ``polymod`` key gets a 400.
+
+    The body is read whole (vLLM reads it whole too) and handed on unchanged otherwise.
+
+    Args:
+        app: the ASGI app it wraps.
+    """
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        messages, more = [], True
+        while more:
+            message = await receive()
+            messages.append(message)
+            more = message["type"] == "http.request" and message.get("more_body", False)
+        body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.request")
+        if b'"polymod"' in body and _has_extension(body):
+            error = {"error": {"message": EXTENSION_REFUSED, "type": "invalid_request_error", "param": "polymod",
+                               "code": "polymod_extension_unsupported"}}
+            raw = json.dumps(error).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+            await send({"type": "http.response.start", "status": 400, "headers": headers})
+            await send({"type": "http.response.body", "body": raw})
+            return
+        pending = list(messages)
+
+        async def replay() -> dict:
+            return pending.pop(0) if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _has_extension(body: bytes) -> bool:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and "polymod" in data
+
+
+__all__ = ["EXTENSION_REFUSED", "NAME", "RefusePolymodExtension", "make_resolver", "register"]
