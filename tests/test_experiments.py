@@ -91,11 +91,15 @@ def test_e7_modules_stay_near_the_multitask_host_on_training_tasks(tmp_path):
     assert r["held_mod"] > 0.5 and r["held_mt"] > 0.5
 
 
-def test_e8_library_routing_smoke(tmp_path):
+def test_e8_library_routing_smoke(tmp_path, monkeypatch):
+    monkeypatch.setenv("POLYMOD_E8_CACHE", str(tmp_path / "cache"))  # train the library, not read a cached one
     r = run("e8_library", tmp_path)
-    assert all(0.0 <= r[c] <= 1.0 for c in ("host", "uniform Mix", "uniform merge", "Arrow", "retrieval"))
-    assert r["retrieval"] > r["host"]  # quick run: 0.660 vs 0.600 (retrieval picks the sentiment module)
-    assert r["own module"] >= r["host"]  # quick run: 0.630 vs 0.600
+    contenders = ("host", "uniform merge", "uniform Mix", "Arrow", "Arrow + GKS", "PHATGOOSE", "retrieval", "LoraHub",
+                  "own module")
+    assert all(0.0 <= r[c] <= 1.0 for c in contenders)
+    assert r["own module"] > r["host"]  # quick run: 0.762 vs 0.668 (mean of IMDB and BBC tech-vs-rest)
+    assert r["LoraHub"] > r["host"]  # quick run: 0.710
+    assert r["shares"]["imdb"]["retrieval"] > 0.5  # quick run: 0.90 of IMDB requests go to the RT module
 
 
 def test_e2_real_pair_language_modules_learn_their_language(tmp_path):
