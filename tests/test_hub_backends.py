@@ -9,7 +9,8 @@ import threading
 import pytest
 
 from polymod import hub
-from polymod.hub import latest
+from polymod.errors import BusyError
+from polymod.hub import auth, latest
 from tests.hub_helpers import make_package
 
 pytestmark = pytest.mark.usefixtures("hub_backend")  # each test on SQLite and on PostgreSQL
@@ -137,3 +138,31 @@ def test_the_cli_takes_db_and_the_store_remembers_its_database(tmp_path, pg_clus
 
         pg.close_pools()
         pg_cluster.drop_database(url)
+
+
+def test_connections_the_server_closed_are_replaced(tmp_path, hub_backend, request):
+    """PostgreSQL restarted (or ended the hub's sessions): reads retry on a new connection, a write answers
+    BusyError (503, retry) once instead of a traceback, and the retry publishes."""
+    if hub_backend == "sqlite":
+        pytest.skip("PostgreSQL only: SQLite has no server to lose")
+    import psycopg
+
+    store = hub.Store(tmp_path / "store")
+    hub.push(make_package(tmp_path / "a", description="movie reviews"), "alice/a@1.0.0", hub=store)
+    conns = [store.connect() for _ in range(3)]
+    for conn in conns:
+        conn.execute("SELECT 1")
+    for conn in conns:
+        conn.close()  # three live connections wait in the pool
+
+    def end_sessions():
+        with psycopg.connect(request.getfixturevalue("pg_cluster").url(), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                          (store.db.describe().rsplit("/", 1)[1],))
+
+    end_sessions()
+    assert [h["name"] for h in hub.search("movie", hub=store).hits] == ["a"], "the read ran on a new connection"
+    end_sessions()
+    with pytest.raises(BusyError, match="is unavailable .* retry in a moment"):
+        auth.create_token(store, "bob")
+    assert auth.authenticate(store, auth.create_token(store, "bob")) == "bob", "the retry wrote it"

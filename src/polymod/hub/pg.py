@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
-from polymod.errors import BusyError, ConfigError, HubError
+from polymod.errors import BusyError, ConfigError
 from polymod.hub.db import SEARCH_FIELDS, Database, redact
 
 WRITE_LOCK = 0x706F6C796D6F64  # "polymod": the advisory lock every write transaction holds
@@ -113,7 +113,9 @@ class _Pool:
     def __init__(self, url: str):
         self.url, self.idle, self.lock = url, [], threading.Lock()
 
-    def get(self) -> Any:
+    def get(self, fresh: bool = False) -> Any:
+        if fresh:  # one pooled connection was found dead: the idle others most likely are too
+            self.close()
         with self.lock:
             while self.idle:
                 raw = self.idle.pop()
@@ -123,9 +125,8 @@ class _Pool:
         try:
             return psycopg.connect(self.url, autocommit=True, row_factory=_row_factory, connect_timeout=10)
         except psycopg.OperationalError as exc:
-            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            raise HubError(f"cannot connect to the hub database {redact(self.url)}: {reason}; check the URL and "
-                           "that PostgreSQL is running and reachable") from None
+            raise BusyError(f"cannot connect to the hub database {redact(self.url)}: {_reason(exc)}; check the URL and "
+                            "that PostgreSQL is running and reachable, then retry") from None
 
     def put(self, raw: Any) -> None:
         psycopg = _psycopg()
@@ -157,17 +158,55 @@ def close_pools() -> None:
         pool.close()
 
 
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
+
+
+class _Entered:
+    """Exits an already entered context manager at the end of a ``with`` block."""
+
+    def __init__(self, manager: Any):
+        self.manager = manager
+
+    def __enter__(self) -> Any:
+        return self.manager
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self.manager.__exit__(*exc)
+
+
 class Connection:
     """A pooled psycopg connection with the store's interface: ``execute`` with ``?`` placeholders, rows by name,
     :meth:`transaction` holding the global write lock; :meth:`close` returns it to the pool."""
 
     def __init__(self, pool: _Pool, busy_timeout: float):
         self.pool, self.busy_timeout = pool, busy_timeout
-        self.raw = pool.get()
+        self.raw, self.in_transaction = pool.get(), False
 
     def execute(self, sql: str, params: Any = ()) -> Any:
-        """Run one statement; returns a cursor (``fetchone``, ``fetchall``, iteration, ``rowcount``)."""
-        return self.raw.execute(_placeholders(sql), params)
+        """Run one statement; returns a cursor (``fetchone``, ``fetchall``, iteration, ``rowcount``).
+
+        Outside a transaction, a statement that finds its connection closed by the server (PostgreSQL restarted,
+        or ended the session) runs once more on a new connection.
+
+        Raises:
+            BusyError: the database cannot be reached.
+        """
+        psycopg = _psycopg()
+        try:
+            return self.raw.execute(_placeholders(sql), params)
+        except psycopg.OperationalError as exc:
+            if not self.raw.closed or self.in_transaction:
+                raise
+            self.raw = self.pool.get(fresh=True)
+            try:
+                return self.raw.execute(_placeholders(sql), params)
+            except psycopg.OperationalError:
+                if not self.raw.closed:
+                    raise
+                raise BusyError(f"the hub database {redact(self.pool.url)} is unavailable ({_reason(exc)}); "
+                                "retry in a moment") from None
 
     def executemany(self, sql: str, rows: Any) -> None:
         """Run one statement for each parameter tuple in ``rows``."""
@@ -182,13 +221,25 @@ class Connection:
             BusyError: the write lock was not free within ``busy_timeout`` seconds.
         """
         psycopg = _psycopg()
-        with self.raw.transaction():
-            self.raw.execute(f"SET LOCAL lock_timeout = {max(1, int(self.busy_timeout * 1000))}")
-            try:
-                self.raw.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
-            except psycopg.errors.LockNotAvailable:
-                raise BusyError("the hub's database is busy with other writes; retry in a moment") from None
-            yield self
+        try:
+            if self.raw.closed:
+                self.raw = self.pool.get(fresh=True)
+            tx = self.raw.transaction()
+            tx.__enter__()
+        except psycopg.OperationalError as exc:  # a connection the server closed: the client retries
+            raise BusyError(f"the hub database {redact(self.pool.url)} is unavailable ({_reason(exc)}); "
+                            "retry in a moment") from None
+        self.in_transaction = True
+        try:
+            with _Entered(tx):
+                self.raw.execute(f"SET LOCAL lock_timeout = {max(1, int(self.busy_timeout * 1000))}")
+                try:
+                    self.raw.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+                except psycopg.errors.LockNotAvailable:
+                    raise BusyError("the hub's database is busy with other writes; retry in a moment") from None
+                yield self
+        finally:
+            self.in_transaction = False
 
     def close(self) -> None:
         """Give the connection back to the pool (idempotent)."""
