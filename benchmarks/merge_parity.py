@@ -229,6 +229,10 @@ RECIPES = {
         ("ft0", ""), ("ft1", ""), ("ft2", "")),
     "nearswap": "base_model: base\nparameters: {t: 0.005}\n" + models(("base", ""), ("ft0", "")),
     "ram": "base_model: base\nparameters: {epsilon: 0.01}\n" + models(("ft0", ""), ("ft1", ""), ("ft2", "")),
+    "multislerp (base)": "base_model: base\n" + models(("ft0", "{weight: 1.0}"), ("ft1", "{weight: 2.0}"),
+                                                       ("ft2", "{weight: 0.5}")),
+    "multislerp (no base)": "parameters: {normalize_weights: false}\n" + models(("ft0", "{weight: 0.3}"),
+                                                                                  ("ft1", "{weight: 0.7}")),
     "passthrough frankenmerge": "slices:\n  - sources: [{model: ft0, layer_range: [0, 4]}]\n"
                                 "  - sources:\n      - model: ft1\n        layer_range: [2, 6]\n"
                                 "        parameters: {scale: [{filter: o_proj, value: 0.5}, {value: 1.0}]}\n",

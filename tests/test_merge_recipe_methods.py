@@ -320,3 +320,23 @@ def test_their_parameters_are_checked_with_the_recipe(ck, tmp_path):
         load_recipe(recipe)
     with pytest.raises(pm.ConfigError, match="nearswap: t must be a finite number >= 0, got -1"):
         ElementwiseSpec("nearswap", t=-1.0)
+
+
+def test_multislerp_is_the_weighted_mean_direction_at_the_mean_norm(ck, tmp_path):
+    _, got, _ = run(tmp_path, f"merge_method: multislerp\nbase_model: {ck / 'base'}\nmodels:\n"
+                              f"  - {{model: {ck / 'ft0'}, parameters: {{weight: 1.0}}}}\n"
+                              f"  - {{model: {ck / 'ft1'}, parameters: {{weight: 3.0}}}}\n"
+                              f"  - {{model: {ck / 'ft2'}, parameters: {{weight: [{{filter: mlp, value: 0}}, "
+                              f"{{value: 1.0}}]}}}}\n")
+    base, fts = read(ck / "base"), [read(ck / f"ft{i}") for i in range(3)]
+    for name, b in base.items():
+        w = torch.tensor([1.0, 3.0, 0.0 if "mlp" in name else 1.0], dtype=torch.float64)
+        w = w / w.sum()
+        tv = [(ft[name] - b).double() for ft in fts]
+        direction = sum(wi * t / t.norm() for wi, t in zip(w, tv))
+        want = b.double() + direction / direction.norm() * sum(wi * t.norm() for wi, t in zip(w, tv))
+        torch.testing.assert_close(got[name].double(), want, rtol=0, atol=1e-6)
+    one, same, _ = run(tmp_path, f"merge_method: multislerp\nbase_model: {ck / 'base'}\n"
+                                 f"models: [{{model: {ck / 'ft1'}, parameters: {{weight: 2}}}}]\n", "one")
+    assert one.jobs[0].base is None  # a single input is returned as it is, as mergekit does
+    assert all(torch.equal(same[k], v) for k, v in fts[1].items())

@@ -16,6 +16,13 @@ one row, or one column. Memory stays at a block per input.
   interpolates the task vectors τᵢ = θᵢ − θ₀ and adds θ₀ back. Groups: the
   whole tensor (``nuslerp_flatten``, default), rows (flatten off) or columns
   (``nuslerp_row_wise``, mergekit's naming).
+* **Multi-SLERP** (mergekit's ``multislerp``): N models (task vectors with a
+  base) on the unit sphere, uᵢ = xᵢ/(‖xᵢ‖ + ε), their weighted mean direction
+  m = Σ wᵢuᵢ / ‖Σ wᵢuᵢ‖ (weights normalised to sum 1 by default), scaled by the
+  weighted mean norm Σ wᵢ‖xᵢ‖. mergekit also maps the tangent-space mean back
+  with the exponential map; that mean Σ wᵢ(uᵢ − (uᵢ·m)m) is zero by
+  construction, so the map is the identity up to rounding and is skipped. Two
+  inputs whose weighted directions cancel interpolate linearly.
 * **Model Stock** (Jang et al. 2024, arXiv 2403.19522): with N fine-tunes θᵢ of
   θ₀ and cos φ the mean pairwise cosine of their task vectors,
   t = N cos φ / (1 + (N−1) cos φ) and θ = t · mean(θᵢ) + (1−t) θ₀ (t = 0 where
@@ -37,7 +44,7 @@ import torch
 
 from polymod.errors import ConfigError
 
-InterpMethod = Literal["slerp", "nuslerp", "model_stock"]
+InterpMethod = Literal["slerp", "nuslerp", "model_stock", "multislerp"]
 _CHUNK = 1 << 15  # dot-product chunks at fixed flat positions: sums do not depend on how a tensor is read
 Grouping = Literal["tensor", "rows", "columns"]
 
@@ -51,7 +58,10 @@ class InterpSpec:
         t: SLERP's interpolation factor (0: the first input, the base).
         weights: NuSLERP's two weights (t = w₂ / (w₁ + w₂)).
         grouping: entries sharing one angle: the whole ``tensor``, each row, or each column.
-        task_vectors: NuSLERP with a base model (inputs are θᵢ − θ₀; the engine adds θ₀ back).
+        task_vectors: NuSLERP/Multi-SLERP with a base model (inputs are θᵢ − θ₀; the engine adds θ₀ back).
+        inputs: the number of inputs.
+        normalize: Multi-SLERP: normalise the weights to sum 1 (mergekit's ``normalize_weights``).
+        eps: Multi-SLERP's ε in uᵢ = xᵢ/(‖xᵢ‖ + ε).
     """
 
     method: InterpMethod
@@ -60,10 +70,15 @@ class InterpSpec:
     grouping: Grouping = "tensor"
     task_vectors: bool = False
     inputs: int = field(default=2)
+    normalize: bool = True
+    eps: float = 1e-8
 
     def __post_init__(self) -> None:
-        if self.method not in ("slerp", "nuslerp", "model_stock"):
-            raise ConfigError(f"unknown geometric merge {self.method!r}; expected slerp, nuslerp or model_stock")
+        if self.method not in ("slerp", "nuslerp", "model_stock", "multislerp"):
+            raise ConfigError(f"unknown geometric merge {self.method!r}; expected slerp, nuslerp, model_stock or "
+                              "multislerp")
+        if self.method == "multislerp" and len(self.weights) != self.inputs:
+            raise ConfigError(f"multislerp needs one weight per input, got {len(self.weights)} for {self.inputs}")
         if self.method in ("slerp", "nuslerp") and self.inputs != 2:
             raise ConfigError(f"{self.method} interpolates exactly two tensors, got {self.inputs}")
         if self.method == "model_stock" and self.inputs < 3:
@@ -169,6 +184,8 @@ class GroupedMerge:
             self._coef = [torch.where(colinear, 1 - t, torch.sin((1 - t) * theta)),
                           torch.where(colinear, t, torch.sin(t * theta)),
                           torch.where(colinear, 1.0, sin)]
+        elif s.method == "multislerp":
+            self._coef = self._multislerp(norms, dtype)
         else:
             n = s.inputs - 1
             cos = [(self._dot[i, j] / (norms[i] * norms[j]).clamp(min=1e-6)).to(dtype).clamp(-1, 1)
@@ -179,6 +196,24 @@ class GroupedMerge:
             t = torch.where(singular, 0.0, (n * mean) / torch.where(singular, 1.0, den))
             self._coef = [t, 1 - t]
         return self._coef
+
+    def _multislerp(self, norms: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Per-input coefficients cᵢ of Σ cᵢxᵢ (see the module docstring); ``norms``: (inputs, groups)."""
+        w = torch.tensor(self.spec.weights, dtype=torch.float64)[:, None]  # (inputs, 1)
+        if self.spec.normalize:
+            w = w / w.sum()
+        if len(self.spec.weights) == 1:
+            return [torch.ones(self._groups, dtype=dtype)]
+        c = w / (norms + self.spec.eps)  # (inputs, groups): weight of each raw input in Σ wᵢuᵢ
+        gram = self._dot + self._dot.transpose(0, 1) + torch.diag_embed(self._sq.T).permute(1, 2, 0)
+        mean_sq = torch.einsum("ig,ijg,jg->g", c, gram, c).clamp(min=0)  # ‖Σ wᵢuᵢ‖² per group
+        mean_norm = mean_sq.sqrt()
+        if bool((mean_norm < self.spec.eps).any()) and len(self.spec.weights) > 2:
+            raise ConfigError(f"multislerp: the weighted directions of {self.name} cancel out (antipodal inputs "
+                              "with balancing weights); change the weights")
+        linear = mean_norm < self.spec.eps  # two cancelling inputs: linear interpolation, as mergekit
+        scale = (w * norms).sum(0) / torch.where(linear, 1.0, mean_norm)
+        return [torch.where(linear, w[i, 0], c[i] * scale).to(dtype) for i in range(len(self.spec.weights))]
 
     def __call__(self, xs: list[torch.Tensor], offset: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
         """The merged tensor on flat entries ``[offset, offset + len)`` (of the inputs as given)."""
@@ -195,6 +230,10 @@ class GroupedMerge:
             return out if out is not None else dst.view(xs[0].shape)
         elif self.spec.method == "nuslerp":
             mixed = (per_entry(coef[0]) * flat[0] + per_entry(coef[1]) * flat[1]) / per_entry(coef[2])
+        elif self.spec.method == "multislerp":
+            mixed = per_entry(coef[0]) * flat[0]
+            for c, x in zip(coef[1:], flat[1:]):
+                mixed = mixed + per_entry(c) * x
         else:
             total = flat[1] + flat[2]
             for x in flat[3:]:

@@ -30,7 +30,8 @@ PER_INPUT: dict[str, tuple[Any, Any]] = {
 SHARED: dict[str, tuple[Any, Any]] = {
     "normalize": (BOOL, None), "lambda": (NUM, 1.0), "rescale": ((bool, str), None), "int8_mask": (BOOL, False),
     "consensus": (str, "sum"), "t": (NUM, None), "filter_wise": (BOOL, False),
-    "nuslerp_row_wise": (BOOL, False), "nuslerp_flatten": (BOOL, True)}
+    "nuslerp_row_wise": (BOOL, False), "nuslerp_flatten": (BOOL, True), "normalize_weights": (BOOL, True),
+    "eps": (NUM, 1e-8)}
 _TASK = ({"weight", "density"}, {"normalize", "lambda", "rescale", "int8_mask"})
 # method -> (per-input parameters, shared parameters), as mergekit 0.1.5 declares them
 # (``consensus`` is polymod's: TIES by sign counts).
@@ -47,6 +48,7 @@ PARAMS: dict[str, tuple[set[str], set[str]]] = {
     "model_stock": (set(), {"filter_wise"}),
     "passthrough": ({"scale"}, set()),
     "nearswap": (set(), {"t"}),
+    "multislerp": ({"weight"}, {"normalize_weights", "eps"}),
     "ram": (set(), {"epsilon"}),
 }
 RECIPE_METHODS = tuple(PARAMS)
@@ -54,8 +56,6 @@ RECIPE_METHODS = tuple(PARAMS)
 REFUSED_METHODS = {
     "karcher": "the Karcher mean iterates (up to max_iter passes over each whole tensor, renormalising every time); "
                "not implemented in the streaming engine — use slerp (two models) or nuslerp",
-    "multislerp": "barycentric interpolation on the hypersphere of several models is not implemented yet; use slerp or "
-                  "nuslerp for two models",
     "sce": "SCE selects entries by a top-k over the variance of all task vectors, then weighs inputs by their mean "
            "square; not implemented yet — ties with density is the nearest streaming method",
     "arcee_fusion": "its threshold comes from quantiles of 1M entries sampled with torch's global RNG (so no two runs "
@@ -66,7 +66,8 @@ REFUSED_METHODS = {
 # What each method needs of the base model: "task" (base required, inputs are task vectors),
 # "first" (base required, an input itself), "optional" (task vectors if given), "ignored".
 BASE_USE = {**{m: "task" for m in METHODS}, "linear": "ignored", "slerp": "first", "model_stock": "first",
-            "nuslerp": "optional", "passthrough": "ignored", "nearswap": "first", "ram": "task"}
+            "nuslerp": "optional", "passthrough": "ignored", "nearswap": "first", "ram": "task",
+            "multislerp": "optional"}
 INPUTS = {"slerp": (1, 1), "nuslerp": (2, 2), "model_stock": (2, None), "passthrough": (1, 1),  # non-base (min, max)
           "nearswap": (1, 1)}
 
@@ -127,6 +128,12 @@ def make_job(method: str, out: str, t: float, inputs: list[tuple[Source, str]], 
         spec = InterpSpec("nuslerp", weights=tuple(float(w) for w in vals["weight"]), grouping=grouping,
                           task_vectors=base is not None)
         return Job(out, refs, base_ref, spec)
+    if method == "multislerp":  # one input: returned as it is (mergekit), so no task vector round trip
+        single = len(refs) == 1
+        spec = InterpSpec("multislerp", weights=tuple(float(w) for w in vals["weight"]), inputs=len(refs),
+                          task_vectors=base is not None and not single, normalize=bool(opts["normalize_weights"]),
+                          eps=float(opts["eps"]))
+        return Job(out, refs, base_ref if not single else None, spec)
     if method == "model_stock":
         spec = InterpSpec("model_stock", grouping="rows" if opts["filter_wise"] else "tensor", inputs=len(refs) + 1)
         return Job(out, (base_ref, *refs), None, spec)
