@@ -124,10 +124,11 @@ async def _client(url: str, models: list[str], prompts: list[list[int]], gen: in
 
 
 def run_server(host, hub: Path, refs: list[str], clients: int, duration: float, prompt: int, gen: int,
-               seed: int) -> dict[str, float]:
+               seed: int, prefill_chunk: int = 64) -> dict[str, float]:
     """One closed-loop run against a fresh server over ``host``; ``refs`` empty means the bare host."""
     engine = Engine(host, IdTokenizer(), pm.hub.connect(str(hub)), "host",
                     ServeOptions(max_batch=clients, max_queue=4 * clients, max_resident=max(len(refs), 1),
+                                 prefill_chunk=prefill_chunk,
                                  cache_dir=tempfile.mkdtemp(prefix="serve-bench-")))
     server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=0, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -211,6 +212,8 @@ def main() -> None:
     parser.add_argument("--gen", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine two "
                         "threads spin-wait on each other; a decoding step took 8.5 s instead of 0.40 s)")
+    parser.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens prefilled per step while rows "
+                        "decode (0: whole prompts at once, the running rows stall)")
     parser.add_argument("--no-naive", action="store_true", help="skip the PEFT one-at-a-time baseline")
     parser.add_argument("--work", default=None, help="directory for the hub of benchmark modules (reused)")
     args = parser.parse_args()
@@ -222,11 +225,11 @@ def main() -> None:
     refs = publish_modules(host, work / "hub", max(ms))
     print(f"published {len(refs)} modules in {time.perf_counter() - t0:.0f} s")
     rows: dict[str, dict] = {"bare": run_server(host, work / "hub", [], args.clients, args.duration, args.prompt,
-                                                args.gen, 0)}
+                                                args.gen, 0, args.prefill_chunk)}
     print("bare", rows["bare"])
     for m in ms:
         rows[f"M={m}"] = run_server(host, work / "hub", refs[:m], args.clients, args.duration, args.prompt,
-                                    args.gen, m)
+                                    args.gen, m, args.prefill_chunk)
         print(f"M={m}", rows[f"M={m}"])
     if not args.no_naive:
         rows[f"naive M={max(ms)}"] = run_naive(host, work / "hub", refs[:max(ms)], args.duration, args.prompt,

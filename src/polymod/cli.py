@@ -94,6 +94,8 @@ def serve(
     port: int = typer.Option(8000, help="TCP port."),
     max_batch: int = typer.Option(8, help="Rows decoded together at most (continuous batching)."),
     max_queue: int = typer.Option(64, help="Rows waiting at most; beyond, requests get 429 with Retry-After."),
+    prefill_chunk: int = typer.Option(64, help="Prompt tokens prefilled per step while rows decode (chunked "
+                                      "prefill; 0: whole prompts at once, running rows wait)."),
     max_resident: int = typer.Option(8, help="Modules attached to the host at most (LRU, pinnable)."),
     max_cpu_modules: int = typer.Option(64, help="Loaded modules kept in memory at most (LRU)."),
     alias: Annotated[list[str] | None, typer.Option(help="NAME=owner/name@version: a model name clients may "
@@ -117,7 +119,8 @@ def serve(
     bad = [a for a in alias if "=" not in a]
     if bad:
         raise ConfigError(f"--alias takes NAME=owner/name[@version], got {bad[0]!r}")
-    options = ServeOptions(max_batch=max_batch, max_queue=max_queue, max_resident=max_resident,
+    options = ServeOptions(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                           max_resident=max_resident,
                            max_cpu_modules=max_cpu_modules, api_keys=api_keys, cors_origins=cors_origin,
                            max_body_bytes=max_body_kb << 10, cache_dir=cache_dir,
                            allow_host_mismatch=allow_host_mismatch, aliases=dict(a.split("=", 1) for a in alias))

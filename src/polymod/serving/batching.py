@@ -3,10 +3,15 @@
 The scheduler runs in one thread. Each iteration:
 
 1. rows whose client went away are dropped (their cache rows with them);
-2. waiting rows join, up to ``max_batch``: the newcomers are prefilled in one
-   grouped forward (each row with its own composition through
-   :meth:`polymod.Modular.route`), their first token is sampled and their key/
-   value cache is appended to the running batch's (:mod:`polymod.serving.kv`);
+2. waiting rows join, up to ``max_batch``: the newcomers are prefilled as one
+   group (each row with its own composition through
+   :meth:`polymod.Modular.route`) **in chunks**: while other rows are decoding,
+   each step prefills at most ``prefill_chunk`` tokens of the group (Sarathi's
+   and vLLM's chunked prefill: a long prompt costs every running row a bounded
+   delay per step instead of one long stall). When the group's prompts are in,
+   their first token is sampled and their key/value cache is appended to the
+   running batch's (:mod:`polymod.serving.kv`); with no row decoding the whole
+   prompts run at once;
 3. one decoding step runs every row in one grouped forward: input (B, 1), the
    batch's cache, per-row positions, and ``model.route(rows)`` so that each
    row's LoRA / IA³ / adapter acts on that row alone;
@@ -91,6 +96,17 @@ class Request:
 
 
 @dataclass
+class _Group:
+    """Newcomers being prefilled chunk by chunk, with their own left-padded cache until their prompts are in."""
+
+    rows: list[_Row]
+    ids: torch.Tensor  # (B, T) left-padded prompts
+    mask: torch.Tensor  # (B, T) 1 on prompt tokens
+    done: int = 0  # columns prefilled so far
+    cache: Any = None
+
+
+@dataclass
 class _Row:
     request: Request
     index: int
@@ -112,12 +128,16 @@ class Scheduler:
         max_queue: rows waiting at most; :meth:`submit` raises :class:`QueueFullError` beyond.
         lock: held during every forward; whoever changes the module library holds it too.
         observe: called after each step with (batch size, new tokens, waiting rows).
+        prefill_chunk: prompt tokens (padding included) prefilled per step while other rows decode; 0 prefills
+            whole prompts in one step (running rows then stall for it).
     """
 
     def __init__(self, model: Any, tokenizer: Any, eos: set[int], max_batch: int = 8, max_queue: int = 64,
-                 lock: threading.RLock | None = None, observe: Callable[[int, int, int], None] | None = None):
+                 lock: threading.RLock | None = None, observe: Callable[[int, int, int], None] | None = None,
+                 prefill_chunk: int = 64):
         self.model, self.tokenizer, self.eos = model, tokenizer, set(eos)
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.group: _Group | None = None  # newcomers being prefilled
         self.lock = lock or threading.RLock()
         self.observe = observe or (lambda b, t, w: None)
         self.waiting: deque[_Row] = deque()
@@ -177,28 +197,28 @@ class Scheduler:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        for row in [*self.rows, *self.waiting]:
+        for row in [*self.rows, *(self.group.rows if self.group else []), *self.waiting]:
             self._finish(row, "abort")
-        self.rows, self.waiting, self.cache = [], deque(), None
+        self.rows, self.waiting, self.cache, self.group = [], deque(), None, None
 
     # -- the loop ------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._stop and not self.waiting and not self.rows:
+                while not self._stop and not self.waiting and not self.rows and self.group is None:
                     self._wake.wait()
                 if self._stop:
                     return
-                room = self.max_batch - len(self.rows)
+                room = self.max_batch - len(self.rows) if self.group is None else 0
                 new = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
             try:
                 self.step([r for r in new if not self._gone(r)])
             except Exception as exc:  # a failing forward ends the rows in it, never the server
-                for row in [*self.rows, *new]:
+                for row in [*self.rows, *new, *(self.group.rows if self.group else [])]:
                     if not row.done:
                         self._finish(row, "error", text=f"[polymod: generation failed: {exc}]")
-                self.rows, self.cache = [], None
+                self.rows, self.cache, self.group = [], None, None
 
     def _gone(self, row: _Row) -> bool:
         if row.request.cancelled and not row.done:
@@ -206,12 +226,15 @@ class Scheduler:
         return row.done
 
     def step(self, new: list[_Row]) -> None:
-        """One iteration: drop cancelled rows, prefill and join ``new``, decode every row one token."""
+        """One iteration: drop cancelled rows, prefill a chunk of the newcomers (``new`` starts a group), join
+        them once their prompts are in, decode every running row one token."""
         produced = 0
         with self.lock, torch.inference_mode():
             self._leave()
             if new:
-                produced += self._prefill(new)
+                self.group = _group(new)
+            if self.group is not None:
+                produced += self._prefill()
                 self._leave()
             if self.rows:
                 produced += self._decode()
@@ -227,28 +250,43 @@ class Scheduler:
         with self.model.route(routes):
             return self.model.host(**kwargs, use_cache=True)
 
-    def _prefill(self, new: list[_Row]) -> int:
-        lengths = [len(r.request.prompt) for r in new]
-        t = max(lengths)
-        ids = torch.zeros(len(new), t, dtype=torch.long)  # (B, T) left-padded
-        mask = torch.zeros(len(new), t, dtype=torch.long)
-        for i, r in enumerate(new):
-            ids[i, t - lengths[i]:] = torch.tensor(r.request.prompt)
-            mask[i, t - lengths[i]:] = 1
-        position = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        out = self._forward([r.request.route for r in new], input_ids=ids, attention_mask=mask,
-                            position_ids=position)
-        tokens = next_tokens(out.logits[:, -1], [r.request.sampling[r.index] for r in new])
-        self.cache, _, _ = kv.join(self.cache, _cache_of(out))
-        for r, n in zip(new, lengths):
-            r.n = n
-        self.rows.extend(new)
+    def _prefill(self) -> int:
+        """Prefill the next chunk of the group; once its prompts are in, sample and join (returns tokens made)."""
+        g = self.group
+        assert g is not None
+        keep = [i for i, r in enumerate(g.rows) if not self._gone(r)]
+        if not keep:
+            self.group = None
+            return 0
+        if len(keep) < len(g.rows):  # clients gone while their prompts were prefilled
+            index = torch.tensor(keep)
+            g.rows, g.ids, g.mask = [g.rows[i] for i in keep], g.ids[index], g.mask[index]
+            if g.cache is not None:
+                kv.keep(g.cache, index)
+        t = g.ids.shape[1]
+        width = t - g.done
+        if self.rows and self.prefill_chunk:  # rows are decoding: a bounded piece per step
+            width = min(width, max(1, self.prefill_chunk // len(g.rows)))
+        end = g.done + width
+        position = (g.mask.cumsum(-1) - 1).clamp(min=0)[:, g.done:end]  # (B, width)
+        extra = {} if g.cache is None else {self._cache_arg: g.cache}
+        out = self._forward([r.request.route for r in g.rows], input_ids=g.ids[:, g.done:end],
+                            attention_mask=g.mask[:, :end], position_ids=position, **extra)
+        g.cache, g.done = _cache_of(out), end
+        if end < t:
+            return 0
+        self.group = None
+        tokens = next_tokens(out.logits[:, -1], [r.request.sampling[r.index] for r in g.rows])
+        self.cache, _, _ = kv.join(self.cache, g.cache)
+        for r in g.rows:
+            r.n = len(r.request.prompt)
+        self.rows.extend(g.rows)
         now = time.perf_counter()
-        for r, tok in zip(new, tokens):
+        for r, tok in zip(g.rows, tokens):
             if r.request.first_token is None:
                 r.request.first_token = now
             self._emit(r, tok)
-        return len(new)
+        return len(g.rows)
 
     def _decode(self) -> int:
         t = kv.length(self.cache)
@@ -301,6 +339,18 @@ class Scheduler:
             return
         kv.keep(self.cache, torch.tensor(keep))
         kv.cut_front(self.cache, kv.length(self.cache) - max(r.n for r in self.rows))
+
+
+def _group(rows: list[_Row]) -> _Group:
+    """The newcomers' prompts left-padded to one length."""
+    lengths = [len(r.request.prompt) for r in rows]
+    t = max(lengths)
+    ids = torch.zeros(len(rows), t, dtype=torch.long)  # (B, T) left-padded
+    mask = torch.zeros(len(rows), t, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, t - lengths[i]:] = torch.tensor(r.request.prompt)
+        mask[i, t - lengths[i]:] = 1
+    return _Group(rows, ids, mask)
 
 
 def _cache_of(out: Any) -> Any:

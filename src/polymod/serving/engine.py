@@ -49,6 +49,7 @@ class ServeOptions:
 
     max_batch: int = 8
     max_queue: int = 64
+    prefill_chunk: int = 64
     max_resident: int = 8
     max_cpu_modules: int = 64
     max_n: int = 8
@@ -63,6 +64,9 @@ class ServeOptions:
         for key in ("max_batch", "max_queue", "max_resident", "max_cpu_modules", "max_n", "max_body_bytes"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
+        if not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 0:
+            raise ConfigError(f"prefill_chunk must be a whole number of tokens (0: whole prompts at once), got "
+                              f"{self.prefill_chunk!r}")
 
 
 @dataclass
@@ -95,7 +99,7 @@ class Engine:
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.scheduler = Scheduler(self.model, tokenizer, self.eos, self.options.max_batch, self.options.max_queue,
-                                   observe=self.metrics.step)
+                                   observe=self.metrics.step, prefill_chunk=self.options.prefill_chunk)
         cache_dir = self.options.cache_dir or tempfile.mkdtemp(prefix="polymod-serve-")
         self.cache = ModuleCache(self.model, hub, Path(cache_dir), self.scheduler.lock,
                                  self.options.max_resident, self.options.max_cpu_modules,
