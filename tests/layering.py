@@ -39,6 +39,7 @@ OPTIONAL: dict[str, str] = {
     "sentence_transformers": "never a dependency: embeddings for retrieval routing when installed",
     "ray": "serving extra only: Ray Serve deployments",
     "pysword": "assets extra only: reading the SWORD Bible modules (polymod.assets_bible)",
+    "openai": "the dev extra only: the tour's serving step queries the server with the SDK",
 }
 
 # Required dependencies that are still imported where used, each for a measured reason.

