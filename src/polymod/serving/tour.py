@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import uvicorn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import polymod as pm
 from polymod import assets
 from polymod.serving.engine import Engine, ServeOptions
+from polymod.serving.server import create_app
 
 HOST_ID = "smollm2-135m-instruct"
 QUESTION = "What is the capital of France? Answer in one sentence."
@@ -60,10 +62,6 @@ def publish_modules(host: torch.nn.Module, root: Path) -> dict[str, str]:
 @contextmanager
 def running(engine: Engine) -> Iterator[str]:
     """``engine`` under uvicorn on 127.0.0.1 (a free port) in a thread; yields the base URL."""
-    import uvicorn
-
-    from polymod.serving.server import create_app
-
     server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=0, log_level="error"))
     thread = threading.Thread(target=server.run, name="polymod-tour-server", daemon=True)
     thread.start()
