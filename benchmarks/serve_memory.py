@@ -10,8 +10,8 @@ does not hide the next one's): the server over SmolLM2-135M's architecture
 (random weights, as in ``serve_load.py``) on loopback; ``/v1/models`` is
 listed once (every registered module's metadata is read) and one short
 request names each resident module in turn (each is pulled, loaded and
-attached, and decoded in a batch with the others). The resident set size is
-read after that.
+attached; eight requests at a time, so that batches mix modules and the
+stacked factors are built). The resident set size is read after that.
 
 * ``bare``: no module named;
 * ``resident``: R LoRAs (r=8 on every linear layer of every block) resident;
@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -72,9 +73,12 @@ def probe(work: Path, resident: int) -> dict[str, float]:
     before = rss_mib()
     with running(engine) as url:
         listed = len(httpx.get(url + "/v1/models", timeout=600).json()["data"])
-        for ref in refs or ["host"]:
+        def ask(ref: str) -> None:
             body = {"model": ref, "prompt": list(range(100, 164)), "max_tokens": 4, "temperature": 0}
-            httpx.post(url + "/v1/completions", json=body, timeout=600).raise_for_status()
+            httpx.post(url + "/v1/completions", json=body, timeout=900).raise_for_status()
+
+        with ThreadPoolExecutor(8) as pool:  # 8 at a time: batches of different modules (stacked factors built)
+            list(pool.map(ask, refs or ["host"] * 8))
         stats = engine.cache.stats()
     weights = sum(p.numel() * p.element_size() for n in engine.model.names() for p in engine.model[n].parameters())
     return {"rss_mib": rss_mib(), "rss_before_mib": before, "listed": listed, "resident": stats["resident"],
