@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 from polymod.hub import db as hubdb  # noqa: E402
+from polymod.hub import pg  # noqa: E402
 from polymod.hub.query import search  # noqa: E402
 from polymod.hub.store import Store  # noqa: E402
 
@@ -37,27 +38,35 @@ QUERIES = [("court", {}), ("spani", {}), ("movie review", {}), ("", {"kind": "lo
 
 
 def seed(store: Store, n: int, rng: random.Random) -> float:
-    """Insert ``n`` one-version modules; returns the seconds it took."""
+    """Insert ``n`` one-version modules (ids 1..n, in batches of 5,000); returns the seconds it took."""
     start = time.perf_counter()
     conn = store.connect()
     try:
-        with hubdb.transaction(conn):
-            for i in range(n):
-                owner, name = f"user{i % 997}", f"m{i}"
+        for first in range(0, n, 5000):
+            versions, tags, latest, texts = [], [], [], []
+            for i in range(first, min(n, first + 5000)):
+                vid, owner, name = i + 1, f"user{i % 997}", f"m{i}"
                 desc = " ".join(rng.choice(WORDS) for _ in range(10))
                 kind, lang, tag = rng.choice(["lora", "ia3", "adapter"]), rng.choice(["en", "es", "fr"]), f"t{i % 50}"
-                card = json.dumps({"tags": [tag], "metrics": {}})
-                vid = conn.execute(
-                    "INSERT INTO versions (owner, name, version, major, minor, patch, prerelease, sha256, kind, "
+                versions.append((vid, owner, name, f"{i:064x}", kind, lang, desc,
+                                 json.dumps({"tags": [tag], "metrics": {}}), float(i)))
+                tags.append((vid, tag))
+                latest.append((owner, name, vid, kind, "BertModel", "classification", lang, float(i)))
+                texts.append((vid, {"owner": owner, "name": name, "description": desc, "task": "classification",
+                                    "language": lang, "tags": tag, "kind": kind, "architecture": "BertModel"}))
+            with hubdb.transaction(conn):
+                conn.executemany(
+                    "INSERT INTO versions (id, owner, name, version, major, minor, patch, prerelease, sha256, kind, "
                     "architecture, task, language, license, description, card, size, uploader, created) "
-                    "VALUES (?,?,'1.0.0',1,0,0,'[]',?,?,'BertModel','classification',?,NULL,?,?,1,NULL,?) RETURNING id",
-                    (owner, name, f"{i:064x}", kind, lang, desc, card, float(i))).fetchone()[0]
-                conn.execute("INSERT INTO tags VALUES (?, ?)", (vid, tag))
-                conn.execute("INSERT INTO latest VALUES (?,?,?,?,?,?,?,?)",
-                             (owner, name, vid, kind, "BertModel", "classification", lang, float(i)))
-                store.db.index_search(conn, vid, {"owner": owner, "name": name, "description": desc, "task":
-                                                  "classification", "language": lang, "tags": tag, "kind": kind,
-                                                  "architecture": "BertModel"})
+                    "VALUES (?,?,?,'1.0.0',1,0,0,'[]',?,?,'BertModel','classification',?,NULL,?,?,1,NULL,?)", versions)
+                conn.executemany("INSERT INTO tags VALUES (?, ?)", tags)
+                conn.executemany("INSERT INTO latest VALUES (?,?,?,?,?,?,?,?)", latest)
+                if store.db.backend == "postgresql":  # one pipelined batch instead of a round trip per module
+                    conn.executemany("INSERT INTO search (version_id, doc) VALUES (?, ?::tsvector)",
+                                     [(vid, pg.tsvector([f[k] for k in hubdb.SEARCH_FIELDS])) for vid, f in texts])
+                else:
+                    for vid, fields in texts:
+                        store.db.index_search(conn, vid, fields)
     finally:
         conn.close()
     return time.perf_counter() - start
