@@ -141,3 +141,36 @@ def test_api_web_and_client_paginate(tmp_path, pkg):
         assert "versions 1–20 of 23" in module and "?versions=20" in module and module.count("↓</small>") == 20
         older = httpx.get(f"{url}/m/alice/many", params={"versions": 20}).text
         assert "versions 21–23 of 23" in older and ">\n1.0.0</a>" in older
+
+
+def test_past_the_window_every_hit_is_still_listed_once(tmp_path, pkg, monkeypatch):
+    from polymod.hub import query
+
+    store = hub.Store(tmp_path / "s")
+    for i in range(12):
+        hub.push(pkg, f"alice/m{i:02d}@1.0.0", hub=store)
+    hub.push(make_package(tmp_path / "n", description="other words"), "alice/movie-tagger@1.0.0", hub=store)
+    monkeypatch.setattr(query, "WINDOW", 5)
+    for q, facets in (("movie", {}), ("", {"task": "sentiment"}), ("movie", {"tag": "movies"})):
+        seen, offset = [], 0
+        while offset is not None:
+            page = search(store, q, limit=3, offset=offset, **facets)
+            seen += [h["name"] for h in page.hits]
+            offset = page.next_offset
+        assert len(seen) == len(set(seen)) == page.total, (q, facets)
+        assert page.facet_hits == 5, "facets counted over the window"
+    assert search(store, "movie").total == 13
+    assert search(store, "movie", limit=1).hits[0]["name"] == "movie-tagger", "a name match ranks first"
+    assert search(store).facet_hits == 13 and search(store).facets["task"] == {"sentiment": 12}
+
+
+def test_unfiltered_facet_counts_follow_yanks(tmp_path, pkg):
+    store = hub.Store(tmp_path / "s")
+    hub.push(pkg, "alice/a@1.0.0", hub=store)
+    other = make_package(tmp_path / "o", description="news", task="topic", tags=["news"])
+    hub.push(other, "alice/a@2.0.0", hub=store)
+    assert search(store).facets["task"] == {"topic": 1} and search(store).facets["tag"] == {"news": 1}
+    hub.yank("alice/a@2.0.0", hub=store)
+    assert search(store).facets["task"] == {"sentiment": 1} and search(store).facets["tag"] == {"movies": 1}
+    hub.yank("alice/a@1.0.0", hub=store)
+    assert search(store).facets == {f: {} for f in ("kind", "architecture", "task", "language", "tag")}

@@ -137,8 +137,9 @@ class Database:
         """SQL pieces matching the ``latest`` rows ``l`` whose indexed text has every word as a prefix of a token.
 
         Returns:
-            ``(source, where, args, rank)``: a ``FROM`` clause holding ``latest l``, a condition, the arguments of
-            both (in that order), and an ``ORDER BY`` expression, best match first.
+            ``(source, where, args, newest)``: a ``FROM`` clause holding ``latest l``, a condition, the arguments of
+            both (in that order), and an ``ORDER BY`` expression listing the newest matches first (version id
+            descending; :func:`polymod.hub.query.search` ranks a window of them).
         """
         raise NotImplementedError
 
@@ -222,7 +223,7 @@ class SQLiteDatabase(Database):
 
     def search_schema(self) -> list[str]:
         return ["CREATE VIRTUAL TABLE search USING fts5(owner, name, description, task, language, tags, kind, "
-                "architecture, tokenize = 'unicode61')"]
+                "architecture, tokenize = 'unicode61', prefix = '2 3')"]  # prefix indexes: 2- and 3-letter prefixes
 
     def index_search(self, conn: Any, version_id: int, fields: dict[str, str]) -> None:
         conn.execute("INSERT INTO search (rowid, owner, name, description, task, language, tags, kind, architecture)"
@@ -234,9 +235,10 @@ class SQLiteDatabase(Database):
     def text_search(self, words: list[str]) -> tuple[str, str, list[Any], str]:
         # CROSS JOIN keeps the full-text index as the outer loop: with a facet filter, SQLite's planner otherwise
         # drives from latest's facet index and re-runs MATCH per row (926 ms instead of 62 ms at 3,000 modules,
-        # benchmarks/hub_search_backends.py)
+        # benchmarks/hub_search_backends.py; 3.3 s of CPU for one search at 100k versions, benchmarks/hub_load.py).
+        # FTS5 then walks its rowids backwards, so the newest matches come without sorting every match.
         return ("search CROSS JOIN latest l ON l.version_id = search.rowid", "search MATCH ?", [fts5_query(words)],
-                "bm25(search)")
+                "search.rowid DESC")
 
     def integrity_problems(self, conn: Any) -> list[str]:
         ok = conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -7,8 +7,9 @@ per module, in the ``latest`` table, updated inside the same transaction as the
 publish or yank that changes it (:func:`refresh`, which reads only that module's
 versions). The FTS5 table ``search`` holds exactly those rows (rowid = the
 version's id), so a text query never meets an old version, and the facet columns
-sit in ``latest`` beside indexes, so filters and facet counts read one row per
-module, never a card.
+sit in ``latest`` (tags in ``latest_tags``) beside indexes, so a filter reads one
+row per matching module, never a card; ``facet_counts`` keeps each facet value's
+count over all modules (the home page's facets without counting anything).
 
 ``downloads`` counts, per version, how often its ``module.json`` blob was served
 by a hub server (every pull fetches it once; a client's cache answers repeats,
@@ -39,23 +40,38 @@ CREATE INDEX IF NOT EXISTS latest_task ON latest (task, created DESC);
 CREATE INDEX IF NOT EXISTS latest_language ON latest (language, created DESC);
 CREATE INDEX IF NOT EXISTS tags_tag ON tags (tag, version_id);
 CREATE INDEX IF NOT EXISTS versions_order ON versions (owner, name, major DESC, minor DESC, patch DESC);
+CREATE TABLE IF NOT EXISTS latest_tags (tag TEXT NOT NULL, version_id {int} NOT NULL REFERENCES versions(id),
+                                        PRIMARY KEY (tag, version_id));
+CREATE INDEX IF NOT EXISTS latest_tags_version ON latest_tags (version_id);
+CREATE TABLE IF NOT EXISTS facet_counts (facet TEXT NOT NULL, value TEXT NOT NULL, count {int} NOT NULL,
+                                         PRIMARY KEY (facet, value));
 CREATE TABLE IF NOT EXISTS downloads (version_id {int} PRIMARY KEY REFERENCES versions(id),
                                       count {int} NOT NULL);
 """
 
-BUILT_KEY = "latest_index"  # meta key: the latest/search tables were (re)built from versions once
+BUILT_KEY = "latest_index_v3"  # meta key: the latest/search/facet tables were (re)built from versions once
+FACET_COLUMNS = ("kind", "architecture", "task", "language")
 
 
 def _order_key(row) -> tuple:
     return (not json.loads(row["prerelease"]), names.SemVer.parse(row["version"]))
 
 
-def _fts_fields(conn, row) -> dict[str, str]:
-    tags = " ".join(r[0] for r in conn.execute("SELECT tag FROM tags WHERE version_id=?", (row["id"],)))
+def _fts_fields(row, tags: list[str]) -> dict[str, str]:
     name = row["name"]
     return {"owner": row["owner"], "name": name.replace(".", " ").replace("-", " ").replace("_", " ") + " " + name,
             "description": row["description"] or "", "task": row["task"] or "", "language": row["language"] or "",
-            "tags": tags, "kind": row["kind"], "architecture": row["architecture"] or ""}
+            "tags": " ".join(tags), "kind": row["kind"], "architecture": row["architecture"] or ""}
+
+
+def _count_facets(conn, row, tags: list[str], step: int) -> None:
+    """Add ``step`` (+1 or -1) to the counts of this version's facet values."""
+    values = [(f, row[f]) for f in FACET_COLUMNS if row[f]] + [("tag", t) for t in tags]
+    for facet, value in values:
+        conn.execute("INSERT INTO facet_counts VALUES (?, ?, ?) ON CONFLICT (facet, value) DO UPDATE SET "
+                     "count = facet_counts.count + excluded.count", (facet, value, step))
+    if step < 0:
+        conn.execute("DELETE FROM facet_counts WHERE count <= 0")
 
 
 def refresh(conn, database: Database, owner: str, name: str) -> None:
@@ -71,13 +87,23 @@ def refresh(conn, database: Database, owner: str, name: str) -> None:
     if old_id == new_id:
         return
     if old_id is not None:
+        old_row = conn.execute("SELECT * FROM versions WHERE id=?", (old_id,)).fetchone()
+        _count_facets(conn, old_row, _tags(conn, old_id), -1)
         database.unindex_search(conn, old_id)
+        conn.execute("DELETE FROM latest_tags WHERE version_id=?", (old_id,))
         conn.execute("DELETE FROM latest WHERE owner=? AND name=?", (owner, name))
     if best is not None:
+        tags = _tags(conn, best["id"])
         conn.execute("INSERT INTO latest VALUES (?,?,?,?,?,?,?,?)",
                      (owner, name, best["id"], best["kind"], best["architecture"], best["task"], best["language"],
                       best["created"]))
-        database.index_search(conn, best["id"], _fts_fields(conn, best))
+        conn.executemany("INSERT INTO latest_tags VALUES (?, ?)", [(t, best["id"]) for t in tags])
+        database.index_search(conn, best["id"], _fts_fields(best, tags))
+        _count_facets(conn, best, tags, +1)
+
+
+def _tags(conn, version_id: int) -> list[str]:
+    return [r[0] for r in conn.execute("SELECT tag FROM tags WHERE version_id=?", (version_id,))]
 
 
 def rebuild(conn, database: Database) -> int:
@@ -86,8 +112,8 @@ def rebuild(conn, database: Database) -> int:
     Returns:
         The number of modules indexed.
     """
-    conn.execute("DELETE FROM search")
-    conn.execute("DELETE FROM latest")
+    for table in ("search", "latest", "latest_tags", "facet_counts"):
+        conn.execute(f"DELETE FROM {table}")
     modules = list(conn.execute("SELECT DISTINCT owner, name FROM versions"))
     for owner, name in modules:
         refresh(conn, database, owner, name)
@@ -102,6 +128,9 @@ def ensure(conn, database: Database) -> None:
         if statement.strip():
             conn.execute(statement.format(**database.types))
     if conn.execute("SELECT 1 FROM meta WHERE key=?", (BUILT_KEY,)).fetchone() is None:
+        conn.execute("DROP TABLE IF EXISTS search")  # older stores: one row per version, no prefix index
+        for statement in database.search_schema():
+            conn.execute(statement)
         rebuild(conn, database)
 
 

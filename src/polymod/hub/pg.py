@@ -294,7 +294,7 @@ class PostgresDatabase(Database):
         if not query:
             return "latest l", "1=0", [], "l.version_id"
         return ("search JOIN latest l ON l.version_id = search.version_id CROSS JOIN (SELECT ?::tsquery AS q) "
-                "AS text_query", "search.doc @@ text_query.q", [query], "ts_rank(search.doc, text_query.q) DESC")
+                "AS text_query", "search.doc @@ text_query.q", [query], "search.version_id DESC")
 
     def integrity_problems(self, conn: Any) -> list[str]:
         missing = conn.execute("SELECT COUNT(*) FROM latest l WHERE NOT EXISTS "

@@ -30,13 +30,15 @@ MAX_QUERY = 256
 MAX_LIMIT = 100
 MAX_OFFSET = 10_000
 FACET_VALUES = 50
+WINDOW = 300  # matching modules a query ranks and counts facets over (the most recently published)
 MAX_VERSIONS_PAGE = 100
 
 
 @dataclass
 class SearchResult:
-    """One page of hits (one summary per module: its latest non-yanked version), the total, facet counts,
-    and where the next page starts (``next_offset``, None on the last page)."""
+    """One page of hits (one summary per module: its latest non-yanked version), the total, facet counts
+    (over ``facet_hits`` of the hits: all of them, or the newest :data:`WINDOW`), and where the next page
+    starts (``next_offset``, None on the last page)."""
 
     hits: list[dict[str, Any]] = field(default_factory=list)
     total: int = 0
@@ -44,18 +46,19 @@ class SearchResult:
     offset: int = 0
     limit: int = 20
     next_offset: int | None = None
+    facet_hits: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the API's response body)."""
         return {"hits": self.hits, "total": self.total, "facets": self.facets, "offset": self.offset,
-                "limit": self.limit, "next_offset": self.next_offset}
+                "limit": self.limit, "next_offset": self.next_offset, "facet_hits": self.facet_hits}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SearchResult:
         """Inverse of :meth:`to_dict` (pagination fields optional, for older hubs)."""
         return cls(hits=list(data["hits"]), total=int(data["total"]), facets=dict(data["facets"]),
                    offset=int(data.get("offset", 0)), limit=int(data.get("limit", len(data["hits"]))),
-                   next_offset=data.get("next_offset"))
+                   next_offset=data.get("next_offset"), facet_hits=int(data.get("facet_hits", data["total"])))
 
 
 def _words(text: str) -> list[str]:
@@ -82,9 +85,65 @@ def _rows_in_order(conn, ids: list[int]) -> list[tuple[Any, int]]:
     return [(rows[i], counts[i]) for i in ids if i in rows]
 
 
+def _score(words: list[re.Pattern], row) -> int:
+    """Relevance of a hit: per query word, 4 when it starts a word of the owner or name, 2 of the task, kind,
+    architecture or language, 1 otherwise (the description or a tag: every hit matches every word somewhere)."""
+    name = f"{row['owner']} {row['name']}".replace("_", " ")
+    facets = " ".join(row[f] or "" for f in latest.FACET_COLUMNS)
+    return sum(4 if w.search(name) else 2 if w.search(facets) else 1 for w in words)
+
+
+def _filters(owner: str | None, facets: dict[str, str | None]) -> tuple[list[str], list[str]]:
+    where, args = [], []
+    if owner:
+        where.append("l.owner = ?"), args.append(owner)
+    for facet, value in facets.items():
+        if value is None or value == "":
+            continue
+        if facet == "tag":
+            where.append("l.version_id IN (SELECT version_id FROM latest_tags WHERE tag = ?)")
+        else:
+            where.append(f"l.{facet} = ?")
+        args.append(str(value)[:MAX_QUERY])
+    return where, args
+
+
+def _top(counts: dict[str, int]) -> dict[str, int]:
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:FACET_VALUES])
+
+
+def _window_facets(conn, window: list) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {f: {} for f in FACETS}
+    for r in window:
+        for f in latest.FACET_COLUMNS:
+            if r[f]:
+                counts[f][r[f]] = counts[f].get(r[f], 0) + 1
+    ids = [r["version_id"] for r in window]
+    for i in range(0, len(ids), 900):
+        chunk = ids[i:i + 900]
+        sql = (f"SELECT tag, COUNT(*) FROM latest_tags INDEXED BY latest_tags_version WHERE version_id IN "
+               f"({','.join('?' * len(chunk))}) GROUP BY tag")
+        for tag, n in conn.execute(sql, chunk):
+            counts["tag"][tag] = counts["tag"].get(tag, 0) + n
+    return {f: _top(c) for f, c in counts.items()}
+
+
+def _all_facets(conn) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {f: {} for f in FACETS}
+    for facet, value, n in conn.execute("SELECT facet, value, count FROM facet_counts"):
+        counts[facet][value] = n
+    return {f: _top(c) for f, c in counts.items()}
+
+
 def search(store: Store, query: str = "", limit: int = 20, offset: int = 0, owner: str | None = None,
            **facets: str | None) -> SearchResult:
     """Search the store.
+
+    Ranking and facet counts read a bounded window: the :data:`WINDOW` most recently published
+    matching modules. A query with at most that many hits is ranked and counted exactly; one with more
+    ranks its newest :data:`WINDOW` by relevance, lists the rest after them newest first, and counts
+    facets among that window (``facet_hits`` says how many hits the counts cover). ``total`` is always
+    exact, and so are the facets of the unfiltered listing (kept on write).
 
     Args:
         store: the store.
@@ -95,7 +154,8 @@ def search(store: Store, query: str = "", limit: int = 20, offset: int = 0, owne
         **facets: exact filters among ``kind``, ``architecture``, ``task``, ``language``, ``tag``.
 
     Returns:
-        A :class:`SearchResult`, hits ranked by relevance (newest first without a query).
+        A :class:`SearchResult`, hits ranked by relevance (:func:`_score`, then newest first; newest first
+        without a query).
 
     Raises:
         ConfigError: an unknown facet, a bad limit or offset.
@@ -109,38 +169,36 @@ def search(store: Store, query: str = "", limit: int = 20, offset: int = 0, owne
                           f"offset={offset}: narrow the query or the facets to reach later hits")
     if owner is not None:
         names.check_owner(owner)
-    where, args = ["1=1"], []
+    where, args = _filters(owner, facets)
     words = _words(query or "")
-    if words:
-        source, text_where, args, rank = store.db.text_search(words)
-        where, order = [text_where], f"{rank}, l.created DESC"
-    else:
-        source, order = "latest l", "l.created DESC, l.version_id DESC"
-    if owner:
-        where.append("l.owner = ?"), args.append(owner)
-    for facet, value in facets.items():
-        if value is None or value == "":
-            continue
-        if facet == "tag":
-            where.append("EXISTS (SELECT 1 FROM tags t WHERE t.version_id = l.version_id AND t.tag = ?)")
-        else:
-            where.append(f"l.{facet} = ?")
-        args.append(str(value)[:MAX_QUERY])
-    cond = " AND ".join(where)
+    columns = "l.version_id, l.kind, l.architecture, l.task, l.language, l.created"
     conn = store.connect()
     try:
-        ids = [r[0] for r in conn.execute(f"SELECT l.version_id FROM {source} WHERE {cond} ORDER BY {order} "
-                                          "LIMIT ? OFFSET ?", [*args, limit, offset])]
-        total = conn.execute(f"SELECT COUNT(*) FROM {source} WHERE {cond}", args).fetchone()[0]
-        counts: dict[str, dict[str, int]] = {}
-        for f in FACETS:
-            column, join = ("t.tag", "JOIN tags t ON t.version_id = l.version_id") if f == "tag" else (f"l.{f}", "")
-            counts[f] = dict(conn.execute(
-                f"SELECT {column}, COUNT(*) AS n FROM {source} {join} WHERE {cond} AND {column} IS NOT NULL "
-                f"AND {column} != '' GROUP BY {column} ORDER BY n DESC, {column} LIMIT {FACET_VALUES}", args))
+        if words:  # the window is the newest matches (the backend's order), ranked here
+            source, text_where, text_args, order = store.db.text_search(words)
+            cond, args = " AND ".join([text_where, *where]), [*text_args, *args]
+            total = conn.execute(f"SELECT COUNT(*) FROM {source} WHERE {cond}", args).fetchone()[0]
+            window = conn.execute(f"SELECT {columns}, l.owner, l.name FROM {source} WHERE {cond} ORDER BY {order} "
+                                  f"LIMIT {WINDOW}", args).fetchall()
+            patterns = [re.compile(r"\b" + re.escape(w), re.IGNORECASE) for w in words]
+            window.sort(key=lambda r: (-_score(patterns, r), -r["created"], -r["version_id"]))
+        else:
+            source, cond, order = "latest l", " AND ".join(where) or "1=1", "l.created DESC, l.version_id DESC"
+            total = conn.execute(f"SELECT COUNT(*) FROM {source} WHERE {cond}", args).fetchone()[0]
+            window = [] if not where else conn.execute(  # the unfiltered listing's facets are kept on write
+                f"SELECT {columns} FROM {source} WHERE {cond} ORDER BY {order} LIMIT {WINDOW}", args).fetchall()
+        ids = [r["version_id"] for r in window[offset:offset + limit]]
+        if offset + limit > len(window) and len(window) < total:  # past the window: newest first
+            start = max(offset, len(window))
+            ids += [r[0] for r in conn.execute(f"SELECT l.version_id FROM {source} WHERE {cond} ORDER BY {order} "
+                                               "LIMIT ? OFFSET ?", [*args, offset + limit - start, start])]
+        if not words and not where:
+            counts, covered = _all_facets(conn), total
+        else:
+            counts, covered = _window_facets(conn, window), len(window)
         hits = [summary(r, n) for r, n in _rows_in_order(conn, ids)]
         more = offset + len(ids) < total and offset + limit <= MAX_OFFSET
-        return SearchResult(hits, total, counts, offset, limit, offset + limit if more else None)
+        return SearchResult(hits, total, counts, offset, limit, offset + limit if more else None, covered)
     finally:
         conn.close()
 
