@@ -93,6 +93,32 @@ def rss_sampler(pid: int, peak: list[int], stop: threading.Event) -> None:
         stop.wait(0.5)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def baseline(url: str, n: int, seed_: int) -> dict[str, dict[str, float | None]]:
+    """Latency of requests sent one at a time before the load (the server's own cost plus the machine's load)."""
+    rng = random.Random(seed_)
+    times: dict[str, list[float]] = {"search": [], "page": [], "health": []}
+    with httpx.Client(base_url=url, timeout=60) as http:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            hits = http.get("/api/v1/search", params=random_search(rng)).json()["hits"]
+            times["search"].append(time.perf_counter() - t0)
+            if hits:
+                hit = rng.choice(hits)
+                t0 = time.perf_counter()
+                http.get(f"/m/{hit['owner']}/{hit['name']}")
+                times["page"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            http.get("/api/v1/health")
+            times["health"].append(time.perf_counter() - t0)
+    return {k: {"p50": percentile(v, 50), "p99": percentile(v, 99)} for k, v in times.items()}
+
+
 def make_package(path: Path) -> Path:
     """A real package (a LoRA on a tiny random BERT) for the pushers."""
     import torch
@@ -244,6 +270,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="5k versions, 20 searchers, 4 pushers, 10 s")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--baseline", type=int, default=30, help="requests sent one at a time before the load")
     args = parser.parse_args()
     if args.quick:  # smaller defaults; options given explicitly still win
         for key, value in {"versions": 5_000, "searchers": 20, "pushers": 4, "duration": 10.0}.items():
@@ -267,6 +294,8 @@ def main() -> None:
     threading.Thread(target=rss_sampler, args=(server.pid, peak, stop), daemon=True).start()
     load_before = os.getloadavg()
     try:
+        alone = baseline(url, args.baseline, 1)
+        server_cpu0 = cpu_seconds(server.pid)
         queue: mp.Queue = mp.get_context("spawn").Queue()
         proc = mp.get_context("spawn").Process(target=pushers, args=(url, tokens, str(package), args.duration, queue))
         proc.start()
@@ -274,6 +303,7 @@ def main() -> None:
         wall0 = time.perf_counter()
         driven = asyncio.run(drive(url, args.searchers, args.duration, args.think, 0))
         wall = time.perf_counter() - wall0
+        server_cpu = cpu_seconds(server.pid) - server_cpu0
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         pushed = queue.get(timeout=600) if args.pushers else []
         proc.join(timeout=60)
@@ -303,6 +333,10 @@ def main() -> None:
         "pushes_per_s": round(ok / wall, 2), "push_ms": {"p50": percentile([p["seconds"] for p in pushed], 50),
                                                            "p99": percentile([p["seconds"] for p in pushed], 99)},
         "lost_versions": lost, "server_peak_rss_mb": round(peak[0] / 2**20, 1),
+        "server_cpu_share": round(server_cpu / wall, 2),
+        "server_cpu_ms_per_request": round(1000 * server_cpu / max(1, len(s["search"]) + len(s["page"])
+                                                                   + len(s["health"]) + 4 * len(pushed)), 2),
+        "one_at_a_time_ms": alone,
         "client_cpu_share": round((cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / wall, 2),
         "client_loop_lag_ms": {"p50": percentile(s["lag"], 50), "p99": percentile(s["lag"], 99)},
         "goals": {"search_p99_ms": 200, "page_p99_ms": 300, "health_p99_ms": 100},
@@ -318,7 +352,7 @@ def main() -> None:
 def print_table(r: dict) -> None:
     """The run's figures as a plain table."""
     def goal(value, limit):
-        return "" if value is None else ("  (goal < %d: %s)" % (limit, "met" if value < limit else "NOT met"))
+        return "" if value is None else f"  (goal < {limit}: {'met' if value < limit else 'NOT met'})"
 
     print(f"\n{r['versions']:,} versions · {r['searchers']} searchers · {r['pushers']} pushers · "
           f"{r['wall_s']} s · load avg {r['load_avg_before'][0]} → {r['load_avg_after'][0]} on {r['cpus']} CPUs")
@@ -329,6 +363,9 @@ def print_table(r: dict) -> None:
     print(f"searches/s {r['searches_per_s']} · pushes ok {r['pushes_ok']}/{r['pushes']} "
           f"({r['pushes_per_s']}/s, p50 {r['push_ms']['p50']} ms) · lost versions {r['lost_versions']} · "
           f"server peak RSS {r['server_peak_rss_mb']} MB")
+    print(f"server: {r['server_cpu_share']:.0%} of a core, {r['server_cpu_ms_per_request']} ms CPU per request "
+          "(a push counted as 4) · one at a time before the load (p50/p99 ms): "
+          + ", ".join(f"{k} {v['p50']}/{v['p99']}" for k, v in r["one_at_a_time_ms"].items()))
     print(f"load generator: CPU {r['client_cpu_share']:.0%} of a core, event-loop lag p99 "
           f"{r['client_loop_lag_ms']['p99']} ms · request errors {r['errors']}")
 
