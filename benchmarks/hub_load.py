@@ -49,7 +49,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.hub_seed import KINDS, LANGUAGES, TAGS, TASKS, WORDS, _zipf, seed  # noqa: E402
+from benchmarks.hub_seed import KINDS, LANGUAGES, TAGS, TASKS, WORDS, _zipf, seed, throwaway_postgres  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -62,11 +62,12 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(1000 * ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))], 1)
 
 
-def start_server(store: Path, port: int) -> subprocess.Popen:
+def start_server(store: Path, port: int, database: str | None) -> subprocess.Popen:
     """``polymod hub serve`` in a child process; returns once ``/health`` answers."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    db = ["--db", database] if database else []
     proc = subprocess.Popen([sys.executable, "-c", "from polymod.cli import main; main()", "hub", "serve",
-                             "--store", str(store), "--port", str(port)], env=env,
+                             "--store", str(store), "--port", str(port), *db], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -106,7 +107,10 @@ def baseline(url: str, n: int, seed_: int) -> dict[str, dict[str, float | None]]
     with httpx.Client(base_url=url, timeout=60) as http:
         for _ in range(n):
             t0 = time.perf_counter()
-            hits = http.get("/api/v1/search", params=random_search(rng)).json()["hits"]
+            response = http.get("/api/v1/search", params=random_search(rng))
+            if response.status_code != 200:
+                raise SystemExit(f"search answered HTTP {response.status_code}: {response.text[:500]}")
+            hits = response.json()["hits"]
             times["search"].append(time.perf_counter() - t0)
             if hits:
                 hit = rng.choice(hits)
@@ -267,6 +271,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--think", type=float, default=1.0, help="mean pause between a user's searches (s)")
     parser.add_argument("--store", type=Path, default=None, help="the seeded store (default under the temp dir)")
+    parser.add_argument("--db", default=None, help="metadata database: 'postgresql' (a throwaway server on "
+                        "loopback, seeded each run) or a postgresql:// URL; default SQLite in the store")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="5k versions, 20 searchers, 4 pushers, 10 s")
     parser.add_argument("--out", type=Path, default=None)
@@ -276,20 +282,34 @@ def main() -> None:
         for key, value in {"versions": 5_000, "searchers": 20, "pushers": 4, "duration": 10.0}.items():
             if getattr(args, key) == parser.get_default(key):
                 setattr(args, key, value)
+    cluster = None
+    if args.db == "postgresql":
+        cluster, args.db = throwaway_postgres()
+        args.store = args.store or Path(tempfile.mkdtemp(prefix="polymod-hub-load-pg-"))
     store_dir = args.store or Path(tempfile.gettempdir()) / f"polymod-hub-load-{args.versions}"
-    out_path = args.out or RESULTS / ("hub_load_quick.json" if args.quick else "hub_load.json")
+    try:
+        run(args, store_dir)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+
+def run(args: argparse.Namespace, store_dir: Path) -> None:
+    """Seed (or reuse) the store, serve it, drive the load, and report."""
+    suffix = ("_quick" if args.quick else "") + ("_postgresql" if args.db else "")
+    out_path = args.out or RESULTS / f"hub_load{suffix}.json"
 
     from polymod.hub.auth import create_token
 
     t0 = time.time()
-    store = seed(store_dir, args.versions)
+    store = seed(store_dir, args.versions, database=args.db)
     seed_seconds = time.time() - t0
     run_id = f"{int(time.time())}"
     tokens = {f"pusher{run_id}x{i}": create_token(store, f"pusher{run_id}x{i}") for i in range(args.pushers)}
     package = make_package(Path(tempfile.mkdtemp(prefix="hubload-pkg-")) / "p")
     port = args.port or _free_port()
     url = f"http://127.0.0.1:{port}"
-    server = start_server(store_dir, port)
+    server = start_server(store_dir, port, args.db)
     peak, stop = [0], threading.Event()
     threading.Thread(target=rss_sampler, args=(server.pid, peak, stop), daemon=True).start()
     load_before = os.getloadavg()
@@ -320,7 +340,8 @@ def main() -> None:
     s, e = driven["samples"], driven["errors"]
     ok = sum(p["ok"] for p in pushed)
     result = {
-        "versions": args.versions, "searchers": args.searchers, "pushers": args.pushers, "duration_s": args.duration,
+        "backend": store.db.backend, "versions": args.versions, "searchers": args.searchers, "pushers": args.pushers,
+        "duration_s": args.duration,
         "think_s": args.think, "seed_s": round(seed_seconds, 1), "wall_s": round(wall, 1),
         "searches": len(s["search"]), "searches_per_s": round(len(s["search"]) / wall, 1),
         "pages": len(s["page"]), "health_probes": len(s["health"]),
@@ -354,7 +375,7 @@ def print_table(r: dict) -> None:
     def goal(value, limit):
         return "" if value is None else f"  (goal < {limit}: {'met' if value < limit else 'NOT met'})"
 
-    print(f"\n{r['versions']:,} versions · {r['searchers']} searchers · {r['pushers']} pushers · "
+    print(f"\n{r['backend']} · {r['versions']:,} versions · {r['searchers']} searchers · {r['pushers']} pushers · "
           f"{r['wall_s']} s · load avg {r['load_avg_before'][0]} → {r['load_avg_after'][0]} on {r['cpus']} CPUs")
     print(f"{'':24}{'p50 ms':>10}{'p99 ms':>10}{'count':>10}")
     for label, key, count, limit in (("search", "search_ms", r["searches"], 200), ("module page", "page_ms",

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 from polymod.card import Card, Lineage, Parent
-from polymod.hub import latest, names
+from polymod.hub import db, latest, names
 from polymod.hub.store import Store
 
 WORDS = [f"{a}{b}" for a in ("sen", "mov", "rev", "new", "top", "tra", "sum", "ner", "qa", "cod", "mat", "law",
@@ -73,12 +73,14 @@ def seeded_count(store: Store) -> int:
         conn.close()
 
 
-def seed(root: Path, versions: int, seed: int = 0, batch: int = 2000, log=print) -> Store:
+def seed(root: Path, versions: int, seed: int = 0, batch: int = 2000, log=print,
+         database: str | None = None) -> Store:
     """Create (or reuse) a store at ``root`` holding ``versions`` synthetic versions; returns it.
 
     A store seeded earlier with the same count is reused as it is (pushes from earlier runs included).
+    ``database``: its metadata database (a ``postgresql://`` URL; default SQLite in ``root``).
     """
-    store = Store(root)
+    store = Store(root, db=database)
     have = seeded_count(store)
     if have == versions:
         log(f"reusing the seeded store {root} ({versions:,} versions)")
@@ -90,41 +92,65 @@ def seed(root: Path, versions: int, seed: int = 0, batch: int = 2000, log=print)
     conn = store.connect()
     try:
         while done < versions:
-            conn.execute("BEGIN IMMEDIATE")
             target = min(versions, done + batch)
-            while done < target:
-                owner = f"user{rng.randrange(500):03d}"
-                name = "-".join(_zipf(rng, WORDS, 2)) + f"-{module}"
-                module += 1
-                count = min(target - done, rng.randint(1, 7))
-                kind, arch = rng.choice(KINDS), rng.choice(ARCHITECTURES)
-                task, language = rng.choice(TASKS), rng.choice(LANGUAGES)
-                tags = sorted(set(_zipf(rng, TAGS, rng.randint(1, 3))))
-                for i in range(count):
-                    version = f"1.{i}.0" if rng.random() > 0.1 else f"1.{i}.0-rc.1"
-                    parents = []
-                    if published and rng.random() < 0.1:
-                        p_owner, p_name, p_version, p_sha = rng.choice(published)
-                        parents = [Parent(f"{p_owner}/{p_name}", p_version, p_sha, 1.0)]
-                    card = Card(kind=kind, name=name, owner=owner, version=version, sites=["encoder.layer.0.q"],
-                                host={"architecture": arch}, task=task, language=language, tags=tags,
-                                description=" ".join(_zipf(rng, WORDS, 8)), license="apache-2.0",
-                                metrics={"accuracy": {"value": round(rng.random(), 3)}},
-                                lineage=Lineage(parents, {"method": "linear"} if parents else {}))
-                    body = json.dumps(card.to_dict(), sort_keys=True).encode()
-                    files = {"module.json": _put_blob(store, body)}
-                    weights = _weights(rng)
-                    files["weights.safetensors"] = _put_blob(store, weights)
-                    sizes = {"module.json": len(body), "weights.safetensors": len(weights)}
-                    store._insert(conn, owner, name, names.SemVer.parse(version), card, files, sizes,
-                                  files["weights.safetensors"], owner)
-                    published.append((owner, name, version, files["weights.safetensors"]))
-                    done += 1
-                latest.refresh(conn, owner, name)
-            conn.execute("COMMIT")
+            with db.transaction(conn):
+                done, module = _batch(store, conn, rng, published, done, target, module)
             log(f"  seeded {done:,}/{versions:,} versions ({time.time() - start:.0f} s)")
-        conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (SEED_KEY, str(versions)))
+        with db.transaction(conn):
+            conn.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                         (SEED_KEY, str(versions)))
     finally:
         conn.close()
     log(f"seeded {versions:,} versions in {module:,} modules in {time.time() - start:.1f} s")
     return store
+
+
+def _batch(store: Store, conn, rng: random.Random, published: list, done: int, target: int,
+           module: int) -> tuple[int, int]:
+    """Insert versions until ``target`` (inside the caller's transaction); returns (done, modules so far)."""
+    while done < target:
+        owner = f"user{rng.randrange(500):03d}"
+        name = "-".join(_zipf(rng, WORDS, 2)) + f"-{module}"
+        module += 1
+        count = min(target - done, rng.randint(1, 7))
+        kind, arch = rng.choice(KINDS), rng.choice(ARCHITECTURES)
+        task, language = rng.choice(TASKS), rng.choice(LANGUAGES)
+        tags = sorted(set(_zipf(rng, TAGS, rng.randint(1, 3))))
+        for i in range(count):
+            version = f"1.{i}.0" if rng.random() > 0.1 else f"1.{i}.0-rc.1"
+            parents = []
+            if published and rng.random() < 0.1:
+                p_owner, p_name, p_version, p_sha = rng.choice(published)
+                parents = [Parent(f"{p_owner}/{p_name}", p_version, p_sha, 1.0)]
+            card = Card(kind=kind, name=name, owner=owner, version=version, sites=["encoder.layer.0.q"],
+                        host={"architecture": arch}, task=task, language=language, tags=tags,
+                        description=" ".join(_zipf(rng, WORDS, 8)), license="apache-2.0",
+                        metrics={"accuracy": {"value": round(rng.random(), 3)}},
+                        lineage=Lineage(parents, {"method": "linear"} if parents else {}))
+            body = json.dumps(card.to_dict(), sort_keys=True).encode()
+            files = {"module.json": _put_blob(store, body)}
+            weights = _weights(rng)
+            files["weights.safetensors"] = _put_blob(store, weights)
+            sizes = {"module.json": len(body), "weights.safetensors": len(weights)}
+            store._insert(conn, owner, name, names.SemVer.parse(version), card, files, sizes,
+                          files["weights.safetensors"], owner)
+            published.append((owner, name, version, files["weights.safetensors"]))
+            done += 1
+        latest.refresh(conn, store.db, owner, name)
+    return done, module
+
+
+def throwaway_postgres():
+    """Start a throwaway PostgreSQL on loopback (``tests/pg_cluster.py``: initdb + pg_ctl in a temp directory,
+    fsync and synchronous commit off); returns (the cluster, a new database's URL). Stop it with ``cluster.stop()``.
+
+    Raises:
+        SystemExit: PostgreSQL or psycopg is not installed here (the reason is given).
+    """
+    from tests.pg_cluster import Cluster, why_unavailable
+
+    reason = why_unavailable()
+    if reason:
+        raise SystemExit(f"--db postgresql: {reason}")
+    cluster = Cluster()
+    return cluster, cluster.new_database()

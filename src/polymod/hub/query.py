@@ -121,10 +121,9 @@ def _window_facets(conn, window: list) -> dict[str, dict[str, int]]:
     ids = [r["version_id"] for r in window]
     for i in range(0, len(ids), 900):
         chunk = ids[i:i + 900]
-        sql = (f"SELECT tag, COUNT(*) FROM latest_tags INDEXED BY latest_tags_version WHERE version_id IN "
-               f"({','.join('?' * len(chunk))}) GROUP BY tag")
-        for tag, n in conn.execute(sql, chunk):
-            counts["tag"][tag] = counts["tag"].get(tag, 0) + n
+        sql = f"SELECT tag FROM latest_tags WHERE version_id IN ({','.join('?' * len(chunk))})"  # by version
+        for (tag,) in conn.execute(sql, chunk):
+            counts["tag"][tag] = counts["tag"].get(tag, 0) + 1
     return {f: _top(c) for f, c in counts.items()}
 
 
