@@ -174,3 +174,20 @@ def test_unfiltered_facet_counts_follow_yanks(tmp_path, pkg):
     assert search(store).facets["task"] == {"sentiment": 1} and search(store).facets["tag"] == {"movies": 1}
     hub.yank("alice/a@1.0.0", hub=store)
     assert search(store).facets == {f: {} for f in ("kind", "architecture", "task", "language", "tag")}
+
+
+def test_a_text_query_with_a_facet_is_driven_by_the_full_text_index(tmp_path, pkg):
+    store = hub.Store(tmp_path / "s")
+    for i in range(30):
+        hub.push(pkg, f"alice/m{i:02d}@1.0.0", hub=store)
+    source, where, args, order = store.db.text_search(["movie"])
+    conn = store.connect()
+    try:
+        plans = [[r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}", [*args, "sentiment"])] for sql in (
+            f"SELECT l.version_id FROM {source} WHERE {where} AND l.task = ? ORDER BY {order} LIMIT 300",
+            f"SELECT COUNT(*) FROM {source} WHERE {where} AND l.task = ?")]
+    finally:
+        conn.close()
+    for plan in plans:
+        assert plan[0].startswith("SCAN search VIRTUAL TABLE"), plan  # else MATCH re-runs once per facet row
+    assert not any("TEMP B-TREE" in step for step in plans[0]), plans[0]  # newest first, no sort of every match
