@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from polymod.errors import ConfigError
 from polymod.serving.checkpoint_host import CheckpointHost
@@ -125,7 +126,7 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def serve_vllm(host_model: str, hub: str | None, options: ServeOptions, **kwargs) -> int:
+def serve_vllm(host_model: str, hub: str | None, options: ServeOptions, **kwargs: Any) -> int:
     """Run vLLM's server in the foreground until it exits or is interrupted; returns its exit code.
 
     Args:
