@@ -41,6 +41,10 @@ class LocalSwarm:
         self.wrong: set[str] = set()
         self.quarantined: dict[str, str] = {}
         self.rows_sent: list[tuple[str, int]] = []
+        self.records: dict[str, dict[str, Announcement]] = {}  # ref -> {owner: announcement}, for lookup()
+
+    def lookup(self, ref: str) -> tuple[dict[str, Announcement], dict[str, str]]:
+        return dict(self.records.get(ref, {})), {}
 
     def call(self, peer_id: str, uid: str, tensors: list[torch.Tensor], timeout: float) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()

@@ -129,6 +129,23 @@ def test_a_replica_answers_when_one_host_fails(setup):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+def test_when_every_host_failed_the_dht_is_asked_again_and_a_new_host_answers(setup):
+    host, model, swarm = setup
+    batch = make_batch("llama")
+    _remote(model, swarm, "a", [PEERS[0]], retry_after=1.0)
+    swarm.dead.add(PEERS[0])
+    _out(host, model, "ra", batch)  # every call dropped: the only host is dead
+    swarm.records["me/a"] = {"owner3": announcement(model["a"], "me/a", PEERS[3]),  # a new host of the content
+                             "owner4": announcement(model["b"], "me/a", PEERS[4])}  # other content: not taken
+    time.sleep(1.1)
+    _out(host, model, "ra", batch)  # the dead host is tried once more, then the DHT is asked again
+    got = _out(host, model, "ra", batch)
+    torch.testing.assert_close(got, _out(host, model, "a", batch), atol=1e-5, rtol=0)
+    report = pm.swarm.report(model)["ra"]
+    assert report["answered"] == {PEERS[3]: 3 + 4}
+    assert [h.peer_id for h in model["ra"].spec.binding().hosts] == [PEERS[0], PEERS[3]]
+
+
 def test_a_frozen_host_costs_one_deadline_not_a_hang(setup):
     host, model, swarm = setup
     _remote(model, swarm, "a", [PEERS[0]], timeout=0.2, retry_after=60)

