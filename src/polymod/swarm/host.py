@@ -199,4 +199,7 @@ class Host:
         """Stop serving (the records expire after ``ttl``)."""
         if self.server is not None:
             self.server.shutdown()
+            # the server thread shuts down once more as its runtime returns: wait for it, so that its last log
+            # lines are written while the caller's streams are still open
+            self.server.join(10)
             self.server = None
