@@ -102,13 +102,18 @@ def rss_mib() -> float:
 
 
 async def _client(url: str, models: list[str], prompts: list[list[int]], gen: int, stop_at: float,
-                  out: dict[str, list[float]], rng: random.Random) -> None:
-    async with httpx.AsyncClient(timeout=120) as http:
+                  out: dict, rng: random.Random, extra: dict | None = None) -> None:
+    """One closed-loop streaming client until ``stop_at``: time to first token, inter-token gaps, tokens.
+
+    ``extra``: more request-body fields (the vLLM comparison uses this script's client too).
+    """
+    async with httpx.AsyncClient(timeout=300) as http:
         while time.perf_counter() < stop_at:
             body = {"model": rng.choice(models), "prompt": rng.choice(prompts), "max_tokens": gen, "temperature": 0,
-                    "stream": True, "stream_options": {"include_usage": True}}
+                    "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
             start, last, tokens = time.perf_counter(), None, 0
             async with http.stream("POST", url + "/v1/completions", json=body) as r:
+                r.raise_for_status()
                 async for line in r.aiter_lines():
                     if not line.startswith("data: {"):
                         continue

@@ -50,7 +50,7 @@ from polymod.serving.server import create_app
 from polymod.serving.vllm_engine import find_vllm_python, stop_tree, vllm_command
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_load import _percentiles, publish_modules  # noqa: E402  (a sibling script, not a package)
+from serve_load import _client, _percentiles, publish_modules  # noqa: E402  (a sibling script, not a package)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -75,29 +75,6 @@ def tree_rss_mib(pid: int) -> float:
         except OSError:
             pass
     return total
-
-
-async def _client(url: str, models: list[str], prompts: list[list[int]], gen: int, stop_at: float, out: dict,
-                  rng: random.Random, extra: dict) -> None:
-    async with httpx.AsyncClient(timeout=300) as http:
-        while time.perf_counter() < stop_at:
-            body = {"model": rng.choice(models), "prompt": rng.choice(prompts), "max_tokens": gen, "temperature": 0,
-                    "stream": True, "stream_options": {"include_usage": True}, **extra}
-            start, last, tokens = time.perf_counter(), None, 0
-            async with http.stream("POST", url + "/v1/completions", json=body) as r:
-                r.raise_for_status()
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    chunk = json.loads(line[6:])
-                    now = time.perf_counter()
-                    if chunk.get("usage"):
-                        tokens = chunk["usage"]["completion_tokens"]
-                    elif chunk["choices"] and chunk["choices"][0]["text"]:
-                        (out["ttft"] if last is None else out["itl"]).append(now - (start if last is None else last))
-                        last = now
-            out["tokens"].append(tokens)
-            out["done"].append(time.perf_counter())
 
 
 def load(url: str, models: list[str], args, seed: int, extra: dict, pid: int) -> dict:

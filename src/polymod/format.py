@@ -149,6 +149,19 @@ def _live_site(host: nn.Module, layers: dict[str, nn.Module], name: str) -> Site
     return site_of(name, layer) if layer is not None else None
 
 
+def recorded_site(card: Card, name: str, sites: Mapping[str, Site] | None = None) -> dict[str, Any]:
+    """What a card's host fingerprint records of site ``name`` (kind, in, out, weight hash).
+
+    A module built in memory from a foreign format may record no geometry; then its own
+    site description from ``sites`` stands in (kind, in and out only).
+    """
+    entry = (card.host or {}).get("sites", {}).get(name) or {}
+    if not entry and sites is not None and name in sites:
+        own = sites[name]
+        entry = {"kind": own.kind, "in": own.in_features, "out": own.out_features}
+    return entry
+
+
 def check_fits(card: Card, host: nn.Module, sites: Mapping[str, Site] | None = None) -> Fit:
     """Compare a card's host fingerprint with ``host`` (every site, architecture and weights).
 
@@ -166,10 +179,7 @@ def check_fits(card: Card, host: nn.Module, sites: Mapping[str, Site] | None = N
     layers = named_layers(host)
     missing, differing = [], []
     for name in card.sites:
-        entry = recorded.get("sites", {}).get(name) or {}
-        if not entry and sites is not None and name in sites:
-            own = sites[name]
-            entry = {"kind": own.kind, "in": own.in_features, "out": own.out_features}
+        entry = recorded_site(card, name, sites)
         have = _live_site(host, layers, name)
         if have is None:
             missing.append(name)

@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from polymod.card import Card
 from polymod.errors import ConfigError
-from polymod.format import Fit, tensor_sha256
+from polymod.format import Fit, recorded_site, tensor_sha256
 from polymod.sites import Site
 
 
@@ -92,10 +92,7 @@ class CheckpointHost:
         fit = Fit()
         missing, differing = [], []
         for name in card.sites:
-            entry = recorded.get("sites", {}).get(name) or {}
-            if not entry and sites is not None and name in sites:
-                own = sites[name]
-                entry = {"kind": own.kind, "in": own.in_features, "out": own.out_features}
+            entry = recorded_site(card, name, sites)
             key = f"{name}.weight"
             have = self.shape(key)
             if have is None:
